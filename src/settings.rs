@@ -1,0 +1,219 @@
+//! Settings: a TOML file (`Settings.toml`) layered with `PGHERD_*` environment overrides.
+//!
+//! ```no_run
+//! let settings = pgherd::Settings::load("Settings.toml")?;
+//! for (name, endpoint) in &settings.endpoints {
+//!     println!("{name}: {} at {}", endpoint.role, endpoint.address());
+//! }
+//! # Ok::<(), pgherd::SettingsError>(())
+//! ```
+//!
+//! Every key can be overridden from the environment: `PGHERD_` followed by the dotted key with
+//! `__` between its parts, e.g. `PGHERD_ENDPOINTS__PRIMARY__PORT=5433` or
+//! `PGHERD_POOL__WAIT_TIMEOUT=500ms`. Because of that, every `PGHERD_*` variable must be a setting:
+//! a stray one is reported as an unknown key, as a typo in the file is.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+mod duration;
+mod endpoint;
+mod error;
+mod pool;
+mod validate;
+
+pub use endpoint::{EndpointSettings, Role, DEFAULT_PORT};
+pub use error::{SettingsError, SettingsProblem};
+pub use pool::{
+    PoolOverrides, PoolSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_SIZE, DEFAULT_RECYCLE_TIMEOUT,
+    DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
+};
+pub use validate::MAX_ENDPOINT_NAME_LEN;
+
+/// The prefix of environment variables that override settings.
+pub const ENV_PREFIX: &str = "PGHERD";
+
+/// Everything pgherd is configured with. See the commented `Settings.toml` for a reference.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The PostgreSQL endpoints, keyed by a lowercase name (`[endpoints.<name>]`). Exactly one has
+    /// `role = "primary"`.
+    ///
+    /// Default: none (at least one is required).
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, EndpointSettings>,
+    /// Pool defaults for every endpoint; an endpoint can change them in `[endpoints.<name>.pool]`.
+    ///
+    /// Default: see [`PoolSettings`].
+    #[serde(default)]
+    pub pool: PoolSettings,
+}
+
+impl Settings {
+    /// Loads `path` (TOML), applies `PGHERD_*` overrides from the process environment, and
+    /// validates the result.
+    ///
+    /// # Errors
+    ///
+    /// When the file is missing or is not TOML, a key is unknown or has a bad value, or
+    /// [`validate`](Self::validate) finds a problem. Every problem names its key.
+    pub fn load(path: impl AsRef<Path>) -> Result<Settings, SettingsError> {
+        Self::load_layers(path.as_ref(), None)
+    }
+
+    /// Like [`load`](Self::load), but takes the environment overrides from `variables` instead of
+    /// the process environment (only the `PGHERD_*` ones are used). Meant for tests and tools.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load).
+    pub fn load_with_env<K, V>(
+        path: impl AsRef<Path>,
+        variables: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Settings, SettingsError>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let variables = variables
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        Self::load_layers(path.as_ref(), Some(variables))
+    }
+
+    /// Parses settings from TOML text alone (no environment overrides) and validates them.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load).
+    pub fn from_toml(text: &str) -> Result<Settings, SettingsError> {
+        let origin = "the settings text";
+        let source = File::from_str(text, FileFormat::Toml);
+        let settings = Self::deserialize_layers(origin, source, Some(HashMap::new()))?;
+        settings.validated(origin)
+    }
+
+    /// Checks the settings as a whole: names, addresses, sizes, timeouts, that exactly one
+    /// endpoint is the primary, and that every password source can be read.
+    ///
+    /// # Errors
+    ///
+    /// A [`SettingsError`] listing every problem, each naming its key.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let problems = validate::problems(self);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SettingsError::new("the settings", problems))
+        }
+    }
+
+    /// The endpoint called `name`.
+    pub fn endpoint(&self, name: &str) -> Option<&EndpointSettings> {
+        self.endpoints.get(name)
+    }
+
+    /// The name and settings of the endpoint whose role is `primary`.
+    pub fn primary(&self) -> Option<(&str, &EndpointSettings)> {
+        self.endpoints
+            .iter()
+            .find(|(_, endpoint)| endpoint.role == Role::Primary)
+            .map(|(name, endpoint)| (name.as_str(), endpoint))
+    }
+
+    /// The endpoints with `role`, by name.
+    pub fn endpoints_with_role(
+        &self,
+        role: Role,
+    ) -> impl Iterator<Item = (&str, &EndpointSettings)> {
+        self.endpoints
+            .iter()
+            .filter(move |(_, endpoint)| endpoint.role == role)
+            .map(|(name, endpoint)| (name.as_str(), endpoint))
+    }
+
+    /// The pool settings of endpoint `name`: `[pool]` with the endpoint's overrides applied.
+    /// For an unknown name, the `[pool]` defaults.
+    pub fn pool_for(&self, name: &str) -> PoolSettings {
+        match self.endpoints.get(name) {
+            Some(endpoint) => self.pool.with_overrides(&endpoint.pool),
+            None => self.pool.clone(),
+        }
+    }
+
+    fn load_layers(
+        path: &Path,
+        variables: Option<HashMap<String, String>>,
+    ) -> Result<Settings, SettingsError> {
+        let origin = path.display().to_string();
+        if !path.is_file() {
+            let why = if path.exists() {
+                "is not a file"
+            } else {
+                "does not exist"
+            };
+            return Err(SettingsError::new(
+                origin.clone(),
+                vec![SettingsProblem::new(
+                    "file",
+                    format!(
+                        "{origin} {why}: give the path of a settings file (see the commented \
+                         Settings.toml of the pgherd repository for a reference)"
+                    ),
+                )],
+            ));
+        }
+        let source = File::from(path).format(FileFormat::Toml).required(true);
+        let mut settings = Self::deserialize_layers(&origin, source, variables)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        for endpoint in settings.endpoints.values_mut() {
+            if let Some(file) = &endpoint.password_file {
+                if file.is_relative() {
+                    endpoint.password_file = Some(base.join(file));
+                }
+            }
+        }
+        settings.validated(&origin)
+    }
+
+    fn deserialize_layers<S>(
+        origin: &str,
+        source: S,
+        variables: Option<HashMap<String, String>>,
+    ) -> Result<Settings, SettingsError>
+    where
+        S: config::Source + Send + Sync + 'static,
+    {
+        let environment = Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .source(variables.map(|vars| {
+                vars.into_iter()
+                    .filter(|(key, _)| key.starts_with(ENV_PREFIX))
+                    .collect()
+            }));
+        Config::builder()
+            .add_source(source)
+            .add_source(environment)
+            .build()
+            .and_then(Config::try_deserialize::<Settings>)
+            .map_err(|e| SettingsError::new(origin, vec![error::from_config_error(&e)]))
+    }
+
+    fn validated(self, origin: &str) -> Result<Settings, SettingsError> {
+        let problems = validate::problems(&self);
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(SettingsError::new(origin, problems))
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The checks `Settings::validate` runs. Each problem names its key, the bad value and what would
+//! be accepted.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use super::{
+    duration,
+    endpoint::Role,
+    error::SettingsProblem,
+    pool::{PoolOverrides, PoolSettings, MAX_POOL_SIZE},
+    Settings,
+};
+
+/// The longest endpoint name: names become PostgreSQL `application_name`s and identifiers.
+pub const MAX_ENDPOINT_NAME_LEN: usize = 63;
+
+/// Every problem in `settings`, in a stable order (by endpoint name, then by key).
+pub(crate) fn problems(settings: &Settings) -> Vec<SettingsProblem> {
+    let mut problems = Vec::new();
+    check_pool("pool", &settings.pool, &mut problems);
+    if settings.endpoints.is_empty() {
+        problems.push(SettingsProblem::new(
+            "endpoints",
+            "no endpoint is configured: add an [endpoints.<name>] table with role = \"primary\"",
+        ));
+        return problems;
+    }
+    for (name, endpoint) in &settings.endpoints {
+        let key = format!("endpoints.{name}");
+        check_name(name, &key, &mut problems);
+        check_text(&format!("{key}.host"), &endpoint.host, &mut problems);
+        check_host(&format!("{key}.host"), &endpoint.host, &mut problems);
+        if endpoint.port == 0 {
+            problems.push(SettingsProblem::new(
+                format!("{key}.port"),
+                "0 is not a TCP port: expected a number from 1 to 65535",
+            ));
+        }
+        check_text(&format!("{key}.dbname"), &endpoint.dbname, &mut problems);
+        check_text(&format!("{key}.user"), &endpoint.user, &mut problems);
+        if let Some(variable) = &endpoint.password_env {
+            if variable.to_ascii_uppercase().starts_with("PGHERD_") {
+                problems.push(SettingsProblem::new(
+                    format!("{key}.password_env"),
+                    format!(
+                        "`{variable}` starts with PGHERD_, and every PGHERD_* variable is read as a \
+                         setting: pick another name, e.g. `APP_{}_PASSWORD`",
+                        name.to_ascii_uppercase()
+                    ),
+                ));
+            }
+        }
+        if let Err(problem) = endpoint.resolve_password(&key) {
+            problems.push(problem);
+        }
+        check_overrides(&format!("{key}.pool"), &endpoint.pool, &mut problems);
+    }
+    check_roles(settings, &mut problems);
+    check_duplicates(settings, &mut problems);
+    problems
+}
+
+fn check_name(name: &str, key: &str, problems: &mut Vec<SettingsProblem>) {
+    let mut chars = name.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !well_formed {
+        problems.push(SettingsProblem::new(
+            key,
+            format!(
+                "`{name}` is not a valid endpoint name: expected lowercase letters, digits and `_`, \
+                 starting with a letter (environment overrides are lowercased, so a name with \
+                 capitals could never be overridden), e.g. `{}`",
+                suggest_name(name)
+            ),
+        ));
+    } else if name.len() > MAX_ENDPOINT_NAME_LEN {
+        problems.push(SettingsProblem::new(
+            key,
+            format!(
+                "the endpoint name is {} characters long: expected at most {MAX_ENDPOINT_NAME_LEN}",
+                name.len()
+            ),
+        ));
+    }
+}
+
+fn suggest_name(name: &str) -> String {
+    let mut suggestion: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !suggestion.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
+        suggestion.insert_str(0, "db_");
+    }
+    suggestion
+}
+
+fn check_text(key: &str, value: &str, problems: &mut Vec<SettingsProblem>) {
+    if value.trim().is_empty() {
+        problems.push(SettingsProblem::new(key, "is empty: give a value"));
+    } else if value.trim() != value {
+        problems.push(SettingsProblem::new(
+            key,
+            format!("{value:?} has leading or trailing spaces: remove them"),
+        ));
+    }
+}
+
+fn check_host(key: &str, host: &str, problems: &mut Vec<SettingsProblem>) {
+    if host.contains("://") {
+        problems.push(SettingsProblem::new(
+            key,
+            format!(
+                "`{host}` looks like a URL: give only the host name or IP address, and the port, \
+                 database and user in their own keys"
+            ),
+        ));
+    } else if !host.starts_with('/') && host.chars().any(|c| c.is_whitespace() || c == '/') {
+        problems.push(SettingsProblem::new(
+            key,
+            format!(
+                "`{host}` is not a host name, an IP address or a Unix socket directory \
+                 (which starts with `/`)"
+            ),
+        ));
+    }
+}
+
+fn check_pool(key: &str, pool: &PoolSettings, problems: &mut Vec<SettingsProblem>) {
+    check_size(&format!("{key}.max_size"), pool.max_size, problems);
+    check_timeout(&format!("{key}.wait_timeout"), pool.wait_timeout, problems);
+    check_timeout(
+        &format!("{key}.connect_timeout"),
+        pool.connect_timeout,
+        problems,
+    );
+    check_timeout(
+        &format!("{key}.recycle_timeout"),
+        pool.recycle_timeout,
+        problems,
+    );
+}
+
+fn check_overrides(key: &str, pool: &PoolOverrides, problems: &mut Vec<SettingsProblem>) {
+    if let Some(size) = pool.max_size {
+        check_size(&format!("{key}.max_size"), size, problems);
+    }
+    let timeouts = [
+        ("wait_timeout", pool.wait_timeout),
+        ("connect_timeout", pool.connect_timeout),
+        ("recycle_timeout", pool.recycle_timeout),
+    ];
+    for (name, timeout) in timeouts {
+        if let Some(timeout) = timeout {
+            check_timeout(&format!("{key}.{name}"), timeout, problems);
+        }
+    }
+}
+
+fn check_size(key: &str, size: usize, problems: &mut Vec<SettingsProblem>) {
+    if size == 0 || size > MAX_POOL_SIZE {
+        problems.push(SettingsProblem::new(
+            key,
+            format!("{size} is not a usable pool size: expected a number from 1 to {MAX_POOL_SIZE}"),
+        ));
+    }
+}
+
+fn check_timeout(key: &str, timeout: Duration, problems: &mut Vec<SettingsProblem>) {
+    if timeout.is_zero() {
+        problems.push(SettingsProblem::new(
+            key,
+            format!(
+                "\"{}\" would fail every attempt at once: expected a duration above zero, e.g. \"2s\"",
+                duration::format(timeout)
+            ),
+        ));
+    }
+}
+
+fn check_roles(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
+    let primaries: Vec<&str> = settings
+        .endpoints
+        .iter()
+        .filter(|(_, endpoint)| endpoint.role == Role::Primary)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    match primaries.as_slice() {
+        [] => problems.push(SettingsProblem::new(
+            "endpoints",
+            "no endpoint has role = \"primary\": exactly one endpoint must be the primary \
+             (the others are \"standby\", \"replica\" or \"backup\")",
+        )),
+        [_] => {}
+        [first, rest @ ..] => {
+            for other in rest {
+                problems.push(SettingsProblem::new(
+                    format!("endpoints.{other}.role"),
+                    format!(
+                        "\"primary\" is already the role of `{first}`: there is exactly one primary; \
+                         make this one \"standby\", \"replica\" or \"backup\""
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+fn check_duplicates(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
+    let mut seen: BTreeMap<(String, u16, &str, &str), &str> = BTreeMap::new();
+    for (name, endpoint) in &settings.endpoints {
+        let identity = (
+            endpoint.host.to_ascii_lowercase(),
+            endpoint.port,
+            endpoint.dbname.as_str(),
+            endpoint.user.as_str(),
+        );
+        if let Some(first) = seen.get(&identity) {
+            problems.push(SettingsProblem::new(
+                format!("endpoints.{name}"),
+                format!(
+                    "points at the same server, database and user as `{first}` ({}): each endpoint \
+                     must be a different server or database (was a port left unchanged?)",
+                    endpoint.address()
+                ),
+            ));
+        } else {
+            seen.insert(identity, name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions_are_valid_names() {
+        assert_eq!(suggest_name("Primary"), "primary");
+        assert_eq!(suggest_name("9lives"), "db_9lives");
+        assert_eq!(suggest_name("read-replica"), "read_replica");
+    }
+}

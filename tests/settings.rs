@@ -1,0 +1,452 @@
+//! Settings: file + environment layering, defaults, validation messages, password redaction.
+
+use std::{path::PathBuf, time::Duration};
+
+use pgherd::{settings::Role, Settings, SettingsError};
+use secrecy::ExposeSecret;
+
+const SECRET: &str = "hunter2-very-secret";
+
+const VALID: &str = r#"
+[pool]
+max_size = 8
+wait_timeout = "500ms"
+
+[endpoints.primary]
+role = "primary"
+host = "127.0.0.1"
+port = 5432
+dbname = "app"
+user = "app"
+password = "hunter2-very-secret"
+
+[endpoints.standby_1]
+role = "standby"
+host = "127.0.0.1"
+port = 5433
+dbname = "app"
+user = "app"
+password = "hunter2-very-secret"
+pool = { max_size = 4 }
+"#;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write fixture file");
+        path
+    }
+
+    fn load(&self, text: &str) -> Result<Settings, SettingsError> {
+        self.load_env(text, &[])
+    }
+
+    fn load_env(&self, text: &str, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let path = self.write("Settings.toml", text);
+        Settings::load_with_env(&path, env.iter().copied())
+    }
+}
+
+/// Loads `text`, expects an error about `key`, checks that the message names the key and never
+/// the password, and returns the message of the problem.
+fn expect_problem(text: &str, env: &[(&str, &str)], key: &str) -> String {
+    let fixture = Fixture::new();
+    let error = fixture
+        .load_env(text, env)
+        .expect_err("these settings must be refused");
+    let rendered = error.to_string();
+    assert!(
+        !rendered.contains(SECRET),
+        "the error shows the password: {rendered}"
+    );
+    assert!(
+        !format!("{error:?}").contains(SECRET),
+        "the error's Debug shows the password"
+    );
+    assert!(
+        rendered.contains(&format!("`{key}`")),
+        "the error does not name `{key}`: {rendered}"
+    );
+    let problem = error
+        .problems()
+        .iter()
+        .find(|p| p.key() == key)
+        .unwrap_or_else(|| panic!("no problem about `{key}` in: {rendered}"));
+    problem.message().to_owned()
+}
+
+fn replace(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "fixture does not contain {from:?}");
+    text.replacen(from, to, 1)
+}
+
+#[test]
+fn valid_settings_load_with_defaults_and_overrides() {
+    let settings = Fixture::new().load(VALID).expect("valid settings");
+    assert_eq!(settings.endpoints.len(), 2);
+    let (name, primary) = settings.primary().expect("a primary");
+    assert_eq!(name, "primary");
+    assert_eq!(primary.role, Role::Primary);
+    assert_eq!(primary.address(), "127.0.0.1:5432");
+    let standby_pool = settings.pool_for("standby_1");
+    assert_eq!(standby_pool.max_size, 4, "the endpoint override applies");
+    assert_eq!(standby_pool.wait_timeout, Duration::from_millis(500));
+    assert_eq!(
+        standby_pool.connect_timeout,
+        pgherd::settings::DEFAULT_CONNECT_TIMEOUT,
+        "unset keys keep their documented default"
+    );
+    assert_eq!(settings.pool_for("primary").max_size, 8);
+}
+
+#[test]
+fn environment_overrides_a_port() {
+    let settings = Fixture::new()
+        .load_env(VALID, &[("PGHERD_ENDPOINTS__PRIMARY__PORT", "6543")])
+        .expect("valid settings");
+    assert_eq!(settings.endpoint("primary").map(|e| e.port), Some(6543));
+}
+
+#[test]
+fn environment_overrides_a_duration_and_can_add_an_endpoint_key() {
+    let settings = Fixture::new()
+        .load_env(
+            VALID,
+            &[
+                ("PGHERD_POOL__WAIT_TIMEOUT", "3s"),
+                ("PGHERD_ENDPOINTS__STANDBY_1__POOL__MAX_SIZE", "2"),
+                ("UNRELATED_VARIABLE", "ignored"),
+            ],
+        )
+        .expect("valid settings");
+    assert_eq!(settings.pool.wait_timeout, Duration::from_secs(3));
+    assert_eq!(settings.pool_for("standby_1").max_size, 2);
+}
+
+#[test]
+fn process_environment_is_read_by_load() {
+    // A variable name no other test uses, so this test cannot disturb the others.
+    let fixture = Fixture::new();
+    let path = fixture.write("Settings.toml", VALID);
+    std::env::set_var("PGHERD_ENDPOINTS__PRIMARY__DBNAME", "from_env");
+    let loaded = Settings::load(&path);
+    std::env::remove_var("PGHERD_ENDPOINTS__PRIMARY__DBNAME");
+    let settings = loaded.expect("valid settings");
+    assert_eq!(
+        settings.endpoint("primary").map(|e| e.dbname.as_str()),
+        Some("from_env")
+    );
+}
+
+#[test]
+fn password_file_is_read_relative_to_the_settings_file() {
+    let fixture = Fixture::new();
+    fixture.write("primary.password", &format!("{SECRET}\n"));
+    let text = VALID
+        .replacen(
+            &format!("password = \"{SECRET}\""),
+            "password_file = \"primary.password\"",
+            1,
+        )
+        .to_string();
+    let settings = fixture.load(&text).expect("valid settings");
+    let primary = settings.endpoint("primary").expect("primary");
+    let password = primary
+        .resolve_password("endpoints.primary")
+        .expect("readable")
+        .expect("a password");
+    assert_eq!(password.expose_secret(), SECRET, "the newline is stripped");
+}
+
+#[test]
+fn debug_output_never_contains_a_password() {
+    let settings = Fixture::new().load(VALID).expect("valid settings");
+    let debug = format!("{settings:?}");
+    assert!(!debug.contains(SECRET), "{debug}");
+    assert!(debug.contains("<redacted>"));
+}
+
+#[test]
+fn the_reference_settings_file_is_valid() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Settings.toml");
+    let no_overrides: [(&str, &str); 0] = [];
+    let settings = Settings::load_with_env(&path, no_overrides)
+        .unwrap_or_else(|error| panic!("Settings.toml is refused: {error}"));
+    assert_eq!(settings.primary().map(|(name, _)| name), Some("primary"));
+    assert_eq!(settings.endpoints_with_role(Role::Standby).count(), 2);
+}
+
+// ----- Bad settings: each is refused with a message that names the key. -----
+
+#[test]
+fn typo_in_a_key() {
+    let text = replace(VALID, "port = 5432", "prot = 5432");
+    let message = expect_problem(&text, &[], "endpoints.primary.prot");
+    assert!(message.contains("unknown key"), "{message}");
+    assert!(
+        message.contains("`port`"),
+        "lists the accepted keys: {message}"
+    );
+}
+
+#[test]
+fn typo_in_a_section_name() {
+    let text = format!("{VALID}\n[pol]\nmax_size = 3\n");
+    expect_problem(&text, &[], "pol");
+}
+
+#[test]
+fn two_primaries() {
+    let text = replace(VALID, "role = \"standby\"", "role = \"primary\"");
+    let message = expect_problem(&text, &[], "endpoints.standby_1.role");
+    assert!(message.contains("`primary`"), "names the other: {message}");
+}
+
+#[test]
+fn no_primary() {
+    let text = replace(VALID, "role = \"primary\"", "role = \"backup\"");
+    let message = expect_problem(&text, &[], "endpoints");
+    assert!(message.contains("primary"), "{message}");
+}
+
+#[test]
+fn no_endpoints() {
+    expect_problem("[pool]\nmax_size = 4\n", &[], "endpoints");
+}
+
+#[test]
+fn duration_without_unit() {
+    let text = replace(VALID, "wait_timeout = \"500ms\"", "wait_timeout = \"30\"");
+    let message = expect_problem(&text, &[], "pool.wait_timeout");
+    assert!(message.contains("no unit"), "{message}");
+    assert!(message.contains("\"30s\""), "shows how to write it: {message}");
+}
+
+#[test]
+fn duration_as_a_bare_number() {
+    let text = replace(VALID, "wait_timeout = \"500ms\"", "wait_timeout = 30");
+    expect_problem(&text, &[], "pool.wait_timeout");
+}
+
+#[test]
+fn duration_that_is_not_a_duration() {
+    let text = replace(VALID, "wait_timeout = \"500ms\"", "wait_timeout = \"soon\"");
+    let message = expect_problem(&text, &[], "pool.wait_timeout");
+    assert!(message.contains("soon"), "{message}");
+}
+
+#[test]
+fn zero_timeout_in_an_endpoint_override() {
+    let text = replace(
+        VALID,
+        "pool = { max_size = 4 }",
+        "pool = { max_size = 4, connect_timeout = \"0s\" }",
+    );
+    expect_problem(&text, &[], "endpoints.standby_1.pool.connect_timeout");
+}
+
+#[test]
+fn port_zero() {
+    let text = replace(VALID, "port = 5432", "port = 0");
+    let message = expect_problem(&text, &[], "endpoints.primary.port");
+    assert!(message.contains("1 to 65535"), "{message}");
+}
+
+#[test]
+fn port_too_large() {
+    let text = replace(VALID, "port = 5432", "port = 70000");
+    let message = expect_problem(&text, &[], "endpoints.primary.port");
+    assert!(message.contains("70000"), "{message}");
+    assert!(message.contains("1 to 65535"), "{message}");
+}
+
+#[test]
+fn port_from_the_environment_that_is_not_a_number() {
+    let message = expect_problem(
+        VALID,
+        &[("PGHERD_ENDPOINTS__PRIMARY__PORT", "fivefourthreetwo")],
+        "endpoints.primary.port",
+    );
+    assert!(message.contains("environment"), "{message}");
+}
+
+#[test]
+fn empty_host() {
+    let text = replace(VALID, "host = \"127.0.0.1\"", "host = \"\"");
+    expect_problem(&text, &[], "endpoints.primary.host");
+}
+
+#[test]
+fn host_given_as_a_url() {
+    let text = replace(
+        VALID,
+        "host = \"127.0.0.1\"",
+        "host = \"postgres://db.example.com\"",
+    );
+    let message = expect_problem(&text, &[], "endpoints.primary.host");
+    assert!(message.contains("URL"), "{message}");
+}
+
+#[test]
+fn missing_required_key() {
+    let text = replace(VALID, "dbname = \"app\"\n", "");
+    let message = expect_problem(&text, &[], "endpoints.primary.dbname");
+    assert!(message.contains("required"), "{message}");
+}
+
+#[test]
+fn unknown_role() {
+    let text = replace(VALID, "role = \"standby\"", "role = \"secondary\"");
+    let message = expect_problem(&text, &[], "endpoints.standby_1.role");
+    assert!(message.contains("secondary"), "{message}");
+    assert!(message.contains("\"standby\""), "{message}");
+}
+
+#[test]
+fn missing_password_file() {
+    let text = replace(
+        VALID,
+        &format!("password = \"{SECRET}\""),
+        "password_file = \"/nonexistent/pgherd/password\"",
+    );
+    let message = expect_problem(&text, &[], "endpoints.primary.password_file");
+    assert!(message.contains("/nonexistent/pgherd/password"), "{message}");
+}
+
+#[test]
+fn empty_password_file() {
+    let fixture = Fixture::new();
+    fixture.write("empty.password", "\n");
+    let text = replace(
+        VALID,
+        &format!("password = \"{SECRET}\""),
+        "password_file = \"empty.password\"",
+    );
+    let error = fixture.load(&text).expect_err("refused");
+    assert!(error.mentions("endpoints.primary.password_file"), "{error}");
+}
+
+#[test]
+fn password_env_not_set() {
+    let text = replace(
+        VALID,
+        &format!("password = \"{SECRET}\""),
+        "password_env = \"PGHERD_TEST_SURELY_UNSET_VARIABLE_1\"",
+    );
+    // Also refused for its PGHERD_ prefix; both problems name the key.
+    let message = expect_problem(&text, &[], "endpoints.primary.password_env");
+    assert!(message.contains("PGHERD_TEST_SURELY_UNSET_VARIABLE_1"));
+}
+
+#[test]
+fn password_env_with_the_settings_prefix() {
+    let fixture = Fixture::new();
+    let text = replace(
+        VALID,
+        &format!("password = \"{SECRET}\""),
+        "password_env = \"PGHERD_PRIMARY_PASSWORD\"",
+    );
+    let error = fixture.load(&text).expect_err("refused");
+    let problem = error
+        .problems()
+        .iter()
+        .find(|p| p.key() == "endpoints.primary.password_env" && p.message().contains("PGHERD_*"))
+        .unwrap_or_else(|| panic!("no prefix problem: {error}"));
+    assert!(problem.message().contains("APP_PRIMARY_PASSWORD"));
+}
+
+#[test]
+fn uppercase_endpoint_name() {
+    let text = replace(VALID, "[endpoints.primary]", "[endpoints.Primary]");
+    let message = expect_problem(&text, &[], "endpoints.Primary");
+    assert!(message.contains("lowercase"), "{message}");
+    assert!(message.contains("`primary`"), "suggests a name: {message}");
+}
+
+#[test]
+fn pool_size_zero() {
+    let text = replace(VALID, "max_size = 8", "max_size = 0");
+    let message = expect_problem(&text, &[], "pool.max_size");
+    assert!(message.contains("1 to"), "{message}");
+}
+
+#[test]
+fn negative_pool_size() {
+    let text = replace(VALID, "max_size = 8", "max_size = -3");
+    expect_problem(&text, &[], "pool.max_size");
+}
+
+#[test]
+fn password_given_twice() {
+    let text = replace(
+        VALID,
+        &format!("password = \"{SECRET}\""),
+        &format!("password = \"{SECRET}\"\npassword_file = \"/etc/hostname\""),
+    );
+    let message = expect_problem(&text, &[], "endpoints.primary.password");
+    assert!(message.contains("more than once"), "{message}");
+}
+
+#[test]
+fn password_of_the_wrong_type_is_not_quoted() {
+    let text = replace(
+        VALID,
+        &format!("password = \"{SECRET}\""),
+        "password = { value = \"987654321\" }",
+    );
+    let fixture = Fixture::new();
+    let error = fixture.load(&text).expect_err("refused");
+    assert!(error.mentions("endpoints.primary.password"), "{error}");
+    assert!(!error.to_string().contains("987654321"), "{error}");
+}
+
+#[test]
+fn broken_toml_does_not_quote_the_broken_line() {
+    // An unterminated string on the password line: the parser's excerpt would show the secret.
+    let text = replace(
+        VALID,
+        &format!("password = \"{SECRET}\""),
+        &format!("password = \"{SECRET}"),
+    );
+    let message = expect_problem(&text, &[], "file");
+    assert!(message.contains("line"), "gives the position: {message}");
+}
+
+#[test]
+fn duplicate_endpoint() {
+    let text = replace(VALID, "port = 5433", "port = 5432");
+    let message = expect_problem(&text, &[], "endpoints.standby_1");
+    assert!(message.contains("`primary`"), "{message}");
+}
+
+#[test]
+fn stray_environment_variable() {
+    let message = expect_problem(VALID, &[("PGHERD_LOG", "debug")], "log");
+    assert!(message.contains("PGHERD_LOG"), "{message}");
+}
+
+#[test]
+fn missing_file() {
+    let error = Settings::load("/nonexistent/pgherd/Settings.toml").expect_err("refused");
+    assert!(error.mentions("file"), "{error}");
+    assert!(error.to_string().contains("does not exist"), "{error}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = replace(VALID, "port = 5432", "port = 0");
+    let text = replace(&text, "host = \"127.0.0.1\"", "host = \"\"");
+    let error = Fixture::new().load(&text).expect_err("refused");
+    assert!(error.mentions("endpoints.primary.port"), "{error}");
+    assert!(error.mentions("endpoints.primary.host"), "{error}");
+}
