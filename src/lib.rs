@@ -11,3 +11,6 @@
 pub mod settings;
 
 pub use settings::{EndpointSettings, Role, Settings, SettingsError, SettingsProblem};
+mod sql;
+#[cfg(feature = "testkit")]
+pub mod testkit;

@@ -30,8 +30,8 @@ mod validate;
 pub use endpoint::{EndpointSettings, Role, DEFAULT_PORT};
 pub use error::{SettingsError, SettingsProblem};
 pub use pool::{
-    PoolOverrides, PoolSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_SIZE, DEFAULT_RECYCLE_TIMEOUT,
-    DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
+    PoolOverrides, PoolSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_SIZE,
+    DEFAULT_RECYCLE_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
 };
 pub use validate::MAX_ENDPOINT_NAME_LEN;
 

@@ -229,7 +229,10 @@ fn duration_without_unit() {
     let text = replace(VALID, "wait_timeout = \"500ms\"", "wait_timeout = \"30\"");
     let message = expect_problem(&text, &[], "pool.wait_timeout");
     assert!(message.contains("no unit"), "{message}");
-    assert!(message.contains("\"30s\""), "shows how to write it: {message}");
+    assert!(
+        message.contains("\"30s\""),
+        "shows how to write it: {message}"
+    );
 }
 
 #[test]
@@ -320,7 +323,10 @@ fn missing_password_file() {
         "password_file = \"/nonexistent/pgherd/password\"",
     );
     let message = expect_problem(&text, &[], "endpoints.primary.password_file");
-    assert!(message.contains("/nonexistent/pgherd/password"), "{message}");
+    assert!(
+        message.contains("/nonexistent/pgherd/password"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -16,7 +16,9 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
         ));
     }
     humantime::parse_duration(trimmed).map_err(|error| {
-        format!("`{trimmed}` is not a duration ({error}): write e.g. \"200ms\", \"2s\" or \"1m 30s\"")
+        format!(
+            "`{trimmed}` is not a duration ({error}): write e.g. \"200ms\", \"2s\" or \"1m 30s\""
+        )
     })
 }
 

@@ -227,7 +227,9 @@ impl EndpointSettings {
                 Ok(value) if !value.is_empty() => Ok(Some(SecretString::from(value))),
                 Ok(_) => Err(SettingsProblem::new(
                     format!("{key}.password_env"),
-                    format!("the environment variable `{variable}` is empty: set it to the password"),
+                    format!(
+                        "the environment variable `{variable}` is empty: set it to the password"
+                    ),
                 )),
                 Err(_) => Err(SettingsProblem::new(
                     format!("{key}.password_env"),
@@ -294,7 +296,8 @@ mod tests {
 
     #[test]
     fn password_given_twice_names_both_sources() {
-        let mut endpoint = EndpointSettings::new(Role::Primary, "db", "app", "app").with_password("x");
+        let mut endpoint =
+            EndpointSettings::new(Role::Primary, "db", "app", "app").with_password("x");
         endpoint.password_env = Some("APP_DB_PASSWORD".into());
         let problem = endpoint.resolve_password("endpoints.primary").unwrap_err();
         assert_eq!(problem.key(), "endpoints.primary.password");

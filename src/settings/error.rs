@@ -118,7 +118,9 @@ pub(crate) fn from_config_error(error: &config::ConfigError) -> SettingsProblem 
         }
         E::At { error, key, .. } => match (error.as_ref(), key) {
             (E::Message(message), key) => keyed_message(key.as_deref().unwrap_or(""), message),
-            (inner, Some(key)) => SettingsProblem::new(key.clone(), from_config_error(inner).message),
+            (inner, Some(key)) => {
+                SettingsProblem::new(key.clone(), from_config_error(inner).message)
+            }
             (inner, None) => from_config_error(inner),
         },
         E::Message(message) => keyed_message("", message),

@@ -96,7 +96,11 @@ fn suggest_name(name: &str) -> String {
             }
         })
         .collect();
-    if !suggestion.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
+    if !suggestion
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase())
+    {
         suggestion.insert_str(0, "db_");
     }
     suggestion
@@ -168,7 +172,9 @@ fn check_size(key: &str, size: usize, problems: &mut Vec<SettingsProblem>) {
     if size == 0 || size > MAX_POOL_SIZE {
         problems.push(SettingsProblem::new(
             key,
-            format!("{size} is not a usable pool size: expected a number from 1 to {MAX_POOL_SIZE}"),
+            format!(
+                "{size} is not a usable pool size: expected a number from 1 to {MAX_POOL_SIZE}"
+            ),
         ));
     }
 }
