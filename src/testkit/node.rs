@@ -362,10 +362,16 @@ impl Node {
 
     /// Connection parameters for the node's login.
     pub fn config(&self) -> tokio_postgres::Config {
+        self.config_at(self.port)
+    }
+
+    /// Connection parameters for the node's login, on another port of the loopback address
+    /// (a [`FaultProxy`](super::FaultProxy) in front of the node, say).
+    pub fn config_at(&self, port: u16) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config
             .host(HOST)
-            .port(self.port)
+            .port(port)
             .user(&self.login.user)
             .password(self.login.password.expose_secret())
             .dbname(&self.login.dbname)

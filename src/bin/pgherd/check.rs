@@ -1,0 +1,83 @@
+//! `pgherd check`: validate a settings file and show what it describes.
+
+use std::{path::Path, process::ExitCode};
+
+use pgherd::{EndpointSettings, Settings};
+
+/// Loads and validates `path`; prints the endpoints on success, every problem on failure.
+pub(crate) fn run(path: &Path) -> ExitCode {
+    match Settings::load(path) {
+        Ok(settings) => {
+            print!("{}", render(path, &settings));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The report printed for valid settings. Passwords appear only as where they come from.
+pub(crate) fn render(path: &Path, settings: &Settings) -> String {
+    let mut rows = vec![[
+        "endpoint".to_owned(),
+        "role".to_owned(),
+        "address".to_owned(),
+        "dbname".to_owned(),
+        "user".to_owned(),
+        "password".to_owned(),
+        "pool".to_owned(),
+    ]];
+    let mut endpoints: Vec<_> = settings.endpoints.iter().collect();
+    endpoints.sort_by_key(|(name, endpoint)| (endpoint.role, name.as_str()));
+    for (name, endpoint) in endpoints {
+        let pool = settings.pool_for(name);
+        rows.push([
+            name.clone(),
+            endpoint.role.to_string(),
+            endpoint.address(),
+            endpoint.dbname.clone(),
+            endpoint.user.clone(),
+            password_source(endpoint),
+            format!(
+                "{} conns, wait {}, connect {}",
+                pool.max_size,
+                humantime::format_duration(pool.wait_timeout),
+                humantime::format_duration(pool.connect_timeout)
+            ),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!(
+        "{}: valid, {} endpoint{}\n",
+        path.display(),
+        settings.endpoints.len(),
+        if settings.endpoints.len() == 1 { "" } else { "s" }
+    );
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str("  ");
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn password_source(endpoint: &EndpointSettings) -> String {
+    if endpoint.password.is_some() {
+        "inline (hidden)".to_owned()
+    } else if let Some(variable) = &endpoint.password_env {
+        format!("env {variable}")
+    } else if let Some(file) = &endpoint.password_file {
+        format!("file {}", file.display())
+    } else {
+        "none".to_owned()
+    }
+}

@@ -1,0 +1,53 @@
+//! `pgherd`: check a settings file, or start local servers that match it.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+mod check;
+mod dev;
+
+/// The settings file used when none is given.
+const DEFAULT_SETTINGS: &str = "Settings.toml";
+
+#[derive(Debug, Parser)]
+#[command(name = "pgherd", version, about = "Supervise a herd of PostgreSQL servers as one database")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a settings file and print its endpoints (passwords are never printed).
+    /// Exits 0 when it is valid, 1 with every problem when it is not.
+    Check {
+        /// The settings file; `PGHERD_*` environment variables override it.
+        #[arg(default_value = DEFAULT_SETTINGS)]
+        settings: PathBuf,
+    },
+    /// Start throwaway local servers matching the endpoints of a settings file (standbys stream
+    /// from the primary) and keep them until Ctrl-C, for pointing an application at.
+    Dev {
+        /// The settings file; every endpoint must be on 127.0.0.1 or localhost.
+        #[arg(default_value = DEFAULT_SETTINGS)]
+        settings: PathBuf,
+    },
+}
+
+#[actix_rt::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            // RUST_LOG, not a PGHERD_ variable: every PGHERD_* variable is read as a setting.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "pgherd=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { settings } => check::run(&settings),
+        Command::Dev { settings } => dev::run(&settings).await,
+    }
+}
