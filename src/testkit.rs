@@ -8,7 +8,7 @@
 //! it, so tests load the same type users do.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), pgherd::testkit::TestkitError> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use pgherd::testkit::Topology;
 //!
 //! let topology = Topology::builder().standbys(2).synchronous(1).start().await?;

@@ -36,7 +36,10 @@ fn pgherd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 
 #[test]
 fn check_accepts_the_reference_settings_without_printing_passwords() {
-    let output = pgherd(&["check", reference_settings().to_str().expect("utf-8")], &[]);
+    let output = pgherd(
+        &["check", reference_settings().to_str().expect("utf-8")],
+        &[],
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}{stderr}");
@@ -65,11 +68,17 @@ fn check_refuses_a_typo_and_names_the_key() {
 fn check_applies_environment_overrides() {
     let path = reference_settings();
     let path = path.to_str().expect("utf-8");
-    let output = pgherd(&["check", path], &[("PGHERD_ENDPOINTS__PRIMARY__PORT", "70000")]);
+    let output = pgherd(
+        &["check", path],
+        &[("PGHERD_ENDPOINTS__PRIMARY__PORT", "70000")],
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("`endpoints.primary.port`"), "{stderr}");
-    let output = pgherd(&["check", path], &[("PGHERD_ENDPOINTS__PRIMARY__PORT", "6000")]);
+    let output = pgherd(
+        &["check", path],
+        &[("PGHERD_ENDPOINTS__PRIMARY__PORT", "6000")],
+    );
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("127.0.0.1:6000"));
 }
@@ -168,7 +177,11 @@ fn start_dev(settings: &Path) -> (Child, String, Vec<u32>) {
     (child, output, pids)
 }
 
-async fn query_recovery(port: u16, user: &str, dbname: &str) -> Result<bool, tokio_postgres::Error> {
+async fn query_recovery(
+    port: u16,
+    user: &str,
+    dbname: &str,
+) -> Result<bool, tokio_postgres::Error> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
@@ -178,7 +191,10 @@ async fn query_recovery(port: u16, user: &str, dbname: &str) -> Result<bool, tok
         .dbname(dbname);
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
-    Ok(client.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0))
+    Ok(client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0))
 }
 
 fn wait_dead(pids: &[u32]) {
@@ -213,9 +229,15 @@ async fn dev_serves_the_settings_and_stops_cleanly_on_interrupt() {
     assert_eq!(pids.len(), 3, "{output}");
     assert!(!output.contains(PASSWORD), "{output}");
 
-    assert!(!query_recovery(ports[0], "shopper", "shop").await.expect("primary"));
-    assert!(query_recovery(ports[1], "shopper", "shop").await.expect("standby"));
-    assert!(!query_recovery(ports[2], "postgres", "spare").await.expect("backup"));
+    assert!(!query_recovery(ports[0], "shopper", "shop")
+        .await
+        .expect("primary"));
+    assert!(query_recovery(ports[1], "shopper", "shop")
+        .await
+        .expect("standby"));
+    assert!(!query_recovery(ports[2], "postgres", "spare")
+        .await
+        .expect("backup"));
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -233,7 +255,9 @@ async fn servers_die_with_a_killed_dev_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, ports) = dev_settings(dir.path());
     let (mut child, output, pids) = start_dev(&settings);
-    assert!(query_recovery(ports[1], "shopper", "shop").await.expect("standby"));
+    assert!(query_recovery(ports[1], "shopper", "shop")
+        .await
+        .expect("standby"));
 
     // SIGKILL: no destructor runs; the watchdog must clean up.
     child.kill().expect("kill");
@@ -251,9 +275,11 @@ async fn servers_die_with_a_killed_dev_process() {
 fn dev_refuses_a_remote_endpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, _) = dev_settings(dir.path());
-    let text = std::fs::read_to_string(&settings)
-        .expect("read")
-        .replacen("host = \"localhost\"", "host = \"db.example.com\"", 1);
+    let text = std::fs::read_to_string(&settings).expect("read").replacen(
+        "host = \"localhost\"",
+        "host = \"db.example.com\"",
+        1,
+    );
     std::fs::write(&settings, text).expect("write");
     let output = pgherd(&["dev", settings.to_str().expect("utf-8")], &[]);
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -12,10 +12,7 @@ const SHORT: Duration = Duration::from_millis(700);
 const LONG: Duration = Duration::from_secs(10);
 
 /// Connects to `node` through `proxy`.
-async fn connect_via(
-    node: &Node,
-    proxy: &FaultProxy,
-) -> Result<Client, tokio_postgres::Error> {
+async fn connect_via(node: &Node, proxy: &FaultProxy) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = node
         .config_at(proxy.port())
         .connect(tokio_postgres::NoTls)
@@ -33,8 +30,14 @@ async fn pass_forwards_queries() {
     let topology = start(Topology::builder()).await;
     let proxy = FaultProxy::start(topology.primary().address()).expect("proxy");
     assert_ne!(proxy.port(), topology.primary().port());
-    let client = connect_via(topology.primary(), &proxy).await.expect("connect");
-    let port: String = client.query_one("SHOW port", &[]).await.expect("query").get(0);
+    let client = connect_via(topology.primary(), &proxy)
+        .await
+        .expect("connect");
+    let port: String = client
+        .query_one("SHOW port", &[])
+        .await
+        .expect("query")
+        .get(0);
     assert_eq!(port, topology.primary().port().to_string());
 }
 
@@ -42,7 +45,9 @@ async fn pass_forwards_queries() {
 async fn latency_delays_each_round_trip() {
     let topology = start(Topology::builder()).await;
     let proxy = FaultProxy::start(topology.primary().address()).expect("proxy");
-    let client = connect_via(topology.primary(), &proxy).await.expect("connect");
+    let client = connect_via(topology.primary(), &proxy)
+        .await
+        .expect("connect");
     select_one(&client).await.expect("warm up");
 
     let delay = Duration::from_millis(150);
@@ -57,19 +62,27 @@ async fn latency_delays_each_round_trip() {
     let started = Instant::now();
     select_one(&client).await.expect("query");
     let fast = started.elapsed();
-    assert!(fast < slow, "Pass ({fast:?}) is not faster than Latency ({slow:?})");
+    assert!(
+        fast < slow,
+        "Pass ({fast:?}) is not faster than Latency ({slow:?})"
+    );
 }
 
 #[tokio::test]
 async fn blackhole_holds_traffic_and_heals_without_loss() {
     let topology = start(Topology::builder()).await;
     let proxy = FaultProxy::start(topology.primary().address()).expect("proxy");
-    let client = connect_via(topology.primary(), &proxy).await.expect("connect");
+    let client = connect_via(topology.primary(), &proxy)
+        .await
+        .expect("connect");
     select_one(&client).await.expect("before the fault");
 
     proxy.set_mode(FaultMode::Blackhole);
     let query = tokio::spawn(async move {
-        let answer = client.query_one("SELECT 2", &[]).await.map(|row| row.get::<_, i32>(0));
+        let answer = client
+            .query_one("SELECT 2", &[])
+            .await
+            .map(|row| row.get::<_, i32>(0));
         (client, answer)
     });
     tokio::time::sleep(SHORT).await;
@@ -83,14 +96,21 @@ async fn blackhole_holds_traffic_and_heals_without_loss() {
         .expect("the held query finishes after the network heals")
         .expect("task");
     assert_eq!(answer.expect("the held query succeeds"), 2);
-    assert_eq!(select_one(&client).await.expect("the connection still works"), 1);
+    assert_eq!(
+        select_one(&client)
+            .await
+            .expect("the connection still works"),
+        1
+    );
 }
 
 #[tokio::test]
 async fn reset_closes_open_connections_and_new_ones() {
     let topology = start(Topology::builder()).await;
     let proxy = FaultProxy::start(topology.primary().address()).expect("proxy");
-    let client = connect_via(topology.primary(), &proxy).await.expect("connect");
+    let client = connect_via(topology.primary(), &proxy)
+        .await
+        .expect("connect");
     select_one(&client).await.expect("before the fault");
 
     proxy.set_mode(FaultMode::Reset);
@@ -105,7 +125,9 @@ async fn reset_closes_open_connections_and_new_ones() {
     assert!(refused.is_err(), "a new connection got through a reset");
 
     proxy.set_mode(FaultMode::Pass);
-    let client = connect_via(topology.primary(), &proxy).await.expect("connect after");
+    let client = connect_via(topology.primary(), &proxy)
+        .await
+        .expect("connect after");
     select_one(&client).await.expect("query after");
 }
 
@@ -113,7 +135,9 @@ async fn reset_closes_open_connections_and_new_ones() {
 async fn refuse_stops_listening_and_listens_again_on_the_same_port() {
     let topology = start(Topology::builder()).await;
     let proxy = FaultProxy::start(topology.primary().address()).expect("proxy");
-    let client = connect_via(topology.primary(), &proxy).await.expect("connect");
+    let client = connect_via(topology.primary(), &proxy)
+        .await
+        .expect("connect");
     select_one(&client).await.expect("before the fault");
 
     proxy.set_mode(FaultMode::Refuse);
@@ -129,7 +153,9 @@ async fn refuse_stops_listening_and_listens_again_on_the_same_port() {
     assert!(failed.is_err(), "an open connection survived Refuse");
 
     proxy.set_mode(FaultMode::Pass);
-    let client = connect_via(topology.primary(), &proxy).await.expect("connect after");
+    let client = connect_via(topology.primary(), &proxy)
+        .await
+        .expect("connect after");
     select_one(&client).await.expect("query after");
 }
 
@@ -147,8 +173,13 @@ async fn topology_can_put_a_proxy_in_front_of_a_node() {
         settings.endpoint("primary").map(|e| e.port),
         Some(topology.primary().port())
     );
-    let client = connect_via(topology.standby(0), proxy).await.expect("connect");
+    let client = connect_via(topology.standby(0), proxy)
+        .await
+        .expect("connect");
     select_one(&client).await.expect("query");
     proxy.set_mode(FaultMode::Reset);
-    assert!(tokio::time::timeout(LONG, select_one(&client)).await.expect("fails fast").is_err());
+    assert!(tokio::time::timeout(LONG, select_one(&client))
+        .await
+        .expect("fails fast")
+        .is_err());
 }

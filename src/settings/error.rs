@@ -178,11 +178,13 @@ pub(crate) fn is_secret_key(key: &str) -> bool {
 fn summarize_parse_error(text: &str) -> String {
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let position = lines.next().unwrap_or("parse error");
-    let complaint = lines
-        .filter(|l| !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^'))
-        .filter(|l| !l.chars().next().is_some_and(|c| c.is_ascii_digit()))
-        .last()
-        .unwrap_or("");
+    let is_excerpt = |line: &&str| {
+        line.starts_with('|')
+            || line.starts_with('^')
+            || line.contains(" | ")
+            || line.chars().next().is_some_and(|c| c.is_ascii_digit())
+    };
+    let complaint = lines.rfind(|line| !is_excerpt(line)).unwrap_or("");
     let position = position.trim_start_matches("TOML parse error at ");
     if complaint.is_empty() {
         position.to_owned()

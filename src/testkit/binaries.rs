@@ -92,7 +92,7 @@ fn candidate_dirs() -> Vec<PathBuf> {
             Some((version, entry.path().join("bin")))
         })
         .collect();
-    versioned.sort_by(|a, b| b.0.cmp(&a.0));
+    versioned.sort_by_key(|(version, _)| std::cmp::Reverse(*version));
     for (_, dir) in versioned {
         push_unique(&mut dirs, dir);
     }

@@ -123,7 +123,8 @@ impl ServerConf {
             ),
             "max_wal_senders = 16".to_owned(),
             "max_replication_slots = 16".to_owned(),
-            "wal_keep_size = '256MB'".to_owned(),
+            "wal_keep_size = '64MB'".to_owned(),
+            "max_wal_size = '512MB'".to_owned(),
             "hot_standby = on".to_owned(),
             "hot_standby_feedback = on".to_owned(),
             // Only the processes are ever killed, never the machine: the page cache survives, so

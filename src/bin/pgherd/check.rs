@@ -55,7 +55,11 @@ pub(crate) fn render(path: &Path, settings: &Settings) -> String {
         "{}: valid, {} endpoint{}\n",
         path.display(),
         settings.endpoints.len(),
-        if settings.endpoints.len() == 1 { "" } else { "s" }
+        if settings.endpoints.len() == 1 {
+            ""
+        } else {
+            "s"
+        }
     );
     for row in rows {
         let cells: Vec<String> = row

@@ -62,10 +62,7 @@ fn describe(topology: &Topology) -> String {
 
 async fn wait_for_shutdown() {
     let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => Some(signal),
-            Err(_) => None,
-        };
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = async {

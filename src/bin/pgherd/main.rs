@@ -11,7 +11,11 @@ mod dev;
 const DEFAULT_SETTINGS: &str = "Settings.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "pgherd", version, about = "Supervise a herd of PostgreSQL servers as one database")]
+#[command(
+    name = "pgherd",
+    version,
+    about = "Supervise a herd of PostgreSQL servers as one database"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
