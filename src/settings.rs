@@ -25,15 +25,20 @@ mod duration;
 mod endpoint;
 mod error;
 mod pool;
+mod router;
+mod supervisor;
 mod validate;
 
-pub use endpoint::{EndpointSettings, Role, DEFAULT_PORT};
+pub use endpoint::{EndpointSettings, Role, SslMode, DEFAULT_CLUSTER, DEFAULT_PORT};
 pub use error::{SettingsError, SettingsProblem};
 pub use pool::{
     PoolOverrides, PoolSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_SIZE,
-    DEFAULT_RECYCLE_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
+    DEFAULT_RECONNECT_BACKOFF, DEFAULT_RECONNECT_BACKOFF_MAX, DEFAULT_RECYCLE_TIMEOUT,
+    DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
 };
-pub use validate::MAX_ENDPOINT_NAME_LEN;
+pub use router::{ReadPolicy, RouterSettings, DEFAULT_QUEUE_CAPACITY, DEFAULT_TIMEOUT};
+pub use supervisor::SupervisorSettings;
+pub use validate::{MAX_ENDPOINT_NAME_LEN, MAX_QUEUE_CAPACITY, MAX_WEIGHT};
 
 /// The prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "PGHERD";
@@ -54,6 +59,16 @@ pub struct Settings {
     /// Default: see [`PoolSettings`].
     #[serde(default)]
     pub pool: PoolSettings,
+    /// How the router spreads reads and bounds its work.
+    ///
+    /// Default: see [`RouterSettings`].
+    #[serde(default)]
+    pub router: RouterSettings,
+    /// How crashed actors are restarted and how the herd shuts down.
+    ///
+    /// Default: see [`SupervisorSettings`].
+    #[serde(default)]
+    pub supervisor: SupervisorSettings,
 }
 
 impl Settings {
@@ -121,12 +136,20 @@ impl Settings {
         self.endpoints.get(name)
     }
 
-    /// The name and settings of the endpoint whose role is `primary`.
+    /// The name and settings of the primary of cluster `"main"`, or of the only cluster.
     pub fn primary(&self) -> Option<(&str, &EndpointSettings)> {
+        let primaries = || self.endpoints_with_role(Role::Primary);
+        primaries()
+            .find(|(_, endpoint)| endpoint.cluster == DEFAULT_CLUSTER)
+            .or_else(|| primaries().next())
+    }
+
+    /// The clusters the endpoints belong to, in order.
+    pub fn clusters(&self) -> std::collections::BTreeSet<&str> {
         self.endpoints
-            .iter()
-            .find(|(_, endpoint)| endpoint.role == Role::Primary)
-            .map(|(name, endpoint)| (name.as_str(), endpoint))
+            .values()
+            .map(|endpoint| endpoint.cluster.as_str())
+            .collect()
     }
 
     /// The endpoints with `role`, by name.
@@ -175,9 +198,12 @@ impl Settings {
         let mut settings = Self::deserialize_layers(&origin, source, variables)?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         for endpoint in settings.endpoints.values_mut() {
-            if let Some(file) = &endpoint.password_file {
+            for file in [&mut endpoint.password_file, &mut endpoint.sslrootcert]
+                .into_iter()
+                .flatten()
+            {
                 if file.is_relative() {
-                    endpoint.password_file = Some(base.join(file));
+                    *file = base.join(&*file);
                 }
             }
         }

@@ -65,6 +65,77 @@ impl<'de> Deserialize<'de> for Role {
     }
 }
 
+/// Whether and how a connection uses TLS (`sslmode`, with libpq's meanings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Never use TLS (`"disable"`).
+    Disable,
+    /// Use TLS when the server offers it, without checking its certificate; fall back to a plain
+    /// connection otherwise (`"prefer"`). Encrypts, but does not authenticate the server.
+    Prefer,
+    /// Always use TLS, without checking the certificate (`"require"`). Encrypts, but does not
+    /// authenticate the server.
+    Require,
+    /// Always use TLS and check that the certificate chains to a trusted authority
+    /// (`"verify-ca"`), without checking the host name.
+    VerifyCa,
+    /// Always use TLS, check the chain and that the certificate names the host (`"verify-full"`).
+    /// The only mode that protects against an impostor server.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// Every mode, weakest first.
+    pub const ALL: [SslMode; 5] = [
+        SslMode::Disable,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
+
+    /// The name used in settings files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the server's certificate is checked against trusted authorities.
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SslMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        SslMode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == name)
+            .ok_or_else(|| {
+                de::Error::custom(format!(
+                    "unknown sslmode `{name}`: expected one of \"disable\", \"prefer\", \"require\", \
+                     \"verify-ca\" or \"verify-full\""
+                ))
+            })
+    }
+}
+
+/// The cluster an endpoint belongs to when it names none.
+pub const DEFAULT_CLUSTER: &str = "main";
+
 /// One PostgreSQL endpoint (`[endpoints.<name>]` in `Settings.toml`).
 ///
 /// At most one of `password`, `password_env` and `password_file` may be given; with none, the
@@ -112,11 +183,47 @@ pub struct EndpointSettings {
     /// Default: none.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// The cluster (a primary with its standbys, replicas and backups) this endpoint belongs to.
+    /// One herd can serve several clusters, e.g. one per tenant; a message names its cluster, or
+    /// goes to `"main"`. Each cluster has exactly one primary.
+    ///
+    /// Default: `"main"`.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// This endpoint's share of reads under `read_policy = "weighted"`, from 1 to 1000.
+    ///
+    /// Default: `1`.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// TLS: `"disable"`, `"prefer"`, `"require"`, `"verify-ca"` or `"verify-full"`, as in libpq.
+    /// Only `"verify-full"` authenticates the server.
+    ///
+    /// Default: `"prefer"` (libpq's default).
+    #[serde(default = "default_sslmode")]
+    pub sslmode: SslMode,
+    /// A PEM file of the certificate authorities trusted for `"verify-ca"` and `"verify-full"`.
+    /// A relative path is relative to the settings file.
+    ///
+    /// Default: none (the Mozilla set of public authorities).
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
     /// Changes to the `[pool]` defaults for this endpoint.
     ///
     /// Default: none (the `[pool]` values apply).
     #[serde(default)]
     pub pool: PoolOverrides,
+}
+
+fn default_cluster() -> String {
+    DEFAULT_CLUSTER.to_owned()
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_sslmode() -> SslMode {
+    SslMode::Prefer
 }
 
 fn default_port() -> u16 {
@@ -151,8 +258,27 @@ impl EndpointSettings {
             password: None,
             password_env: None,
             password_file: None,
+            cluster: default_cluster(),
+            weight: default_weight(),
+            sslmode: default_sslmode(),
+            sslrootcert: None,
             pool: PoolOverrides::default(),
         }
+    }
+
+    /// This endpoint in another cluster.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: impl Into<String>) -> Self {
+        self.cluster = cluster.into();
+        self
+    }
+
+    /// This endpoint with another TLS mode and, optionally, trusted authorities.
+    #[must_use]
+    pub fn with_tls(mut self, sslmode: SslMode, sslrootcert: Option<PathBuf>) -> Self {
+        self.sslmode = sslmode;
+        self.sslrootcert = sslrootcert;
+        self
     }
 
     /// This endpoint on another port.
@@ -276,6 +402,10 @@ impl fmt::Debug for EndpointSettings {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_env", &self.password_env)
             .field("password_file", &self.password_file)
+            .field("cluster", &self.cluster)
+            .field("weight", &self.weight)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
             .field("pool", &self.pool)
             .finish()
     }

@@ -11,6 +11,11 @@ use super::{
     Settings,
 };
 
+/// The largest read weight accepted.
+pub const MAX_WEIGHT: u32 = 1000;
+/// The largest router queue accepted.
+pub const MAX_QUEUE_CAPACITY: usize = 1_000_000;
+
 /// The longest endpoint name: names become PostgreSQL `application_name`s and identifiers.
 pub const MAX_ENDPOINT_NAME_LEN: usize = 63;
 
@@ -18,6 +23,8 @@ pub const MAX_ENDPOINT_NAME_LEN: usize = 63;
 pub(crate) fn problems(settings: &Settings) -> Vec<SettingsProblem> {
     let mut problems = Vec::new();
     check_pool("pool", &settings.pool, &mut problems);
+    check_router(settings, &mut problems);
+    check_supervisor(settings, &mut problems);
     if settings.endpoints.is_empty() {
         problems.push(SettingsProblem::new(
             "endpoints",
@@ -54,17 +61,65 @@ pub(crate) fn problems(settings: &Settings) -> Vec<SettingsProblem> {
             problems.push(problem);
         }
         check_overrides(&format!("{key}.pool"), &endpoint.pool, &mut problems);
+        check_backoff(
+            &format!("{key}.pool"),
+            &settings.pool_for(name),
+            &mut problems,
+        );
+        if !is_identifier(&endpoint.cluster) {
+            problems.push(SettingsProblem::new(
+                format!("{key}.cluster"),
+                format!(
+                    "`{}` is not a valid cluster name: expected lowercase letters, digits and `_`, \
+                     starting with a letter",
+                    endpoint.cluster
+                ),
+            ));
+        }
+        if endpoint.weight == 0 || endpoint.weight > MAX_WEIGHT {
+            problems.push(SettingsProblem::new(
+                format!("{key}.weight"),
+                format!(
+                    "{} is not a usable weight: expected a number from 1 to {MAX_WEIGHT}",
+                    endpoint.weight
+                ),
+            ));
+        }
+        if let Some(path) = &endpoint.sslrootcert {
+            if !endpoint.sslmode.verifies() {
+                problems.push(SettingsProblem::new(
+                    format!("{key}.sslrootcert"),
+                    format!(
+                        "is only used with sslmode \"verify-ca\" or \"verify-full\", but sslmode is \
+                         \"{}\": set sslmode = \"verify-full\" to check the server's certificate",
+                        endpoint.sslmode
+                    ),
+                ));
+            } else if let Err(error) = std::fs::metadata(path) {
+                problems.push(SettingsProblem::new(
+                    format!("{key}.sslrootcert"),
+                    format!(
+                        "cannot read `{}` ({error}): point it at a PEM file of trusted authorities",
+                        path.display()
+                    ),
+                ));
+            }
+        }
     }
     check_roles(settings, &mut problems);
     check_duplicates(settings, &mut problems);
     problems
 }
 
-fn check_name(name: &str, key: &str, problems: &mut Vec<SettingsProblem>) {
+/// Lowercase letters, digits and `_`, starting with a letter.
+fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
-    let well_formed = chars.next().is_some_and(|c| c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !well_formed {
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn check_name(name: &str, key: &str, problems: &mut Vec<SettingsProblem>) {
+    if !is_identifier(name) {
         problems.push(SettingsProblem::new(
             key,
             format!(
@@ -150,6 +205,69 @@ fn check_pool(key: &str, pool: &PoolSettings, problems: &mut Vec<SettingsProblem
         pool.recycle_timeout,
         problems,
     );
+    check_timeout(
+        &format!("{key}.reconnect_backoff"),
+        pool.reconnect_backoff,
+        problems,
+    );
+    check_backoff(key, pool, problems);
+}
+
+fn check_backoff(key: &str, pool: &PoolSettings, problems: &mut Vec<SettingsProblem>) {
+    if pool.reconnect_backoff_max < pool.reconnect_backoff {
+        problems.push(SettingsProblem::new(
+            format!("{key}.reconnect_backoff_max"),
+            format!(
+                "\"{}\" is shorter than reconnect_backoff (\"{}\"): expected at least that",
+                duration::format(pool.reconnect_backoff_max),
+                duration::format(pool.reconnect_backoff)
+            ),
+        ));
+    }
+}
+
+fn check_router(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
+    let router = &settings.router;
+    if router.queue_capacity == 0 || router.queue_capacity > MAX_QUEUE_CAPACITY {
+        problems.push(SettingsProblem::new(
+            "router.queue_capacity",
+            format!(
+                "{} is not a usable capacity: expected a number from 1 to {MAX_QUEUE_CAPACITY}",
+                router.queue_capacity
+            ),
+        ));
+    }
+    check_timeout("router.default_timeout", router.default_timeout, problems);
+}
+
+fn check_supervisor(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
+    let supervisor = &settings.supervisor;
+    if supervisor.max_restarts == 0 {
+        problems.push(SettingsProblem::new(
+            "supervisor.max_restarts",
+            "0 would give up at the first crash: expected at least 1",
+        ));
+    }
+    check_timeout(
+        "supervisor.restart_period",
+        supervisor.restart_period,
+        problems,
+    );
+    check_timeout(
+        "supervisor.backoff_initial",
+        supervisor.backoff_initial,
+        problems,
+    );
+    if supervisor.backoff_max < supervisor.backoff_initial {
+        problems.push(SettingsProblem::new(
+            "supervisor.backoff_max",
+            format!(
+                "\"{}\" is shorter than backoff_initial (\"{}\"): expected at least that",
+                duration::format(supervisor.backoff_max),
+                duration::format(supervisor.backoff_initial)
+            ),
+        ));
+    }
 }
 
 fn check_overrides(key: &str, pool: &PoolOverrides, problems: &mut Vec<SettingsProblem>) {
@@ -160,6 +278,7 @@ fn check_overrides(key: &str, pool: &PoolOverrides, problems: &mut Vec<SettingsP
         ("wait_timeout", pool.wait_timeout),
         ("connect_timeout", pool.connect_timeout),
         ("recycle_timeout", pool.recycle_timeout),
+        ("reconnect_backoff", pool.reconnect_backoff),
     ];
     for (name, timeout) in timeouts {
         if let Some(timeout) = timeout {
@@ -192,28 +311,38 @@ fn check_timeout(key: &str, timeout: Duration, problems: &mut Vec<SettingsProble
 }
 
 fn check_roles(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
-    let primaries: Vec<&str> = settings
-        .endpoints
-        .iter()
-        .filter(|(_, endpoint)| endpoint.role == Role::Primary)
-        .map(|(name, _)| name.as_str())
-        .collect();
-    match primaries.as_slice() {
-        [] => problems.push(SettingsProblem::new(
-            "endpoints",
-            "no endpoint has role = \"primary\": exactly one endpoint must be the primary \
-             (the others are \"standby\", \"replica\" or \"backup\")",
-        )),
-        [_] => {}
-        [first, rest @ ..] => {
-            for other in rest {
-                problems.push(SettingsProblem::new(
-                    format!("endpoints.{other}.role"),
-                    format!(
-                        "\"primary\" is already the role of `{first}`: there is exactly one primary; \
-                         make this one \"standby\", \"replica\" or \"backup\""
-                    ),
-                ));
+    for cluster in settings.clusters() {
+        let primaries: Vec<&str> = settings
+            .endpoints
+            .iter()
+            .filter(|(_, endpoint)| endpoint.cluster == cluster && endpoint.role == Role::Primary)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let scope = if settings.clusters().len() > 1 {
+            format!(" in cluster `{cluster}`")
+        } else {
+            String::new()
+        };
+        match primaries.as_slice() {
+            [] => problems.push(SettingsProblem::new(
+                "endpoints",
+                format!(
+                    "no endpoint{scope} has role = \"primary\": exactly one endpoint must be the \
+                     primary (the others are \"standby\", \"replica\" or \"backup\")"
+                ),
+            )),
+            [_] => {}
+            [first, rest @ ..] => {
+                for other in rest {
+                    problems.push(SettingsProblem::new(
+                        format!("endpoints.{other}.role"),
+                        format!(
+                            "\"primary\" is already the role of `{first}`{scope}: there is exactly \
+                             one primary per cluster; make this one \"standby\", \"replica\" or \
+                             \"backup\", or put it in another cluster"
+                        ),
+                    ));
+                }
             }
         }
     }

@@ -1,0 +1,67 @@
+//! The work a message asks of one connection, and how far it got: what the executor runs.
+
+use std::{any::Any, cell::Cell, future::Future, pin::Pin};
+
+use deadpool_postgres::ClientWrapper;
+
+use super::Intent;
+use crate::error::Error;
+
+/// A future that runs on the router's thread.
+pub(crate) type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// How far a job got on its connection, which decides what a connection failure means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Stage {
+    /// Nothing that can change data was sent: a failure leaves no trace, retrying is safe.
+    NotSent,
+    /// An explicit transaction is open and its COMMIT was not sent: a failure rolls it back.
+    InTransaction,
+    /// A statement that commits on its own, or a COMMIT, was sent: after a failure, whether it
+    /// was committed is unknown.
+    Committing,
+}
+
+/// Records a job's [`Stage`] as it runs.
+#[derive(Debug, Default)]
+pub(crate) struct Progress(Cell<Option<Stage>>);
+
+impl Progress {
+    pub(crate) fn stage(&self) -> Stage {
+        self.0.get().unwrap_or(Stage::NotSent)
+    }
+
+    pub(crate) fn reach(&self, stage: Stage) {
+        self.0.set(Some(stage));
+    }
+}
+
+/// Work for one connection. Every message to the router becomes a job.
+pub(crate) trait Job: 'static {
+    /// What a successful run produces.
+    type Output: 'static;
+
+    /// Read or write.
+    fn intent(&self) -> Intent;
+
+    /// The message itself, for user routing rules to inspect.
+    fn as_any(&self) -> &dyn Any;
+
+    /// The message's query type, for user routing rules.
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<Self>()
+    }
+
+    /// Whether [`run`](Self::run) can be called again (a closure that already ran cannot).
+    fn rerunnable(&self) -> bool {
+        true
+    }
+
+    /// Runs on `client`, recording its progress. May be called again after a failure at
+    /// [`Stage::NotSent`], or after any connection failure for an idempotent message.
+    fn run<'a>(
+        &'a self,
+        client: &'a mut ClientWrapper,
+        progress: &'a Progress,
+    ) -> LocalFuture<'a, Result<Self::Output, Error>>;
+}

@@ -1,0 +1,521 @@
+//! `SupervisorActor`: starts one database actor per endpoint, then the router; restarts a child
+//! that stopped or panicked, after a backoff and within a restart-intensity limit; gives up
+//! loudly when restarts come too often; shuts down in reverse order.
+//!
+//! A database that cannot be reached is not a crash: its actor stays up and reconnects by
+//! itself. Restarts are for crashes: a panic, or a state that can no longer be trusted.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::{Duration, Instant},
+};
+
+use actix::{
+    Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _, Context, Handler,
+    Message, Recipient, ResponseActFuture, WrapFuture as _,
+};
+use tokio::sync::Notify;
+
+mod restart;
+
+use self::restart::{RestartDecision, RestartHistory, RestartPolicy};
+use crate::{
+    backoff::Backoff,
+    child::{ChildExited, ChildId, ExitGuard, ExitReason, Stop},
+    database::{DatabaseActor, DatabaseSpec, Endpoint},
+    error::Error,
+    router::{Attach, Detach, Directory, Drain, Halt, RouterActor, RouterParts, RoutingRule},
+    settings::{RouterSettings, SupervisorSettings},
+};
+
+/// Something that happened to the supervisor's children. Subscribe with [`Subscribe`] (or
+/// `HerdBuilder::subscribe`); every event is also logged.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+#[non_exhaustive]
+pub enum SupervisorEvent {
+    /// A child started (`generation` 1 is its first start).
+    Started {
+        /// Which child.
+        child: ChildId,
+        /// How many times it was started.
+        generation: u64,
+    },
+    /// A child ended.
+    Exited {
+        /// Which child.
+        child: ChildId,
+        /// Its generation.
+        generation: u64,
+        /// Why.
+        reason: ExitReason,
+    },
+    /// A crashed child will be restarted.
+    RestartScheduled {
+        /// Which child.
+        child: ChildId,
+        /// After how long.
+        after: Duration,
+        /// How many restarts happened within `supervisor.restart_period`, this one included.
+        restarts: u32,
+    },
+    /// Restarts came too often: every child was stopped and the router answers every message
+    /// with a [`Stopped`](crate::ErrorKind::Stopped) error carrying `reason`.
+    GaveUp {
+        /// Why, for people.
+        reason: String,
+    },
+    /// The herd shut down.
+    ShutDown,
+}
+
+/// Subscribes a recipient to [`SupervisorEvent`]s.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Subscribe(pub Recipient<SupervisorEvent>);
+
+/// Shuts the herd down: the router stops taking messages and lets those it holds finish within
+/// `supervisor.shutdown_grace`, then the database actors close their pools, then the router
+/// and the supervisor stop. Answers how many messages had not finished in time.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "usize")]
+pub struct Shutdown;
+
+/// The state the supervisor shares with the `Herd` handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The current router (a restarted router has a new address).
+    pub(crate) router: RwLock<Addr<RouterActor>>,
+    /// Why the herd stopped, once it did.
+    pub(crate) failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn router(&self) -> Addr<RouterActor> {
+        self.router
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_failure(&self, reason: &str) {
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| reason.to_owned());
+    }
+}
+
+/// What the supervisor is started with.
+pub(crate) struct SupervisorParts {
+    pub(crate) specs: Vec<DatabaseSpec>,
+    pub(crate) directory: Directory,
+    pub(crate) router: RouterSettings,
+    pub(crate) supervisor: SupervisorSettings,
+    pub(crate) rules: Arc<[Box<dyn RoutingRule>]>,
+    pub(crate) subscribers: Vec<Recipient<SupervisorEvent>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Running,
+    ShuttingDown,
+    GaveUp(String),
+}
+
+#[derive(Debug)]
+enum Running {
+    Database(Addr<DatabaseActor>),
+    Router(Addr<RouterActor>),
+}
+
+#[derive(Debug)]
+struct Child {
+    generation: u64,
+    started: Instant,
+    backoff: Backoff,
+    running: Option<Running>,
+}
+
+/// The actor at the top of the herd. Start it through [`Herd`](crate::Herd).
+pub struct SupervisorActor {
+    specs: BTreeMap<Arc<str>, DatabaseSpec>,
+    directory: Directory,
+    router_settings: RouterSettings,
+    rules: Arc<[Box<dyn RoutingRule>]>,
+    changed: Arc<Notify>,
+    policy: RestartPolicy,
+    shutdown_grace: Duration,
+    history: RestartHistory,
+    children: BTreeMap<ChildId, Child>,
+    endpoints: BTreeMap<Arc<str>, Endpoint>,
+    next_generation: u64,
+    subscribers: Vec<Recipient<SupervisorEvent>>,
+    phase: Phase,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SupervisorActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorActor")
+            .field("children", &self.children)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SupervisorActor {
+    /// Starts the supervisor and, synchronously, its children: every database actor, then the
+    /// router. Returns the supervisor's address and the state shared with the handle.
+    pub(crate) fn launch(
+        parts: SupervisorParts,
+    ) -> Result<(Addr<SupervisorActor>, Arc<Shared>), Error> {
+        let mut outcome: Result<Arc<Shared>, Error> = Err(Error::stopped("not started"));
+        let address = SupervisorActor::create(|ctx| {
+            let changed = Arc::new(Notify::new());
+            let supervisor = ctx.address().recipient::<ChildExited>();
+            let policy = RestartPolicy::from_settings(&parts.supervisor);
+            let mut children = BTreeMap::new();
+            let mut endpoints = BTreeMap::new();
+            let mut generation = 0;
+            let mut failed = None;
+            for spec in &parts.specs {
+                generation += 1;
+                match DatabaseActor::launch(
+                    spec,
+                    generation,
+                    supervisor.clone(),
+                    Arc::clone(&changed),
+                ) {
+                    Ok((address, endpoint)) => {
+                        endpoints.insert(Arc::clone(&spec.name), endpoint);
+                        children.insert(
+                            ChildId::Database(Arc::clone(&spec.name)),
+                            Child {
+                                generation,
+                                started: Instant::now(),
+                                backoff: policy.backoff(),
+                                running: Some(Running::Database(address)),
+                            },
+                        );
+                    }
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
+                }
+            }
+            generation += 1;
+            let router = RouterActor::new(RouterParts {
+                endpoints: endpoints.values().cloned().collect(),
+                directory: parts.directory.clone(),
+                settings: parts.router.clone(),
+                rules: Arc::clone(&parts.rules),
+                changed: Arc::clone(&changed),
+                guard: ExitGuard::new(supervisor, ChildId::Router, generation),
+                stopped: None,
+            })
+            .start();
+            children.insert(
+                ChildId::Router,
+                Child {
+                    generation,
+                    started: Instant::now(),
+                    backoff: policy.backoff(),
+                    running: Some(Running::Router(router.clone())),
+                },
+            );
+            let shared = Arc::new(Shared {
+                router: RwLock::new(router),
+                failure: Mutex::new(None),
+            });
+            outcome = match failed {
+                Some(error) => Err(error),
+                None => Ok(Arc::clone(&shared)),
+            };
+            SupervisorActor {
+                specs: parts
+                    .specs
+                    .iter()
+                    .map(|spec| (Arc::clone(&spec.name), spec.clone()))
+                    .collect(),
+                directory: parts.directory,
+                router_settings: parts.router,
+                rules: parts.rules,
+                changed,
+                policy,
+                shutdown_grace: parts.supervisor.shutdown_grace,
+                history: RestartHistory::default(),
+                children,
+                endpoints,
+                next_generation: generation,
+                subscribers: parts.subscribers,
+                phase: Phase::Running,
+                shared,
+            }
+        });
+        match outcome {
+            Ok(shared) => Ok((address, shared)),
+            Err(error) => {
+                address.do_send(Shutdown);
+                Err(error)
+            }
+        }
+    }
+
+    fn emit(&self, event: SupervisorEvent) {
+        match &event {
+            SupervisorEvent::Started { child, generation } if *generation > 1 => {
+                tracing::info!(%child, generation, "restarted");
+            }
+            SupervisorEvent::Started { child, generation } => {
+                tracing::debug!(%child, generation, "started");
+            }
+            SupervisorEvent::Exited {
+                child,
+                generation,
+                reason,
+            } if reason.is_normal() => {
+                tracing::debug!(%child, generation, %reason, "exited");
+            }
+            SupervisorEvent::Exited {
+                child,
+                generation,
+                reason,
+            } => {
+                tracing::warn!(%child, generation, %reason, "crashed");
+            }
+            SupervisorEvent::RestartScheduled {
+                child,
+                after,
+                restarts,
+            } => {
+                tracing::warn!(%child, ?after, restarts, "restart scheduled");
+            }
+            SupervisorEvent::GaveUp { reason } => tracing::error!(%reason, "supervisor gave up"),
+            SupervisorEvent::ShutDown => tracing::info!("herd shut down"),
+        }
+        for subscriber in &self.subscribers {
+            subscriber.do_send(event.clone());
+        }
+    }
+
+    fn router(&self) -> Option<Addr<RouterActor>> {
+        match self.children.get(&ChildId::Router)?.running.as_ref()? {
+            Running::Router(address) => Some(address.clone()),
+            Running::Database(_) => None,
+        }
+    }
+
+    /// Starts `child` again, with a new generation.
+    fn restart(&mut self, child: ChildId, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let supervisor = ctx.address().recipient::<ChildExited>();
+        let running = match &child {
+            ChildId::Database(name) => {
+                let Some(spec) = self.specs.get(name) else {
+                    return;
+                };
+                match DatabaseActor::launch(spec, generation, supervisor, Arc::clone(&self.changed))
+                {
+                    Ok((address, endpoint)) => {
+                        self.endpoints.insert(Arc::clone(name), endpoint.clone());
+                        if let Some(router) = self.router() {
+                            router.do_send(Attach(endpoint));
+                        }
+                        Running::Database(address)
+                    }
+                    Err(error) => {
+                        tracing::error!(%child, %error, "cannot restart");
+                        self.crashed(
+                            child,
+                            ExitReason::Poisoned(error.to_string()),
+                            Duration::ZERO,
+                            ctx,
+                        );
+                        return;
+                    }
+                }
+            }
+            ChildId::Router => {
+                let address = RouterActor::new(RouterParts {
+                    endpoints: self.endpoints.values().cloned().collect(),
+                    directory: self.directory.clone(),
+                    settings: self.router_settings.clone(),
+                    rules: Arc::clone(&self.rules),
+                    changed: Arc::clone(&self.changed),
+                    guard: ExitGuard::new(supervisor, ChildId::Router, generation),
+                    stopped: None,
+                })
+                .start();
+                *self
+                    .shared
+                    .router
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = address.clone();
+                Running::Router(address)
+            }
+        };
+        if let Some(state) = self.children.get_mut(&child) {
+            state.generation = generation;
+            state.started = Instant::now();
+            state.running = Some(running);
+        }
+        self.emit(SupervisorEvent::Started { child, generation });
+    }
+
+    /// Applies the restart policy to a crashed child.
+    fn crashed(
+        &mut self,
+        child: ChildId,
+        reason: ExitReason,
+        ran_for: Duration,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(state) = self.children.get_mut(&child) else {
+            return;
+        };
+        let decision = self.policy.decide(
+            &mut self.history,
+            &mut state.backoff,
+            ran_for,
+            Instant::now(),
+        );
+        match decision {
+            RestartDecision::Restart { after, restarts } => {
+                self.emit(SupervisorEvent::RestartScheduled {
+                    child: child.clone(),
+                    after,
+                    restarts,
+                });
+                ctx.run_later(after, move |supervisor, ctx| supervisor.restart(child, ctx));
+            }
+            RestartDecision::GiveUp { restarts, within } => {
+                let reason = format!(
+                    "the supervisor gave up after {restarts} restarts within {} \
+                     (supervisor.max_restarts = {}); the last crash was {child}: {reason}",
+                    humantime::format_duration(within),
+                    self.policy.max_restarts
+                );
+                self.give_up(reason);
+            }
+        }
+    }
+
+    /// Stops every child; the router (or the handle, if the router is gone) answers every
+    /// message with `reason`.
+    fn give_up(&mut self, reason: String) {
+        self.phase = Phase::GaveUp(reason.clone());
+        self.shared.set_failure(&reason);
+        if let Some(router) = self.router() {
+            router.do_send(Halt {
+                reason: reason.clone(),
+            });
+        }
+        for state in self.children.values_mut().rev() {
+            if let Some(Running::Database(address)) = state.running.take() {
+                address.do_send(Stop);
+            }
+        }
+        self.emit(SupervisorEvent::GaveUp { reason });
+    }
+}
+
+impl Actor for SupervisorActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<ChildExited> for SupervisorActor {
+    type Result = ();
+
+    fn handle(&mut self, exited: ChildExited, ctx: &mut Context<Self>) {
+        let ChildExited {
+            child,
+            generation,
+            reason,
+        } = exited;
+        let Some(state) = self.children.get_mut(&child) else {
+            return;
+        };
+        if state.generation != generation {
+            tracing::debug!(%child, generation, current = state.generation, "stale exit ignored");
+            return;
+        }
+        state.running = None;
+        let ran_for = state.started.elapsed();
+        if let ChildId::Database(name) = &child {
+            self.endpoints.remove(name);
+            if let Some(router) = self.router() {
+                router.do_send(Detach {
+                    name: Arc::clone(name),
+                    generation,
+                });
+            }
+        }
+        self.emit(SupervisorEvent::Exited {
+            child: child.clone(),
+            generation,
+            reason: reason.clone(),
+        });
+        if self.phase == Phase::Running && !reason.is_normal() {
+            self.crashed(child, reason, ran_for, ctx);
+        }
+    }
+}
+
+impl Handler<Subscribe> for SupervisorActor {
+    type Result = ();
+
+    fn handle(&mut self, Subscribe(recipient): Subscribe, _ctx: &mut Context<Self>) {
+        self.subscribers.push(recipient);
+    }
+}
+
+impl Handler<Shutdown> for SupervisorActor {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, _: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.phase == Phase::Running {
+            self.phase = Phase::ShuttingDown;
+        }
+        self.shared.set_failure("the herd was shut down");
+        let router = self.router();
+        let grace = self.shutdown_grace;
+        let drain = async move {
+            match &router {
+                Some(router) => router.send(Drain { grace }).await.unwrap_or(0),
+                None => 0,
+            }
+        };
+        Box::pin(drain.into_actor(self).map(|unfinished, supervisor, ctx| {
+            // Reverse start order: the databases were started first, so they stop last.
+            if let Some(Running::Router(router)) = supervisor
+                .children
+                .get_mut(&ChildId::Router)
+                .and_then(|state| state.running.take())
+            {
+                router.do_send(Stop);
+            }
+            for state in supervisor.children.values_mut().rev() {
+                if let Some(Running::Database(address)) = state.running.take() {
+                    address.do_send(Stop);
+                }
+            }
+            supervisor.emit(SupervisorEvent::ShutDown);
+            ctx.stop();
+            unfinished
+        }))
+    }
+}
