@@ -3,13 +3,14 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use actix::{Addr, Handler, Message, Recipient};
+use actix::{Addr, Recipient};
 use tokio::time::Instant;
 
 use crate::{
     database::{DatabaseSpec, Reachability},
     error::{Error, ErrorKind},
-    router::{Directory, GetRoutes, RouteEntry, RouterActor, RoutingRule},
+    query::Request,
+    router::{Directory, RouteEntry, RouterActor, RoutingRule},
     settings::Settings,
     supervisor::{Shared, Shutdown, Subscribe, SupervisorActor, SupervisorEvent, SupervisorParts},
 };
@@ -79,25 +80,20 @@ impl Herd {
         self.shared.router()
     }
 
-    /// Sends `message` to the router and waits for its answer.
+    /// Routes `message` ([`Routed`](crate::Routed), [`Read`](crate::Read),
+    /// [`Write`](crate::Write), [`Batch`](crate::Batch) or [`Transact`](crate::Transact)) and
+    /// waits for its answer.
+    ///
+    /// Exactly what sending it to [`router`](Self::router) does, run on the caller's task: it
+    /// saves the hop through the router's mailbox and the task that answers there. The future
+    /// is not `Send`: await it in an actix handler or task, not in `tokio::spawn`.
     ///
     /// # Errors
     ///
     /// The message's own error, or a [`Stopped`](ErrorKind::Stopped) error saying why the herd
     /// stopped.
-    pub async fn send<M, T>(&self, message: M) -> Result<T, Error>
-    where
-        M: Message<Result = Result<T, Error>> + Send + 'static,
-        T: Send + 'static,
-        RouterActor: Handler<M>,
-    {
-        match self.router().send(message).await {
-            Ok(answer) => answer,
-            Err(mailbox) => Err(match self.shared.failure() {
-                Some(reason) => Error::stopped(reason),
-                None => Error::from(mailbox),
-            }),
-        }
+    pub async fn send<M: Request>(&self, message: M) -> Result<M::Output, Error> {
+        Arc::clone(&self.shared.routing).dispatch(message).await
     }
 
     /// Why the herd stopped (shut down, or its supervisor gave up), once it did.
@@ -106,12 +102,8 @@ impl Herd {
     }
 
     /// The router's view of every running endpoint.
-    ///
-    /// # Errors
-    ///
-    /// A [`Stopped`](ErrorKind::Stopped) error when the router is gone.
-    pub async fn routes(&self) -> Result<Vec<RouteEntry>, Error> {
-        Ok(self.router().send(GetRoutes).await?)
+    pub fn routes(&self) -> Vec<RouteEntry> {
+        self.shared.routing.routes()
     }
 
     /// Waits until every endpoint was reached at least once, for at most `timeout`.
@@ -122,7 +114,7 @@ impl Herd {
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         loop {
-            let routes = self.routes().await?;
+            let routes = self.routes();
             let waiting: Vec<String> = self
                 .endpoints
                 .iter()

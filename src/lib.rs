@@ -31,8 +31,8 @@ pub use database::{DatabaseActor, EndpointStatus, GetEndpointStatus, Reachabilit
 pub use error::{Error, ErrorKind};
 pub use herd::{Herd, HerdBuilder};
 pub use query::{
-    column, Batch, FromRow, Intent, Params, Query, QueryResult, Read, Routable, RouteOptions,
-    Routed, Transact, TxFuture, Write, Written,
+    column, Batch, FromRow, Intent, Params, Query, QueryResult, Read, Request, Routable,
+    RouteOptions, Routed, Transact, TxFuture, Write, Written,
 };
 pub use router::{GetRoutes, Route, RouteEntry, RouteRequest, RouterActor, RoutingRule};
 pub use settings::{EndpointSettings, Role, Settings, SettingsError, SettingsProblem};

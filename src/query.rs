@@ -46,7 +46,7 @@ mod plain;
 mod row;
 mod transaction;
 
-pub(crate) use job::{Job, LocalFuture, Progress, Stage};
+pub(crate) use job::{Job, Progress, Stage};
 pub use options::{Routable, RouteOptions};
 pub use plain::{Read, Write, Written};
 pub use row::{column, FromRow};
@@ -71,6 +71,12 @@ impl fmt::Display for Intent {
         })
     }
 }
+
+/// A message the router accepts: [`Routed`], [`Read`], [`Write`], [`Batch`] and [`Transact`].
+/// Sealed: pgherd's message types are the only ones. Use it to write code generic over them.
+pub trait Request: Job + Routable {}
+
+impl<T: Job + Routable> Request for T {}
 
 /// Borrowed query parameters, in `$1, $2, ...` order.
 pub type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
@@ -227,16 +233,14 @@ impl<Q: Query> Job for Routed<Q> {
         std::any::type_name::<Q>()
     }
 
-    fn run<'a>(
-        &'a self,
-        client: &'a mut ClientWrapper,
-        progress: &'a Progress,
-    ) -> LocalFuture<'a, Result<Q::Output, Error>> {
-        Box::pin(async move {
-            let params = self.query.params();
-            let result = statement(client, self.query.sql(), &params, progress).await?;
-            Q::output(result)
-        })
+    async fn run(
+        &self,
+        client: &mut ClientWrapper,
+        progress: &Progress,
+    ) -> Result<Q::Output, Error> {
+        let params = self.query.params();
+        let result = statement(client, self.query.sql(), &params, progress).await?;
+        Q::output(result)
     }
 }
 

@@ -1,21 +1,24 @@
-//! `RouterActor`: where applications send query messages. It picks a fitting endpoint for each
-//! message and runs it there as a detached future, so its own mailbox only ever holds cheap
-//! decisions.
+//! Routing: where each query message runs.
 //!
-//! What a message may expect (see `docs/runtime-semantics.md`):
-//! - one deadline covers queueing, connection checkout, execution, retries and any wait for a
-//!   target;
-//! - when the router already holds `router.queue_capacity` messages, a new one gets
-//!   [`Overloaded`](crate::ErrorKind::Overloaded) at once;
-//! - a read that fails for a connection reason is retried on another fitting endpoint; a write
-//!   only when it provably never reached the server, or when it is marked idempotent;
-//! - a write whose commit may have happened is answered
-//!   [`CommitUnknown`](crate::ErrorKind::CommitUnknown), never silently retried.
+//! The decisions live in [`Routing`], shared by the [`RouterActor`] (applications that send
+//! messages to its address) and the [`Herd`](crate::Herd) handle (`herd.send(..)`, which runs the
+//! same routing on the caller's task without a hop through the actor; see `BENCHMARKS.md` for
+//! why). Either way, a message:
+//! - has one deadline covering queueing, connection checkout, execution, retries and any wait
+//!   for a target;
+//! - is refused with [`Overloaded`](crate::ErrorKind::Overloaded) at once when
+//!   `router.queue_capacity` messages are already held;
+//! - is retried on another fitting endpoint when it is a read that failed for a connection
+//!   reason; a write only when it provably never reached the server, or when it is marked
+//!   idempotent;
+//! - is answered [`CommitUnknown`](crate::ErrorKind::CommitUnknown) when it is a write whose
+//!   commit may have happened, never silently retried.
 
 use std::{
-    cell::{Cell, RefCell},
-    rc::Rc,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError, RwLock,
+    },
     time::Duration,
 };
 
@@ -37,7 +40,7 @@ use crate::{
     child::{ExitGuard, Stop},
     database::{Endpoint, Reachability},
     error::{Error, ErrorKind},
-    query::{Batch, Intent, Job, Query, Read, Routable, Routed, Transact, Write},
+    query::{Batch, Intent, Job, Query, Read, Request, Routed, Transact, Write, Written},
     settings::{Role, RouterSettings},
 };
 
@@ -49,27 +52,143 @@ const WRITE_RETRY_MAX_WAIT: Duration = Duration::from_millis(250);
 /// How often a draining router checks whether its messages have finished.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
-/// The state shared between the router and the futures running its messages (all on the
-/// router's thread).
-struct Core {
-    /// The running endpoints, by name.
-    endpoints: Vec<Endpoint>,
+/// The routing state and decisions, shared by the router actor, the `Herd` handle and the
+/// supervisor (which attaches and detaches endpoints).
+pub(crate) struct Routing {
+    /// The running endpoints, by name: a snapshot replaced when one attaches or detaches.
+    table: RwLock<Arc<Vec<Endpoint>>>,
+    balancer: Mutex<Balancer>,
     directory: Directory,
-    balancer: Balancer,
     settings: RouterSettings,
     rules: Arc<[Box<dyn RoutingRule>]>,
+    in_flight: AtomicUsize,
+    changed: Arc<Notify>,
+    halted: RwLock<Option<String>>,
 }
 
-impl Core {
+impl std::fmt::Debug for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routing")
+            .field("endpoints", &self.snapshot().len())
+            .field("in_flight", &self.in_flight())
+            .field("halted", &*read(&self.halted))
+            .finish_non_exhaustive()
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Routing {
+    pub(crate) fn new(
+        directory: Directory,
+        settings: RouterSettings,
+        rules: Arc<[Box<dyn RoutingRule>]>,
+        changed: Arc<Notify>,
+    ) -> Routing {
+        Routing {
+            table: RwLock::new(Arc::new(Vec::new())),
+            balancer: Mutex::new(Balancer::default()),
+            directory,
+            settings,
+            rules,
+            in_flight: AtomicUsize::new(0),
+            changed,
+            halted: RwLock::new(None),
+        }
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Endpoint>> {
+        Arc::clone(&read(&self.table))
+    }
+
+    /// How many messages are held now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Puts `endpoint` in the table, replacing an older generation of it.
+    pub(crate) fn attach(&self, endpoint: Endpoint) {
+        let mut table = write(&self.table);
+        let mut endpoints = Vec::clone(&table);
+        match endpoints.binary_search_by(|e| e.name().cmp(endpoint.name())) {
+            Ok(index) if endpoints[index].generation() < endpoint.generation() => {
+                endpoints[index] = endpoint;
+            }
+            Ok(_) => return,
+            Err(index) => endpoints.insert(index, endpoint),
+        }
+        *table = Arc::new(endpoints);
+        drop(table);
+        self.changed.notify_waiters();
+    }
+
+    /// Takes endpoint `name` out of the table if it is still of `generation`.
+    pub(crate) fn detach(&self, name: &str, generation: u64) {
+        let mut table = write(&self.table);
+        if !table
+            .iter()
+            .any(|e| &**e.name() == name && e.generation() == generation)
+        {
+            return;
+        }
+        let endpoints: Vec<Endpoint> = table
+            .iter()
+            .filter(|e| !(&**e.name() == name && e.generation() == generation))
+            .cloned()
+            .collect();
+        *table = Arc::new(endpoints);
+        drop(table);
+        self.changed.notify_waiters();
+    }
+
+    /// From now on every new message is answered with a [`Stopped`](ErrorKind::Stopped) error
+    /// saying `reason`. The first reason given sticks.
+    pub(crate) fn halt(&self, reason: &str) {
+        write(&self.halted).get_or_insert_with(|| reason.to_owned());
+        self.changed.notify_waiters();
+    }
+
+    /// Halts, then waits until the messages held have finished or `grace` passed; returns how
+    /// many had not.
+    pub(crate) async fn drain(&self, grace: Duration) -> usize {
+        self.halt("the herd is shutting down");
+        let deadline = Instant::now() + grace;
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        self.in_flight()
+    }
+
+    /// The view of every running endpoint.
+    pub(crate) fn routes(&self) -> Vec<RouteEntry> {
+        self.snapshot()
+            .iter()
+            .map(|endpoint| RouteEntry {
+                name: Arc::clone(endpoint.name()),
+                role: endpoint.role(),
+                cluster: Arc::from(endpoint.cluster()),
+                reachability: endpoint.state().reachability(),
+                outstanding: endpoint.state().outstanding(),
+                latency: endpoint.state().latency(),
+            })
+            .collect()
+    }
+
     /// Chooses the endpoint for one attempt.
     fn choose(
-        &mut self,
+        &self,
         intent: Intent,
         scope: &Scope,
         excluded: &[Arc<str>],
     ) -> Result<Endpoint, Decision> {
-        let candidates: Vec<Candidate<'_>> = self
-            .endpoints
+        let endpoints = self.snapshot();
+        let candidates: Vec<Candidate<'_>> = endpoints
             .iter()
             .map(|endpoint| {
                 let state = endpoint.state();
@@ -91,189 +210,92 @@ impl Core {
             policy: self.settings.read_policy,
             excluded,
         };
-        match decide(ask, &candidates, &mut self.balancer) {
-            Decision::Use(index) => Ok(self.endpoints[index].clone()),
+        let decision = {
+            let mut balancer = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
+            decide(ask, &candidates, &mut balancer)
+        };
+        match decision {
+            Decision::Use(index) => Ok(endpoints[index].clone()),
             other => Err(other),
         }
     }
 
-    /// Puts `endpoint` in the table, replacing an older generation of it.
-    fn attach(&mut self, endpoint: Endpoint) -> bool {
-        match self
-            .endpoints
-            .binary_search_by(|e| e.name().cmp(endpoint.name()))
-        {
-            Ok(index) if self.endpoints[index].generation() < endpoint.generation() => {
-                self.endpoints[index] = endpoint;
-                true
-            }
-            Ok(_) => false,
-            Err(index) => {
-                self.endpoints.insert(index, endpoint);
-                true
-            }
-        }
-    }
-
-    /// Takes endpoint `name` out of the table if it is still of `generation`.
-    fn detach(&mut self, name: &str, generation: u64) -> bool {
-        let before = self.endpoints.len();
-        self.endpoints
-            .retain(|e| !(&**e.name() == name && e.generation() == generation));
-        self.endpoints.len() != before
-    }
-}
-
-/// The actor applications send query messages to: [`Routed`], [`Read`], [`Write`], [`Batch`],
-/// [`Transact`].
-pub struct RouterActor {
-    core: Rc<RefCell<Core>>,
-    in_flight: Rc<Cell<usize>>,
-    changed: Arc<Notify>,
-    stopped: Option<String>,
-    _guard: ExitGuard,
-}
-
-impl std::fmt::Debug for RouterActor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouterActor")
-            .field("endpoints", &self.core.borrow().endpoints.len())
-            .field("in_flight", &self.in_flight.get())
-            .field("stopped", &self.stopped)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What the router is started with.
-pub(crate) struct RouterParts {
-    pub(crate) endpoints: Vec<Endpoint>,
-    pub(crate) directory: Directory,
-    pub(crate) settings: RouterSettings,
-    pub(crate) rules: Arc<[Box<dyn RoutingRule>]>,
-    pub(crate) changed: Arc<Notify>,
-    pub(crate) guard: ExitGuard,
-    pub(crate) stopped: Option<String>,
-}
-
-impl RouterActor {
-    pub(crate) fn new(parts: RouterParts) -> RouterActor {
-        let mut endpoints = parts.endpoints;
-        endpoints.sort_by(|a, b| a.name().cmp(b.name()));
-        RouterActor {
-            core: Rc::new(RefCell::new(Core {
-                endpoints,
-                directory: parts.directory,
-                balancer: Balancer::default(),
-                settings: parts.settings,
-                rules: parts.rules,
-            })),
-            in_flight: Rc::new(Cell::new(0)),
-            changed: parts.changed,
-            stopped: parts.stopped,
-            _guard: parts.guard,
-        }
-    }
-
-    /// Admits a message and returns the future that answers it.
-    fn dispatch<J>(&mut self, mut message: J) -> ResponseFuture<Result<J::Output, Error>>
-    where
-        J: Job + Routable,
-    {
+    /// Admits `message` and runs it to its answer: resolves where it may run, then chooses,
+    /// runs and retries within its deadline.
+    pub(crate) async fn dispatch<J: Job + Request>(
+        self: Arc<Self>,
+        mut message: J,
+    ) -> Result<J::Output, Error> {
         let received = Instant::now();
-        if let Some(reason) = &self.stopped {
-            return ready(Err(Error::stopped(reason.clone())));
+        if let Some(reason) = read(&self.halted).as_ref() {
+            return Err(Error::stopped(reason.clone()));
         }
-        let (capacity, default_timeout) = {
-            let core = self.core.borrow();
-            (core.settings.queue_capacity, core.settings.default_timeout)
-        };
-        if self.in_flight.get() >= capacity {
-            return ready(Err(Error::overloaded(capacity)));
+        let capacity = self.settings.queue_capacity;
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= capacity {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::overloaded(capacity));
         }
+        let _permit = Permit(&self.in_flight);
         let options = std::mem::take(message.options_mut());
         let deadline = options
             .deadline
-            .map_or(received + default_timeout, Instant::from_std);
+            .map_or(received + self.settings.default_timeout, Instant::from_std);
         let budget = deadline.saturating_duration_since(received);
         if budget.is_zero() {
-            return ready(Err(Error::timeout(
+            return Err(Error::timeout(
                 Duration::ZERO,
-                "the message waited in the router's mailbox",
-            )));
+                "the message waited before reaching the router",
+            ));
         }
         let intent = message.intent();
-        let scope = {
-            let core = self.core.borrow();
-            let rule = if options.target.is_some() {
-                Route::Default
-            } else {
-                let request = RouteRequest {
-                    intent,
-                    message: message.as_any(),
-                    type_name: message.type_name(),
-                    cluster: options.cluster.as_deref(),
-                };
-                core.rules
-                    .iter()
-                    .map(|rule| rule.route(&request))
-                    .find(|route| *route != Route::Default)
-                    .unwrap_or(Route::Default)
+        let rule = if options.target.is_some() || self.rules.is_empty() {
+            Route::Default
+        } else {
+            let request = RouteRequest {
+                intent,
+                message: message.as_any(),
+                type_name: message.type_name(),
+                cluster: options.cluster.as_deref(),
             };
-            resolve(
-                &core.directory,
-                options.target.as_deref(),
-                rule,
-                options.cluster.as_deref(),
-            )
+            self.rules
+                .iter()
+                .map(|rule| rule.route(&request))
+                .find(|route| *route != Route::Default)
+                .unwrap_or(Route::Default)
         };
-        let scope = match scope {
-            Ok(scope) => scope,
-            Err(error) => return ready(Err(error)),
-        };
-        let permit = Permit::new(&self.in_flight);
-        let attempt = Attempts {
-            core: Rc::clone(&self.core),
-            changed: Arc::clone(&self.changed),
-            job: Rc::new(message),
+        let scope = resolve(
+            &self.directory,
+            options.target.as_deref(),
+            rule,
+            options.cluster.as_deref(),
+        )?;
+        Attempts {
+            routing: &self,
+            job: std::rc::Rc::new(message),
             scope,
             intent,
             idempotent: options.idempotent,
             deadline,
             budget,
-        };
-        Box::pin(async move {
-            let result = attempt.run().await;
-            drop(permit);
-            result
-        })
+        }
+        .run()
+        .await
     }
 }
 
-fn ready<T: 'static>(value: T) -> ResponseFuture<T> {
-    Box::pin(std::future::ready(value))
-}
+/// Counts a message as held while it lives.
+struct Permit<'a>(&'a AtomicUsize);
 
-/// Counts a message as held by the router while it lives.
-struct Permit(Rc<Cell<usize>>);
-
-impl Permit {
-    fn new(count: &Rc<Cell<usize>>) -> Permit {
-        count.set(count.get() + 1);
-        Permit(Rc::clone(count))
-    }
-}
-
-impl Drop for Permit {
+impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        self.0.set(self.0.get().saturating_sub(1));
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// One message's way through the herd: choose, run, and retry within the deadline.
-struct Attempts<J> {
-    core: Rc<RefCell<Core>>,
-    changed: Arc<Notify>,
-    job: Rc<J>,
+struct Attempts<'a, J> {
+    routing: &'a Routing,
+    job: std::rc::Rc<J>,
     scope: Scope,
     intent: Intent,
     idempotent: bool,
@@ -281,25 +303,29 @@ struct Attempts<J> {
     budget: Duration,
 }
 
-impl<J: Job> Attempts<J> {
+impl<J: Job> Attempts<'_, J> {
     async fn run(self) -> Result<J::Output, Error> {
         let explicit = matches!(self.scope, Scope::Endpoint(_));
         let mut excluded: Vec<Arc<str>> = Vec::new();
         let mut last_error: Option<Error> = None;
         let mut write_wait = WRITE_RETRY_FIRST_WAIT;
         loop {
-            // Listen for changes before looking, so that none is missed in between.
-            let changed = self.changed.notified();
+            let mut choice = self.routing.choose(self.intent, &self.scope, &excluded);
+            // Only a message that must wait listens for changes (the common path skips the
+            // registration); it looks again after registering, so that no change is missed.
+            let changed = self.routing.changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
-            let choice = self
-                .core
-                .borrow_mut()
-                .choose(self.intent, &self.scope, &excluded);
+            if choice.is_err() {
+                changed.as_mut().enable();
+                if let Some(reason) = read(&self.routing.halted).as_ref() {
+                    return Err(Error::stopped(reason.clone()));
+                }
+                choice = self.routing.choose(self.intent, &self.scope, &excluded);
+            }
             match choice {
                 Ok(endpoint) => {
                     let failure = match endpoint
-                        .execute(Rc::clone(&self.job), self.deadline, self.budget)
+                        .execute(std::rc::Rc::clone(&self.job), self.deadline, self.budget)
                         .await
                     {
                         Ok(output) => return Ok(output),
@@ -318,13 +344,13 @@ impl<J: Job> Attempts<J> {
                     }
                     tracing::debug!(endpoint = %endpoint.name(), error = %failure.error, ?decision, "retrying");
                     last_error = Some(failure.error);
-                    match decision {
-                        Retry::Elsewhere => excluded.push(Arc::clone(endpoint.name())),
-                        _ => {
-                            let pause = write_wait.min(self.deadline - Instant::now());
-                            write_wait = (write_wait * 2).min(WRITE_RETRY_MAX_WAIT);
-                            let _ = tokio::time::timeout(pause, changed).await;
-                        }
+                    if decision == Retry::Elsewhere {
+                        excluded.push(Arc::clone(endpoint.name()));
+                    } else {
+                        changed.as_mut().enable();
+                        let pause = write_wait.min(self.deadline - Instant::now());
+                        write_wait = (write_wait * 2).min(WRITE_RETRY_MAX_WAIT);
+                        let _ = tokio::time::timeout(pause, changed).await;
                     }
                 }
                 Err(Decision::Wait(why)) => {
@@ -350,14 +376,44 @@ impl<J: Job> Attempts<J> {
     }
 }
 
+/// The actor applications may send query messages to: [`Routed`], [`Read`], [`Write`],
+/// [`Batch`], [`Transact`]. Each is answered by a detached future, so many run at once.
+///
+/// [`Herd::send`](crate::Herd::send) routes the same messages the same way without the hop
+/// through this actor's mailbox and the extra task it costs.
+pub struct RouterActor {
+    routing: Arc<Routing>,
+    _guard: ExitGuard,
+}
+
+impl std::fmt::Debug for RouterActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterActor")
+            .field("routing", &self.routing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouterActor {
+    pub(crate) fn new(routing: Arc<Routing>, guard: ExitGuard) -> RouterActor {
+        RouterActor {
+            routing,
+            _guard: guard,
+        }
+    }
+
+    fn dispatch<J: Job + Request>(&self, message: J) -> ResponseFuture<Result<J::Output, Error>> {
+        Box::pin(Arc::clone(&self.routing).dispatch(message))
+    }
+}
+
 impl Actor for RouterActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         // The mailbox only holds cheap decisions; the real bound is `queue_capacity`, enforced
         // on the messages the router holds.
-        let capacity = self.core.borrow().settings.queue_capacity;
-        ctx.set_mailbox_capacity(capacity);
+        ctx.set_mailbox_capacity(self.routing.settings.queue_capacity);
     }
 }
 
@@ -378,7 +434,7 @@ impl Handler<Read> for RouterActor {
 }
 
 impl Handler<Write> for RouterActor {
-    type Result = ResponseFuture<Result<crate::query::Written, Error>>;
+    type Result = ResponseFuture<Result<Written, Error>>;
 
     fn handle(&mut self, message: Write, _ctx: &mut Context<Self>) -> Self::Result {
         self.dispatch(message)
@@ -398,84 +454,6 @@ impl<T: Send + 'static> Handler<Transact<T>> for RouterActor {
 
     fn handle(&mut self, message: Transact<T>, _ctx: &mut Context<Self>) -> Self::Result {
         self.dispatch(message)
-    }
-}
-
-/// A (re)started database actor's endpoint replaces the previous one of that name.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub(crate) struct Attach(pub(crate) Endpoint);
-
-impl Handler<Attach> for RouterActor {
-    type Result = ();
-
-    fn handle(&mut self, Attach(endpoint): Attach, _ctx: &mut Context<Self>) {
-        if self.core.borrow_mut().attach(endpoint) {
-            self.changed.notify_waiters();
-        }
-    }
-}
-
-/// A database actor ended: its endpoint leaves the table, unless a newer one replaced it.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub(crate) struct Detach {
-    pub(crate) name: Arc<str>,
-    pub(crate) generation: u64,
-}
-
-impl Handler<Detach> for RouterActor {
-    type Result = ();
-
-    fn handle(&mut self, detach: Detach, _ctx: &mut Context<Self>) {
-        if self
-            .core
-            .borrow_mut()
-            .detach(&detach.name, detach.generation)
-        {
-            self.changed.notify_waiters();
-        }
-    }
-}
-
-/// From now on, every new message is answered with a [`Stopped`](ErrorKind::Stopped) error
-/// saying `reason`.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub(crate) struct Halt {
-    pub(crate) reason: String,
-}
-
-impl Handler<Halt> for RouterActor {
-    type Result = ();
-
-    fn handle(&mut self, halt: Halt, _ctx: &mut Context<Self>) {
-        self.stopped = Some(halt.reason);
-    }
-}
-
-/// Stops taking messages and answers once those it holds have finished, or `grace` passed.
-/// Answers how many were still running.
-#[derive(Debug, Message)]
-#[rtype(result = "usize")]
-pub(crate) struct Drain {
-    pub(crate) grace: Duration,
-}
-
-impl Handler<Drain> for RouterActor {
-    type Result = ResponseFuture<usize>;
-
-    fn handle(&mut self, drain: Drain, _ctx: &mut Context<Self>) -> Self::Result {
-        self.stopped
-            .get_or_insert_with(|| "the herd is shutting down".to_owned());
-        let in_flight = Rc::clone(&self.in_flight);
-        let deadline = Instant::now() + drain.grace;
-        Box::pin(async move {
-            while in_flight.get() > 0 && Instant::now() < deadline {
-                tokio::time::sleep(DRAIN_POLL).await;
-            }
-            in_flight.get()
-        })
     }
 }
 
@@ -506,20 +484,7 @@ impl Handler<GetRoutes> for RouterActor {
     type Result = actix::MessageResult<GetRoutes>;
 
     fn handle(&mut self, _: GetRoutes, _ctx: &mut Context<Self>) -> Self::Result {
-        let core = self.core.borrow();
-        actix::MessageResult(
-            core.endpoints
-                .iter()
-                .map(|endpoint| RouteEntry {
-                    name: Arc::clone(endpoint.name()),
-                    role: endpoint.role(),
-                    cluster: Arc::from(endpoint.cluster()),
-                    reachability: endpoint.state().reachability(),
-                    outstanding: endpoint.state().outstanding(),
-                    latency: endpoint.state().latency(),
-                })
-                .collect(),
-        )
+        actix::MessageResult(self.routing.routes())
     }
 }
 
@@ -532,7 +497,7 @@ impl Handler<GetInFlight> for RouterActor {
     type Result = usize;
 
     fn handle(&mut self, _: GetInFlight, _ctx: &mut Context<Self>) -> usize {
-        self.in_flight.get()
+        self.routing.in_flight()
     }
 }
 

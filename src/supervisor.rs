@@ -25,7 +25,7 @@ use crate::{
     child::{ChildExited, ChildId, ExitGuard, ExitReason, Stop},
     database::{DatabaseActor, DatabaseSpec, Endpoint},
     error::Error,
-    router::{Attach, Detach, Directory, Drain, Halt, RouterActor, RouterParts, RoutingRule},
+    router::{Directory, RouterActor, Routing, RoutingRule},
     settings::{RouterSettings, SupervisorSettings},
 };
 
@@ -85,6 +85,8 @@ pub struct Shutdown;
 /// The state the supervisor shares with the `Herd` handle.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// The routing state, which outlives router restarts.
+    pub(crate) routing: Arc<Routing>,
     /// The current router (a restarted router has a new address).
     pub(crate) router: RwLock<Addr<RouterActor>>,
     /// Why the herd stopped, once it did.
@@ -148,9 +150,7 @@ struct Child {
 /// The actor at the top of the herd. Start it through [`Herd`](crate::Herd).
 pub struct SupervisorActor {
     specs: BTreeMap<Arc<str>, DatabaseSpec>,
-    directory: Directory,
-    router_settings: RouterSettings,
-    rules: Arc<[Box<dyn RoutingRule>]>,
+    routing: Arc<Routing>,
     changed: Arc<Notify>,
     policy: RestartPolicy,
     shutdown_grace: Duration,
@@ -213,16 +213,20 @@ impl SupervisorActor {
                     }
                 }
             }
+            let routing = Arc::new(Routing::new(
+                parts.directory,
+                parts.router,
+                parts.rules,
+                Arc::clone(&changed),
+            ));
+            for endpoint in endpoints.values() {
+                routing.attach(Endpoint::clone(endpoint));
+            }
             generation += 1;
-            let router = RouterActor::new(RouterParts {
-                endpoints: endpoints.values().cloned().collect(),
-                directory: parts.directory.clone(),
-                settings: parts.router.clone(),
-                rules: Arc::clone(&parts.rules),
-                changed: Arc::clone(&changed),
-                guard: ExitGuard::new(supervisor, ChildId::Router, generation),
-                stopped: None,
-            })
+            let router = RouterActor::new(
+                Arc::clone(&routing),
+                ExitGuard::new(supervisor, ChildId::Router, generation),
+            )
             .start();
             children.insert(
                 ChildId::Router,
@@ -234,6 +238,7 @@ impl SupervisorActor {
                 },
             );
             let shared = Arc::new(Shared {
+                routing: Arc::clone(&routing),
                 router: RwLock::new(router),
                 failure: Mutex::new(None),
             });
@@ -247,9 +252,7 @@ impl SupervisorActor {
                     .iter()
                     .map(|spec| (Arc::clone(&spec.name), spec.clone()))
                     .collect(),
-                directory: parts.directory,
-                router_settings: parts.router,
-                rules: parts.rules,
+                routing,
                 changed,
                 policy,
                 shutdown_grace: parts.supervisor.shutdown_grace,
@@ -308,13 +311,6 @@ impl SupervisorActor {
         }
     }
 
-    fn router(&self) -> Option<Addr<RouterActor>> {
-        match self.children.get(&ChildId::Router)?.running.as_ref()? {
-            Running::Router(address) => Some(address.clone()),
-            Running::Database(_) => None,
-        }
-    }
-
     /// Starts `child` again, with a new generation.
     fn restart(&mut self, child: ChildId, ctx: &mut Context<Self>) {
         if self.phase != Phase::Running {
@@ -332,9 +328,7 @@ impl SupervisorActor {
                 {
                     Ok((address, endpoint)) => {
                         self.endpoints.insert(Arc::clone(name), endpoint.clone());
-                        if let Some(router) = self.router() {
-                            router.do_send(Attach(endpoint));
-                        }
+                        self.routing.attach(endpoint);
                         Running::Database(address)
                     }
                     Err(error) => {
@@ -350,15 +344,10 @@ impl SupervisorActor {
                 }
             }
             ChildId::Router => {
-                let address = RouterActor::new(RouterParts {
-                    endpoints: self.endpoints.values().cloned().collect(),
-                    directory: self.directory.clone(),
-                    settings: self.router_settings.clone(),
-                    rules: Arc::clone(&self.rules),
-                    changed: Arc::clone(&self.changed),
-                    guard: ExitGuard::new(supervisor, ChildId::Router, generation),
-                    stopped: None,
-                })
+                let address = RouterActor::new(
+                    Arc::clone(&self.routing),
+                    ExitGuard::new(supervisor, ChildId::Router, generation),
+                )
                 .start();
                 *self
                     .shared
@@ -419,11 +408,7 @@ impl SupervisorActor {
     fn give_up(&mut self, reason: String) {
         self.phase = Phase::GaveUp(reason.clone());
         self.shared.set_failure(&reason);
-        if let Some(router) = self.router() {
-            router.do_send(Halt {
-                reason: reason.clone(),
-            });
-        }
+        self.routing.halt(&reason);
         for state in self.children.values_mut().rev() {
             if let Some(Running::Database(address)) = state.running.take() {
                 address.do_send(Stop);
@@ -457,12 +442,7 @@ impl Handler<ChildExited> for SupervisorActor {
         let ran_for = state.started.elapsed();
         if let ChildId::Database(name) = &child {
             self.endpoints.remove(name);
-            if let Some(router) = self.router() {
-                router.do_send(Detach {
-                    name: Arc::clone(name),
-                    generation,
-                });
-            }
+            self.routing.detach(name, generation);
         }
         self.emit(SupervisorEvent::Exited {
             child: child.clone(),
@@ -491,14 +471,9 @@ impl Handler<Shutdown> for SupervisorActor {
             self.phase = Phase::ShuttingDown;
         }
         self.shared.set_failure("the herd was shut down");
-        let router = self.router();
+        let routing = Arc::clone(&self.routing);
         let grace = self.shutdown_grace;
-        let drain = async move {
-            match &router {
-                Some(router) => router.send(Drain { grace }).await.unwrap_or(0),
-                None => 0,
-            }
-        };
+        let drain = async move { routing.drain(grace).await };
         Box::pin(drain.into_actor(self).map(|unfinished, supervisor, ctx| {
             // Reverse start order: the databases were started first, so they stop last.
             if let Some(Running::Router(router)) = supervisor

@@ -4,6 +4,7 @@
 use std::{
     any::Any,
     fmt,
+    future::Future,
     panic::AssertUnwindSafe,
     rc::Rc,
     sync::{
@@ -15,14 +16,14 @@ use std::{
 
 use actix::Recipient;
 use deadpool_postgres::{ClientWrapper, Object, Pool, PoolError};
-use futures_util::{future::CatchUnwind, FutureExt as _};
+use futures_util::FutureExt as _;
 use tokio::{sync::Notify, time::Instant};
 use tokio_postgres::{error::SqlState, CancelToken, NoTls};
 
 use super::{tls::Tls, DatabaseReport};
 use crate::{
     error::{Error, ErrorKind},
-    query::{Intent, Job, LocalFuture, Progress, Stage},
+    query::{Intent, Job, Progress, Stage},
     settings::Role,
 };
 
@@ -250,15 +251,21 @@ impl Endpoint {
     ) -> Result<J::Output, Failure> {
         let _outstanding = Outstanding::new(&self.0.state);
         let started = Instant::now();
-        let object = match tokio::time::timeout_at(deadline, self.0.pool.get()).await {
-            Err(_) => {
+        // One timer for the whole attempt: checkout and execution.
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
+        let object = tokio::select! {
+            biased;
+            checkout = self.0.pool.get() => match checkout {
+                Ok(object) => object,
+                Err(error) => return Err(Failure::new(self.pool_error(error), Stage::NotSent)),
+            },
+            () = &mut expiry => {
                 return Err(Failure::new(
                     self.tag(Error::timeout(budget, "waiting for a connection")),
                     Stage::NotSent,
                 ))
             }
-            Ok(Err(error)) => return Err(Failure::new(self.pool_error(error), Stage::NotSent)),
-            Ok(Ok(object)) => object,
         };
         let token = object.cancel_token();
         let progress = Rc::new(Progress::default());
@@ -274,7 +281,7 @@ impl Endpoint {
         let finished = tokio::select! {
             biased;
             finished = &mut attempt => finished,
-            () = tokio::time::sleep_until(deadline) => {
+            () = &mut expiry => {
                 return self.after_deadline(attempt, token, &progress, intent, budget).await;
             }
         };
@@ -419,26 +426,23 @@ impl Endpoint {
     }
 }
 
+/// A running attempt, panics caught; boxed once so that it can be handed to a background task.
 type AttemptFuture<T> =
-    std::pin::Pin<Box<CatchUnwind<AssertUnwindSafe<LocalFuture<'static, Result<T, Error>>>>>>;
+    std::pin::Pin<Box<dyn Future<Output = std::thread::Result<Result<T, Error>>>>>;
 
 /// One run of a job on a leased connection, owning everything it needs, so that it can outlive
 /// the caller's wait (to free the connection after a cancel).
-fn attempt<J: Job>(
+async fn attempt<J: Job>(
     job: Rc<J>,
     mut lease: Lease,
     progress: Rc<Progress>,
-) -> LocalFuture<'static, Result<J::Output, Error>> {
-    Box::pin(async move {
-        let result = match lease.client() {
-            Some(client) => job.run(client, &progress).await,
-            None => {
-                Err(Error::new(ErrorKind::Connection).with_detail("lease without a connection"))
-            }
-        };
-        lease.finished();
-        result
-    })
+) -> Result<J::Output, Error> {
+    let result = match lease.client() {
+        Some(client) => job.run(client, &progress).await,
+        None => Err(Error::new(ErrorKind::Connection).with_detail("lease without a connection")),
+    };
+    lease.finished();
+    result
 }
 
 /// A pooled connection that goes back to the pool only when its job finished; dropped half-way

@@ -1,14 +1,14 @@
 //! The work a message asks of one connection, and how far it got: what the executor runs.
+//!
+//! The items are `pub` in a private module: nameable inside the crate, sealed outside it
+//! (applications use the message types and the public [`Request`](super::Request) trait).
 
-use std::{any::Any, cell::Cell, future::Future, pin::Pin};
+use std::{any::Any, cell::Cell};
 
 use deadpool_postgres::ClientWrapper;
 
 use super::Intent;
 use crate::error::Error;
-
-/// A future that runs on the router's thread.
-pub(crate) type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
 /// How far a job got on its connection, which decides what a connection failure means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -24,7 +24,7 @@ pub(crate) enum Stage {
 
 /// Records a job's [`Stage`] as it runs.
 #[derive(Debug, Default)]
-pub(crate) struct Progress(Cell<Option<Stage>>);
+pub struct Progress(Cell<Option<Stage>>);
 
 impl Progress {
     pub(crate) fn stage(&self) -> Stage {
@@ -37,7 +37,7 @@ impl Progress {
 }
 
 /// Work for one connection. Every message to the router becomes a job.
-pub(crate) trait Job: 'static {
+pub trait Job: 'static {
     /// What a successful run produces.
     type Output: 'static;
 
@@ -59,9 +59,11 @@ pub(crate) trait Job: 'static {
 
     /// Runs on `client`, recording its progress. May be called again after a failure at
     /// [`Stage::NotSent`], or after any connection failure for an idempotent message.
-    fn run<'a>(
-        &'a self,
-        client: &'a mut ClientWrapper,
-        progress: &'a Progress,
-    ) -> LocalFuture<'a, Result<Self::Output, Error>>;
+    // Sealed, and its futures run on the caller's thread: no `Send` bound is wanted.
+    #[allow(async_fn_in_trait)]
+    async fn run(
+        &self,
+        client: &mut ClientWrapper,
+        progress: &Progress,
+    ) -> Result<Self::Output, Error>;
 }

@@ -6,7 +6,7 @@ use actix::Message;
 use deadpool_postgres::ClientWrapper;
 use tokio_postgres::{types::ToSql, Row};
 
-use super::{statement, Intent, Job, LocalFuture, Progress, Routable, RouteOptions};
+use super::{statement, Intent, Job, Progress, Routable, RouteOptions};
 use crate::error::Error;
 
 type Param = Box<dyn ToSql + Send + Sync>;
@@ -113,12 +113,12 @@ impl Job for Read {
         self
     }
 
-    fn run<'a>(
-        &'a self,
-        client: &'a mut ClientWrapper,
-        progress: &'a Progress,
-    ) -> LocalFuture<'a, Result<Vec<Row>, Error>> {
-        Box::pin(async move { Ok(self.sql.run(client, progress).await?.rows()) })
+    async fn run(
+        &self,
+        client: &mut ClientWrapper,
+        progress: &Progress,
+    ) -> Result<Vec<Row>, Error> {
+        Ok(self.sql.run(client, progress).await?.rows())
     }
 }
 
@@ -197,17 +197,11 @@ impl Job for Write {
         self
     }
 
-    fn run<'a>(
-        &'a self,
-        client: &'a mut ClientWrapper,
-        progress: &'a Progress,
-    ) -> LocalFuture<'a, Result<Written, Error>> {
-        Box::pin(async move {
-            let result = self.sql.run(client, progress).await?;
-            Ok(Written {
-                rows_affected: result.rows_affected(),
-                rows: result.rows(),
-            })
+    async fn run(&self, client: &mut ClientWrapper, progress: &Progress) -> Result<Written, Error> {
+        let result = self.sql.run(client, progress).await?;
+        Ok(Written {
+            rows_affected: result.rows_affected(),
+            rows: result.rows(),
         })
     }
 }

@@ -6,7 +6,7 @@ use actix::Message;
 use deadpool_postgres::ClientWrapper;
 use tokio_postgres::types::ToSql;
 
-use super::{collect, Intent, Job, LocalFuture, Progress, Routable, RouteOptions, Stage};
+use super::{collect, Intent, Job, Progress, Routable, RouteOptions, Stage};
 use crate::error::Error;
 
 type Param = Box<dyn ToSql + Send + Sync>;
@@ -99,28 +99,26 @@ impl Job for Batch {
         self
     }
 
-    fn run<'a>(
-        &'a self,
-        client: &'a mut ClientWrapper,
-        progress: &'a Progress,
-    ) -> LocalFuture<'a, Result<Vec<u64>, Error>> {
-        Box::pin(async move {
-            let transaction = client.transaction().await.map_err(Error::from_postgres)?;
-            progress.reach(Stage::InTransaction);
-            let mut affected = Vec::with_capacity(self.statements.len());
-            for (sql, params) in &self.statements {
-                let prepared = transaction
-                    .prepare_cached(sql)
-                    .await
-                    .map_err(Error::from_postgres)?;
-                let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
-                let result = collect(transaction.query_raw(&prepared, params).await).await?;
-                affected.push(result.rows_affected());
-            }
-            progress.reach(Stage::Committing);
-            transaction.commit().await.map_err(Error::from_postgres)?;
-            Ok(affected)
-        })
+    async fn run(
+        &self,
+        client: &mut ClientWrapper,
+        progress: &Progress,
+    ) -> Result<Vec<u64>, Error> {
+        let transaction = client.transaction().await.map_err(Error::from_postgres)?;
+        progress.reach(Stage::InTransaction);
+        let mut affected = Vec::with_capacity(self.statements.len());
+        for (sql, params) in &self.statements {
+            let prepared = transaction
+                .prepare_cached(sql)
+                .await
+                .map_err(Error::from_postgres)?;
+            let params = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
+            let result = collect(transaction.query_raw(&prepared, params).await).await?;
+            affected.push(result.rows_affected());
+        }
+        progress.reach(Stage::Committing);
+        transaction.commit().await.map_err(Error::from_postgres)?;
+        Ok(affected)
     }
 }
 
@@ -207,22 +205,16 @@ impl<T: Send + 'static> Job for Transact<T> {
         self.body.borrow().is_some()
     }
 
-    fn run<'a>(
-        &'a self,
-        client: &'a mut ClientWrapper,
-        progress: &'a Progress,
-    ) -> LocalFuture<'a, Result<T, Error>> {
-        Box::pin(async move {
-            let transaction = client.transaction().await.map_err(Error::from_postgres)?;
-            progress.reach(Stage::InTransaction);
-            let Some(body) = self.body.borrow_mut().take() else {
-                return Err(Error::new(crate::ErrorKind::Config)
-                    .with_detail("a Transact closure runs at most once, and it already ran"));
-            };
-            let output = body(&transaction).await?;
-            progress.reach(Stage::Committing);
-            transaction.commit().await.map_err(Error::from_postgres)?;
-            Ok(output)
-        })
+    async fn run(&self, client: &mut ClientWrapper, progress: &Progress) -> Result<T, Error> {
+        let transaction = client.transaction().await.map_err(Error::from_postgres)?;
+        progress.reach(Stage::InTransaction);
+        let Some(body) = self.body.borrow_mut().take() else {
+            return Err(Error::new(crate::ErrorKind::Config)
+                .with_detail("a Transact closure runs at most once, and it already ran"));
+        };
+        let output = body(&transaction).await?;
+        progress.reach(Stage::Committing);
+        transaction.commit().await.map_err(Error::from_postgres)?;
+        Ok(output)
     }
 }

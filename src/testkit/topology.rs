@@ -520,6 +520,14 @@ async fn prepare_logins(
                 .await?;
         }
     }
+    if stat_statements {
+        // Also where the superuser connects, so `connect_admin` can read the view.
+        node.admin_execute(
+            "postgres",
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+        )
+        .await?;
+    }
     Ok(())
 }
 
