@@ -201,8 +201,10 @@ impl DatabaseActor {
             }
             Err(reason) => {
                 let wait = self.backoff.fail();
-                if self.endpoint.set_reachability(Reachability::Unreachable)
-                    != Reachability::Unreachable
+                if self
+                    .endpoint
+                    .set_reachability(Reachability::Unreachable)
+                    .is_available()
                 {
                     tracing::warn!(endpoint = %name, %reason, "unreachable; no traffic until it answers");
                 }
@@ -236,7 +238,7 @@ impl Actor for DatabaseActor {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         // Whatever still holds this handle must stop using it; new handles come with the restart.
-        self.endpoint.set_reachability(Reachability::Unreachable);
+        self.endpoint.set_reachability(Reachability::Retired);
         self.endpoint.pool().close();
     }
 }

@@ -196,7 +196,7 @@ impl Routing {
                     name: endpoint.name(),
                     role: endpoint.role(),
                     cluster: endpoint.cluster(),
-                    available: state.reachability() != Reachability::Unreachable,
+                    available: state.reachability().is_available(),
                     outstanding: state.outstanding(),
                     latency: state.latency(),
                     weight: endpoint.weight(),

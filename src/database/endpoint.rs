@@ -42,6 +42,34 @@ pub enum Reachability {
     Reachable,
     /// The last probe failed: no traffic until a probe succeeds.
     Unreachable,
+    /// The endpoint's actor stopped (or is about to, after a panic): no traffic ever again
+    /// through this handle; its restart brings a new one.
+    Retired,
+}
+
+impl Reachability {
+    /// Whether the endpoint may get traffic.
+    pub fn is_available(self) -> bool {
+        matches!(self, Reachability::Unknown | Reachability::Reachable)
+    }
+
+    fn to_raw(self) -> u8 {
+        match self {
+            Reachability::Unknown => 0,
+            Reachability::Reachable => 1,
+            Reachability::Unreachable => 2,
+            Reachability::Retired => 3,
+        }
+    }
+
+    fn from_raw(raw: u8) -> Reachability {
+        match raw {
+            1 => Reachability::Reachable,
+            2 => Reachability::Unreachable,
+            3 => Reachability::Retired,
+            _ => Reachability::Unknown,
+        }
+    }
 }
 
 /// The live, shared state of one endpoint.
@@ -55,25 +83,20 @@ pub(crate) struct EndpointState {
 
 impl EndpointState {
     pub(crate) fn reachability(&self) -> Reachability {
-        match self.reachability.load(Ordering::Relaxed) {
-            1 => Reachability::Reachable,
-            2 => Reachability::Unreachable,
-            _ => Reachability::Unknown,
-        }
+        Reachability::from_raw(self.reachability.load(Ordering::Acquire))
     }
 
-    /// Sets the reachability; returns the previous one.
+    /// Sets the reachability, unless the endpoint is retired (which is final); returns the
+    /// previous one.
     pub(crate) fn set_reachability(&self, reachability: Reachability) -> Reachability {
-        let raw = match reachability {
-            Reachability::Unknown => 0,
-            Reachability::Reachable => 1,
-            Reachability::Unreachable => 2,
-        };
-        match self.reachability.swap(raw, Ordering::Relaxed) {
-            1 => Reachability::Reachable,
-            2 => Reachability::Unreachable,
-            _ => Reachability::Unknown,
-        }
+        let retired = Reachability::Retired.to_raw();
+        let previous = self
+            .reachability
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |raw| {
+                (raw != retired).then_some(reachability.to_raw())
+            })
+            .unwrap_or(retired);
+        Reachability::from_raw(previous)
     }
 
     pub(crate) fn outstanding(&self) -> usize {
@@ -384,6 +407,8 @@ impl Endpoint {
     fn panicked(&self, panic: &(dyn Any + Send), stage: Stage) -> Failure {
         let message = panic_message(panic);
         tracing::error!(endpoint = %self.0.name, %message, "code run for a message panicked");
+        // No further message may use this handle: the actor is about to stop and be replaced.
+        self.set_reachability(Reachability::Retired);
         // Not a hint: the actor must learn of it, so that it is restarted.
         self.0.reports.do_send(DatabaseReport::Poisoned {
             reason: format!("panic in code run for a message: {message}"),

@@ -56,3 +56,41 @@ pub fn process_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Collects a herd's supervisor events for assertions.
+#[derive(Clone, Default)]
+pub struct EventLog(std::sync::Arc<std::sync::Mutex<Vec<pgherd::SupervisorEvent>>>);
+
+impl EventLog {
+    /// A recipient that records into this log (an actor started on the current arbiter).
+    pub fn recipient(&self) -> actix::Recipient<pgherd::SupervisorEvent> {
+        use actix::Actor as _;
+        Recorder(self.clone()).start().recipient()
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<pgherd::SupervisorEvent> {
+        self.0.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Whether an event matches `predicate`.
+    pub fn any(&self, predicate: impl Fn(&pgherd::SupervisorEvent) -> bool) -> bool {
+        self.events().iter().any(predicate)
+    }
+}
+
+struct Recorder(EventLog);
+
+impl actix::Actor for Recorder {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<pgherd::SupervisorEvent> for Recorder {
+    type Result = ();
+
+    fn handle(&mut self, event: pgherd::SupervisorEvent, _ctx: &mut Self::Context) {
+        if let Ok(mut events) = (self.0).0.lock() {
+            events.push(event);
+        }
+    }
+}
