@@ -29,10 +29,12 @@ mod node;
 mod proxy;
 mod reaper;
 mod server_user;
+mod tls;
 mod topology;
 
 pub use binaries::Binaries;
 pub use error::TestkitError;
 pub use node::{Login, Node, ADMIN_USER, HOST};
 pub use proxy::{FaultMode, FaultProxy};
+pub use tls::{unrelated_ca_pem, TlsFiles, SERVER_NAMES};
 pub use topology::{Topology, TopologyBuilder, ROOT_PREFIX};

@@ -41,7 +41,10 @@ async fn a_panic_in_a_transaction_closure_restarts_the_endpoint_and_the_herd_car
         .await
         .expect_err("the closure panicked");
     assert_eq!(error.kind(), ErrorKind::Panicked, "{error}");
-    assert!(error.to_string().contains("boom in a transaction closure"), "{error}");
+    assert!(
+        error.to_string().contains("boom in a transaction closure"),
+        "{error}"
+    );
 
     // The next message succeeds (it waits for the restarted endpoint within its deadline).
     let written = herd
@@ -89,9 +92,11 @@ async fn a_restart_storm_stops_at_the_intensity_limit_with_a_clear_error() {
             .expect_err("the closure panicked");
         assert_eq!(error.kind(), ErrorKind::Panicked, "crash {crash}: {error}");
     }
-    eventually("the supervisor to give up", Duration::from_secs(5), || async {
-        log.any(|e| matches!(e, SupervisorEvent::GaveUp { .. }))
-    })
+    eventually(
+        "the supervisor to give up",
+        Duration::from_secs(5),
+        || async { log.any(|e| matches!(e, SupervisorEvent::GaveUp { .. })) },
+    )
     .await;
     let error = herd
         .send(Read::new("SELECT 1"))
@@ -102,7 +107,10 @@ async fn a_restart_storm_stops_at_the_intensity_limit_with_a_clear_error() {
     assert!(text.contains("gave up after 2 restarts"), "{text}");
     assert!(text.contains("max_restarts = 2"), "{text}");
     assert!(text.contains("boom in a transaction closure"), "{text}");
-    assert_eq!(herd.failure().as_deref(), Some(text.trim_start_matches("stopped: ")));
+    assert_eq!(
+        herd.failure().as_deref(),
+        Some(text.trim_start_matches("stopped: "))
+    );
     // The actor path says the same.
     let error = herd
         .router()
@@ -123,15 +131,19 @@ async fn shutdown_lets_messages_in_flight_finish_then_refuses_new_ones() {
         .subscribe(log.recipient())
         .start()
         .expect("start");
-    herd.wait_ready(Duration::from_secs(10)).await.expect("ready");
+    herd.wait_ready(Duration::from_secs(10))
+        .await
+        .expect("ready");
 
     let slow = {
         let herd = herd.clone();
         actix_rt::spawn(async move { herd.send(Read::new("SELECT pg_sleep(0.5)")).await })
     };
-    eventually("the slow query to start", Duration::from_secs(5), || async {
-        herd.routes().iter().any(|r| r.outstanding > 0)
-    })
+    eventually(
+        "the slow query to start",
+        Duration::from_secs(5),
+        || async { herd.routes().iter().any(|r| r.outstanding > 0) },
+    )
     .await;
     let unfinished = herd.shutdown().await;
     assert_eq!(unfinished, 0, "the grace period covers the slow query");
@@ -148,18 +160,22 @@ async fn shutdown_lets_messages_in_flight_finish_then_refuses_new_ones() {
     .await;
     // Every pool is closed: no pgherd connection is left on the server.
     let admin = topology.primary().connect_admin().await.expect("admin");
-    eventually("pgherd's connections to close", Duration::from_secs(5), || {
-        let admin = &admin;
-        async move {
-            admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgherd'",
-                    &[],
-                )
-                .await
-                .is_ok_and(|row| row.get::<_, i64>(0) == 0)
-        }
-    })
+    eventually(
+        "pgherd's connections to close",
+        Duration::from_secs(5),
+        || {
+            let admin = &admin;
+            async move {
+                admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgherd'",
+                        &[],
+                    )
+                    .await
+                    .is_ok_and(|row| row.get::<_, i64>(0) == 0)
+            }
+        },
+    )
     .await;
 }
 

@@ -103,6 +103,7 @@ pub(crate) struct ServerConf {
     pub(crate) logical: bool,
     pub(crate) durable: bool,
     pub(crate) stat_statements: bool,
+    pub(crate) tls: Option<super::TlsFiles>,
     pub(crate) extra: Vec<(String, String)>,
 }
 
@@ -138,6 +139,13 @@ impl ServerConf {
         if self.stat_statements {
             lines.push("shared_preload_libraries = 'pg_stat_statements'".to_owned());
             lines.push("pg_stat_statements.track = all".to_owned());
+        }
+        if let Some(tls) = &self.tls {
+            let quoted =
+                |path: &Path| format!("'{}'", path.display().to_string().replace('\'', "''"));
+            lines.push("ssl = on".to_owned());
+            lines.push(format!("ssl_cert_file = {}", quoted(&tls.certificate)));
+            lines.push(format!("ssl_key_file = {}", quoted(&tls.key)));
         }
         for (key, value) in &self.extra {
             lines.push(format!("{key} = {value}"));

@@ -58,6 +58,7 @@ pub struct TopologyBuilder {
     independents: Vec<NodeSpec>,
     synchronous: usize,
     conf: ServerConf,
+    tls: bool,
     login: Option<Login>,
     proxied: BTreeSet<String>,
 }
@@ -75,6 +76,7 @@ impl Default for TopologyBuilder {
             independents: Vec::new(),
             synchronous: 0,
             conf: ServerConf::default(),
+            tls: false,
             login: None,
             proxied: BTreeSet::new(),
         }
@@ -155,6 +157,13 @@ impl TopologyBuilder {
     /// can ask each server which statements it ran.
     pub fn stat_statements(mut self, enabled: bool) -> Self {
         self.conf.stat_statements = enabled;
+        self
+    }
+
+    /// Turns TLS on for every server, with a certificate for `localhost` signed by a throwaway
+    /// authority (see [`Topology::tls`]). Plain connections are still accepted.
+    pub fn tls(mut self, enabled: bool) -> Self {
+        self.tls = enabled;
         self
     }
 
@@ -267,6 +276,12 @@ impl TopologyBuilder {
                     spec.name
                 )));
             }
+            if spec.name == "tls" {
+                return Err(TestkitError::Invalid(
+                    "`tls` is reserved for the certificate directory: pick another node name"
+                        .to_owned(),
+                ));
+            }
             if !names.insert(spec.name.as_str()) {
                 return Err(TestkitError::Invalid(format!(
                     "two nodes are called `{}`",
@@ -309,11 +324,19 @@ impl TopologyBuilder {
             .map_err(TestkitError::io("creating the topology directory"))?;
         server_user.give(root.path())?;
         let reaper = Reaper::watch(root.path())?;
+        let mut conf = self.conf.clone();
+        if self.tls {
+            conf.tls = Some(super::tls::generate(
+                &root.path().join("tls"),
+                &server_user,
+            )?);
+        }
+        let tls = conf.tls.clone();
         let workspace = Arc::new(Workspace {
             root: root.path().to_path_buf(),
             binaries,
             server_user,
-            conf: self.conf.clone(),
+            conf,
         });
         let default_login = self.login.clone().unwrap_or_else(Login::generated);
         let login_of =
@@ -395,6 +418,7 @@ impl TopologyBuilder {
             proxies,
             nodes,
             standby_count,
+            tls,
             root,
             _reaper: reaper,
             startup: started.elapsed(),
@@ -582,6 +606,7 @@ pub struct Topology {
     proxies: BTreeMap<String, FaultProxy>,
     nodes: Vec<Node>,
     standby_count: usize,
+    tls: Option<super::TlsFiles>,
     root: tempfile::TempDir,
     _reaper: Reaper,
     startup: Duration,
@@ -668,6 +693,11 @@ impl Topology {
             settings.endpoints.insert(node.name().to_owned(), endpoint);
         }
         settings
+    }
+
+    /// The certificate files, when the topology was started with [`TopologyBuilder::tls`].
+    pub fn tls(&self) -> Option<&super::TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// The directory holding every server's data and log.

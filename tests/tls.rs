@@ -1,0 +1,146 @@
+//! TLS per endpoint: `verify-full` connects with the right authority and host name, and refuses
+//! a wrong host name or an unknown authority; the weaker modes behave as in libpq.
+
+mod support;
+
+use std::{path::PathBuf, time::Duration};
+
+use pgherd::{
+    settings::SslMode,
+    testkit::{unrelated_ca_pem, Topology},
+    ErrorKind, Herd, Read, Routable, Settings,
+};
+use support::start;
+
+const SHORT: Duration = Duration::from_secs(3);
+
+/// The settings of `topology` with the primary reached as `host`, in `mode`, trusting `ca`.
+fn settings(topology: &Topology, host: &str, mode: SslMode, ca: Option<PathBuf>) -> Settings {
+    let mut settings = topology.settings();
+    let primary = settings.endpoints.get_mut("primary").expect("primary");
+    primary.host = host.to_owned();
+    primary.sslmode = mode;
+    primary.sslrootcert = ca;
+    settings
+}
+
+/// Whether the query ran over TLS, as the server reports it.
+async fn uses_tls(herd: &Herd) -> Result<bool, pgherd::Error> {
+    let rows = herd
+        .send(Read::new("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").timeout(SHORT))
+        .await?;
+    Ok(rows[0].get(0))
+}
+
+#[actix_rt::test]
+async fn verify_full_connects_with_the_right_authority_and_name() {
+    let topology = start(Topology::builder().tls(true)).await;
+    let ca = topology.tls().expect("tls files").ca.clone();
+    let herd = Herd::start(settings(
+        &topology,
+        "localhost",
+        SslMode::VerifyFull,
+        Some(ca),
+    ))
+    .expect("start");
+    assert!(uses_tls(&herd).await.expect("query over verified TLS"));
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn verify_full_refuses_a_wrong_host_name() {
+    let topology = start(Topology::builder().tls(true)).await;
+    let ca = topology.tls().expect("tls files").ca.clone();
+    // The certificate names `localhost` only; 127.0.0.1 is the same server under another name.
+    let herd = Herd::start(settings(
+        &topology,
+        "127.0.0.1",
+        SslMode::VerifyFull,
+        Some(ca),
+    ))
+    .expect("start");
+    let error = uses_tls(&herd).await.expect_err("the name does not match");
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    assert!(error.to_string().contains("certificate"), "{error}");
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn verify_full_refuses_an_unknown_authority() {
+    let topology = start(Topology::builder().tls(true)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unrelated = dir.path().join("unrelated.pem");
+    std::fs::write(&unrelated, unrelated_ca_pem().expect("a CA")).expect("write");
+    let herd = Herd::start(settings(
+        &topology,
+        "localhost",
+        SslMode::VerifyFull,
+        Some(unrelated),
+    ))
+    .expect("start");
+    let error = uses_tls(&herd).await.expect_err("the authority is unknown");
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    assert!(error.to_string().contains("certificate"), "{error}");
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn verify_ca_ignores_the_name_but_checks_the_authority() {
+    let topology = start(Topology::builder().tls(true)).await;
+    let ca = topology.tls().expect("tls files").ca.clone();
+    let herd = Herd::start(settings(
+        &topology,
+        "127.0.0.1",
+        SslMode::VerifyCa,
+        Some(ca),
+    ))
+    .expect("start");
+    assert!(uses_tls(&herd)
+        .await
+        .expect("verify-ca accepts the IP address"));
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn require_and_prefer_encrypt_and_disable_does_not() {
+    let topology = start(Topology::builder().tls(true)).await;
+    for (mode, encrypted) in [
+        (SslMode::Require, true),
+        (SslMode::Prefer, true),
+        (SslMode::Disable, false),
+    ] {
+        let herd = Herd::start(settings(&topology, "127.0.0.1", mode, None)).expect("start");
+        assert_eq!(uses_tls(&herd).await.expect("query"), encrypted, "{mode}");
+        herd.shutdown().await;
+    }
+}
+
+#[actix_rt::test]
+async fn require_refuses_a_server_without_tls_and_prefer_falls_back() {
+    let topology = start(Topology::builder()).await;
+    let herd =
+        Herd::start(settings(&topology, "127.0.0.1", SslMode::Require, None)).expect("start");
+    let error = uses_tls(&herd).await.expect_err("the server has no TLS");
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    herd.shutdown().await;
+    let herd = Herd::start(settings(&topology, "127.0.0.1", SslMode::Prefer, None)).expect("start");
+    assert!(!uses_tls(&herd).await.expect("plain fallback"));
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn an_unreadable_authority_file_is_a_settings_error() {
+    let topology = start(Topology::builder()).await;
+    let settings = settings(
+        &topology,
+        "localhost",
+        SslMode::VerifyFull,
+        Some(PathBuf::from("/nonexistent/ca.pem")),
+    );
+    let error = Herd::start(settings).expect_err("refused");
+    assert_eq!(error.kind(), ErrorKind::Config);
+    assert!(
+        error.to_string().contains("endpoints.primary.sslrootcert"),
+        "{error}"
+    );
+}
