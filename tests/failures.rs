@@ -1,0 +1,262 @@
+//! Connection failures: reads move on, writes are retried only when that is provably safe, a
+//! write whose commit may have happened says so, and an unreachable database is not a crash.
+
+mod support;
+
+use std::time::Duration;
+
+use pgherd::{
+    testkit::Topology, Batch, ErrorKind, Herd, Reachability, Read, Routable, SupervisorEvent, Write,
+};
+use support::{eventually, start, EventLog};
+
+const ROOMY: Duration = Duration::from_secs(10);
+
+async fn reachability(herd: &Herd, name: &str) -> Option<Reachability> {
+    herd.routes()
+        .into_iter()
+        .find(|r| &*r.name == name)
+        .map(|r| r.reachability)
+}
+
+#[actix_rt::test]
+async fn reads_keep_working_when_a_standby_dies() {
+    let topology = start(Topology::builder().standbys(2)).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.wait_ready(ROOMY).await.expect("ready");
+    for _ in 0..10 {
+        herd.send(Read::new("SELECT 1")).await.expect("read");
+    }
+    topology.standby(0).kill().expect("kill a standby");
+    for round in 0..50 {
+        herd.send(Read::new("SELECT 1").timeout(ROOMY))
+            .await
+            .unwrap_or_else(|e| panic!("read {round} failed after a standby died: {e}"));
+    }
+    eventually(
+        "the dead standby to be marked unreachable",
+        ROOMY,
+        || async { reachability(&herd, "standby_1").await == Some(Reachability::Unreachable) },
+    )
+    .await;
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn an_unreachable_database_is_not_a_crash_and_is_reconnected() {
+    let topology = start(Topology::builder().standbys(1)).await;
+    topology.standby(0).stop().await.expect("stop the standby");
+    let log = EventLog::default();
+    let herd = Herd::builder(topology.settings())
+        .subscribe(log.recipient())
+        .start()
+        .expect("a herd starts with an endpoint down");
+    eventually("the standby to be found unreachable", ROOMY, || async {
+        reachability(&herd, "standby_1").await == Some(Reachability::Unreachable)
+    })
+    .await;
+    // Reads fall back to the primary meanwhile.
+    herd.send(Read::new("SELECT 1")).await.expect("read");
+    topology
+        .standby(0)
+        .start()
+        .await
+        .expect("start the standby");
+    eventually("the standby to be reached again", ROOMY, || async {
+        reachability(&herd, "standby_1").await == Some(Reachability::Reachable)
+    })
+    .await;
+    assert!(
+        !log.any(|e| matches!(e, SupervisorEvent::Exited { .. })),
+        "no actor stopped: {:?}",
+        log.events()
+    );
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_write_sent_while_the_primary_is_down_waits_for_it() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.send(Write::new("CREATE TABLE waited (v int)"))
+        .await
+        .expect("create");
+    topology.primary().stop().await.expect("stop the primary");
+    let write = {
+        let herd = herd.clone();
+        actix_rt::spawn(async move {
+            herd.send(Write::new("INSERT INTO waited VALUES (1)").timeout(ROOMY))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !write.is_finished(),
+        "the write gave up while the primary was down"
+    );
+    topology.primary().start().await.expect("start the primary");
+    let written = write.await.expect("task").expect("the write went through");
+    assert_eq!(written.rows_affected, 1);
+    let rows = herd
+        .send(Read::new("SELECT count(*) FROM waited"))
+        .await
+        .expect("count");
+    assert_eq!(rows[0].get::<_, i64>(0), 1, "exactly once");
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_write_in_flight_when_the_primary_dies_is_commit_unknown() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.send(Write::new("CREATE TABLE doomed (v int)"))
+        .await
+        .expect("create");
+    let write = {
+        let herd = herd.clone();
+        actix_rt::spawn(async move {
+            herd.send(Write::new("INSERT INTO doomed SELECT 1 FROM pg_sleep(5)").timeout(ROOMY))
+                .await
+        })
+    };
+    eventually("the write to run", ROOMY, || async {
+        herd.routes().iter().any(|r| r.outstanding > 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    topology.primary().kill().expect("kill the primary");
+    let error = write
+        .await
+        .expect("task")
+        .expect_err("the primary died under it");
+    assert_eq!(error.kind(), ErrorKind::CommitUnknown, "{error}");
+    assert!(!error.is_retryable(), "never retried blindly");
+    assert_eq!(error.endpoint(), Some("primary"));
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_transaction_cut_before_its_commit_reports_nothing_committed() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.send(Write::new("CREATE TABLE cut (v int)"))
+        .await
+        .expect("create");
+    let batch = {
+        let herd = herd.clone();
+        actix_rt::spawn(async move {
+            herd.send(
+                Batch::new()
+                    .statement("INSERT INTO cut VALUES (1)")
+                    .statement("SELECT pg_sleep(5)")
+                    .timeout(ROOMY),
+            )
+            .await
+        })
+    };
+    eventually("the batch to run", ROOMY, || async {
+        herd.routes().iter().any(|r| r.outstanding > 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    topology.primary().kill().expect("kill the primary");
+    let error = batch
+        .await
+        .expect("task")
+        .expect_err("the primary died under it");
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    assert!(
+        error.to_string().contains("nothing was committed"),
+        "{error}"
+    );
+    topology.primary().start().await.expect("restart");
+    let rows = herd
+        .send(Read::new("SELECT count(*) FROM cut").timeout(ROOMY))
+        .await
+        .expect("count");
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        0,
+        "the transaction was rolled back"
+    );
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn an_idempotent_write_is_retried_after_its_connection_is_lost() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.send(Write::new(
+        "CREATE TABLE upserts (k int PRIMARY KEY, v int)",
+    ))
+    .await
+    .expect("create");
+    let write = {
+        let herd = herd.clone();
+        actix_rt::spawn(async move {
+            herd.send(
+                Write::new(
+                    "INSERT INTO upserts SELECT 1, 7 FROM pg_sleep(1) \
+                     ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                )
+                .idempotent()
+                .timeout(Duration::from_secs(20)),
+            )
+            .await
+        })
+    };
+    eventually("the write to run", ROOMY, || async {
+        herd.routes().iter().any(|r| r.outstanding > 0)
+    })
+    .await;
+    topology.primary().kill().expect("kill the primary");
+    topology
+        .primary()
+        .start()
+        .await
+        .expect("restart the primary");
+    let written = write
+        .await
+        .expect("task")
+        .expect("the idempotent write was retried and went through");
+    assert_eq!(written.rows_affected, 1);
+    let rows = herd
+        .send(Read::new("SELECT count(*), max(v) FROM upserts"))
+        .await
+        .expect("read");
+    assert_eq!(rows[0].get::<_, i64>(0), 1);
+    assert_eq!(rows[0].get::<_, i32>(1), 7);
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn sql_errors_are_reported_with_their_sqlstate_and_do_not_mark_the_endpoint_down() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.send(Write::new("CREATE TABLE unique_things (k int PRIMARY KEY)"))
+        .await
+        .expect("create");
+    herd.send(Write::new("INSERT INTO unique_things VALUES (1)"))
+        .await
+        .expect("first insert");
+    let error = herd
+        .send(Write::new("INSERT INTO unique_things VALUES (1)"))
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(error.kind(), ErrorKind::Sql);
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+    assert_eq!(error.endpoint(), Some("primary"));
+    assert!(error.to_string().contains("23505"), "{error}");
+    assert!(!error.is_retryable());
+    assert_eq!(
+        reachability(&herd, "primary").await,
+        Some(Reachability::Reachable)
+    );
+    herd.send(Read::new("SELECT 1"))
+        .await
+        .expect("still serving");
+    herd.shutdown().await;
+}
