@@ -65,7 +65,7 @@ pub enum Intent {
 
 impl fmt::Display for Intent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Intent::Read => "read",
             Intent::Write => "write",
         })

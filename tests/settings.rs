@@ -456,3 +456,136 @@ fn every_problem_is_reported_at_once() {
     assert!(error.mentions("endpoints.primary.port"), "{error}");
     assert!(error.mentions("endpoints.primary.host"), "{error}");
 }
+
+// ----- Keys of the router, the supervisor, clusters and TLS. -----
+
+#[test]
+fn router_supervisor_and_tls_keys_load() {
+    let text = format!(
+        "{VALID}\n[router]\nread_policy = \"weighted\"\nqueue_capacity = 64\ndefault_timeout = \"750ms\"\n\
+         [supervisor]\nmax_restarts = 3\nbackoff_initial = \"50ms\"\n"
+    );
+    let text = replace(
+        &text,
+        "port = 5433",
+        "port = 5433\nweight = 3\nsslmode = \"require\"",
+    );
+    let settings = Fixture::new().load(&text).expect("valid settings");
+    assert_eq!(
+        settings.router.read_policy,
+        pgherd::settings::ReadPolicy::Weighted
+    );
+    assert_eq!(settings.router.queue_capacity, 64);
+    assert_eq!(settings.router.default_timeout, Duration::from_millis(750));
+    assert!(
+        settings.router.fallback_to_primary,
+        "unset keys keep their default"
+    );
+    assert_eq!(settings.supervisor.max_restarts, 3);
+    let standby = settings.endpoint("standby_1").expect("standby");
+    assert_eq!(standby.weight, 3);
+    assert_eq!(standby.sslmode, pgherd::settings::SslMode::Require);
+    assert_eq!(standby.cluster, "main");
+}
+
+#[test]
+fn a_primary_per_cluster_is_fine() {
+    let text = format!(
+        "{VALID}\n[endpoints.tenant]\nrole = \"primary\"\ncluster = \"tenant_b\"\nhost = \"10.0.0.9\"\n\
+         dbname = \"b\"\nuser = \"b\"\n"
+    );
+    let settings = Fixture::new()
+        .load(&text)
+        .expect("two clusters, a primary each");
+    assert_eq!(settings.clusters().len(), 2);
+}
+
+#[test]
+fn two_primaries_in_one_of_several_clusters() {
+    let text = format!(
+        "{VALID}\n[endpoints.tenant]\nrole = \"primary\"\ncluster = \"tenant_b\"\nhost = \"10.0.0.9\"\n\
+         dbname = \"b\"\nuser = \"b\"\n[endpoints.tenant_2]\nrole = \"primary\"\ncluster = \"tenant_b\"\n\
+         host = \"10.0.0.8\"\ndbname = \"b\"\nuser = \"b\"\n"
+    );
+    let message = expect_problem(&text, &[], "endpoints.tenant_2.role");
+    assert!(message.contains("cluster `tenant_b`"), "{message}");
+}
+
+#[test]
+fn unknown_sslmode() {
+    let text = replace(
+        VALID,
+        "port = 5433",
+        "port = 5433\nsslmode = \"verify_full\"",
+    );
+    let message = expect_problem(&text, &[], "endpoints.standby_1.sslmode");
+    assert!(message.contains("\"verify-full\""), "{message}");
+}
+
+#[test]
+fn sslrootcert_without_verification() {
+    let text = replace(
+        VALID,
+        "port = 5433",
+        "port = 5433\nsslrootcert = \"/etc/hostname\"",
+    );
+    let message = expect_problem(&text, &[], "endpoints.standby_1.sslrootcert");
+    assert!(message.contains("verify-full"), "{message}");
+}
+
+#[test]
+fn missing_sslrootcert_file() {
+    let text = replace(
+        VALID,
+        "port = 5433",
+        "port = 5433\nsslmode = \"verify-full\"\nsslrootcert = \"/nonexistent/ca.pem\"",
+    );
+    expect_problem(&text, &[], "endpoints.standby_1.sslrootcert");
+}
+
+#[test]
+fn weight_zero() {
+    let text = replace(VALID, "port = 5433", "port = 5433\nweight = 0");
+    expect_problem(&text, &[], "endpoints.standby_1.weight");
+}
+
+#[test]
+fn cluster_name_with_capitals() {
+    let text = replace(VALID, "port = 5433", "port = 5433\ncluster = \"Tenant\"");
+    expect_problem(&text, &[], "endpoints.standby_1.cluster");
+}
+
+#[test]
+fn unknown_read_policy() {
+    let text = format!("{VALID}\n[router]\nread_policy = \"random\"\n");
+    let message = expect_problem(&text, &[], "router.read_policy");
+    assert!(message.contains("\"least_outstanding\""), "{message}");
+}
+
+#[test]
+fn router_queue_capacity_zero() {
+    let text = format!("{VALID}\n[router]\nqueue_capacity = 0\n");
+    expect_problem(&text, &[], "router.queue_capacity");
+}
+
+#[test]
+fn supervisor_max_restarts_zero() {
+    let text = format!("{VALID}\n[supervisor]\nmax_restarts = 0\n");
+    expect_problem(&text, &[], "supervisor.max_restarts");
+}
+
+#[test]
+fn supervisor_backoff_max_below_initial() {
+    let text = format!("{VALID}\n[supervisor]\nbackoff_initial = \"2s\"\nbackoff_max = \"1s\"\n");
+    expect_problem(&text, &[], "supervisor.backoff_max");
+}
+
+#[test]
+fn reconnect_backoff_max_below_initial_in_an_override() {
+    let text = replace(
+        VALID,
+        "pool = { max_size = 4 }",
+        "pool = { max_size = 4, reconnect_backoff = \"10s\" }",
+    );
+    expect_problem(&text, &[], "endpoints.standby_1.pool.reconnect_backoff_max");
+}

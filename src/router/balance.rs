@@ -43,7 +43,9 @@ impl Balancer {
             }
             ReadPolicy::LowestLatency => {
                 if turn % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
-                    return rotate;
+                    // Explore in turn, independently of the pick's own rotation.
+                    let explored = (turn / EXPLORE_EVERY) % loads.len() as u64;
+                    return usize::try_from(explored).unwrap_or(0);
                 }
                 // Unmeasured endpoints first: they must be measured to be compared.
                 if loads.iter().any(|l| l.latency.is_none()) {

@@ -48,7 +48,7 @@ impl ReadPolicy {
 
 impl fmt::Display for ReadPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 

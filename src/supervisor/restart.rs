@@ -167,8 +167,8 @@ mod tests {
                 start + Duration::from_secs(i),
             );
         }
-        // 61 s after the first: only two restarts are still within the period.
-        let later = start + Duration::from_secs(61);
+        // 60.5 s after the first: the other two are still within the period.
+        let later = start + Duration::from_millis(60_500);
         assert!(matches!(
             policy.decide(&mut history, &mut backoff, brief, later),
             RestartDecision::Restart { restarts: 3, .. }

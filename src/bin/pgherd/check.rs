@@ -23,23 +23,28 @@ pub(crate) fn render(path: &Path, settings: &Settings) -> String {
     let mut rows = vec![[
         "endpoint".to_owned(),
         "role".to_owned(),
+        "cluster".to_owned(),
         "address".to_owned(),
         "dbname".to_owned(),
         "user".to_owned(),
         "password".to_owned(),
+        "tls".to_owned(),
         "pool".to_owned(),
     ]];
     let mut endpoints: Vec<_> = settings.endpoints.iter().collect();
-    endpoints.sort_by_key(|(name, endpoint)| (endpoint.role, name.as_str()));
+    endpoints
+        .sort_by_key(|(name, endpoint)| (endpoint.cluster.as_str(), endpoint.role, name.as_str()));
     for (name, endpoint) in endpoints {
         let pool = settings.pool_for(name);
         rows.push([
             name.clone(),
             endpoint.role.to_string(),
+            endpoint.cluster.clone(),
             endpoint.address(),
             endpoint.dbname.clone(),
             endpoint.user.clone(),
             password_source(endpoint),
+            endpoint.sslmode.to_string(),
             format!(
                 "{} conns, wait {}, connect {}",
                 pool.max_size,
@@ -71,6 +76,26 @@ pub(crate) fn render(path: &Path, settings: &Settings) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    let router = &settings.router;
+    let supervisor = &settings.supervisor;
+    out.push_str(&format!(
+        "router: reads {}, fallback to primary {}, capacity {}, default deadline {}\n",
+        router.read_policy,
+        if router.fallback_to_primary {
+            "on"
+        } else {
+            "off"
+        },
+        router.queue_capacity,
+        humantime::format_duration(router.default_timeout)
+    ));
+    out.push_str(&format!(
+        "supervisor: at most {} restarts per {}, backoff {} to {}\n",
+        supervisor.max_restarts,
+        humantime::format_duration(supervisor.restart_period),
+        humantime::format_duration(supervisor.backoff_initial),
+        humantime::format_duration(supervisor.backoff_max)
+    ));
     out
 }
 
