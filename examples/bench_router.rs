@@ -31,6 +31,21 @@ const POOL_SIZE: usize = 16;
 const ROUND: Duration = Duration::from_millis(400);
 const CYCLES: usize = 15;
 const CONCURRENCY: [usize; 3] = [1, 8, 64];
+
+/// `BENCH_CONCURRENCY=8,64` and `BENCH_CYCLES=5` shorten a run while investigating.
+fn concurrency_levels() -> Vec<usize> {
+    std::env::var("BENCH_CONCURRENCY")
+        .ok()
+        .map(|list| list.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| CONCURRENCY.to_vec())
+}
+
+fn cycles() -> usize {
+    std::env::var("BENCH_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(CYCLES)
+}
 const SQL: &str = "SELECT v FROM bench WHERE id = $1";
 
 /// The typed query the router side sends.
@@ -197,7 +212,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await;
 
     println!(
-        "point selects on one server, pool of {POOL_SIZE}, {CYCLES} cycles of one {} ms round per side; ratio = median of per-cycle ratios",
+        "point selects on one server, pool of {POOL_SIZE}, {} cycles of one {} ms round per side; ratio = median of per-cycle ratios",
+        cycles(),
         ROUND.as_millis()
     );
     println!(
@@ -217,13 +233,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut ratios = Vec::new();
     let mut cpu_lines = Vec::new();
-    for concurrency in CONCURRENCY {
+    for concurrency in concurrency_levels() {
         let mut direct = Tally::default();
         let mut handle = Tally::default();
         let mut actor = Tally::default();
-        let mut herd_ratios = Vec::with_capacity(CYCLES);
-        let mut actor_ratios = Vec::with_capacity(CYCLES);
-        for cycle in 0..CYCLES {
+        let mut herd_ratios = Vec::new();
+        let mut actor_ratios = Vec::new();
+        for cycle in 0..cycles() {
             let mut cycle_direct = Tally::default();
             let mut cycle_handle = Tally::default();
             let mut cycle_actor = Tally::default();
