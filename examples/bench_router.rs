@@ -36,7 +36,11 @@ const CONCURRENCY: [usize; 3] = [1, 8, 64];
 fn concurrency_levels() -> Vec<usize> {
     std::env::var("BENCH_CONCURRENCY")
         .ok()
-        .map(|list| list.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .map(|list| {
+            list.split(',')
+                .filter_map(|c| c.trim().parse().ok())
+                .collect()
+        })
         .unwrap_or_else(|| CONCURRENCY.to_vec())
 }
 
