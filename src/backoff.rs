@@ -34,6 +34,7 @@ impl Backoff {
     }
 
     /// How many failures in a row were recorded.
+    #[cfg(test)]
     pub(crate) fn failures(&self) -> u32 {
         self.failures
     }

@@ -11,6 +11,8 @@ use actix::{Message, Recipient};
 pub enum ChildId {
     /// The database actor of the endpoint with this name.
     Database(Arc<str>),
+    /// The health actor.
+    Health,
     /// The router.
     Router,
 }
@@ -19,6 +21,7 @@ impl fmt::Display for ChildId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ChildId::Database(name) => write!(f, "database `{name}`"),
+            ChildId::Health => f.write_str("health"),
             ChildId::Router => f.write_str("router"),
         }
     }

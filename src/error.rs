@@ -44,8 +44,9 @@ pub enum ErrorKind {
     Stopped,
     /// The settings or the TLS configuration of an endpoint are unusable.
     Config,
-    /// The row did not match the type it was mapped into, or a query returned an unexpected
-    /// number of rows.
+    /// A parameter or a column did not fit its SQL type, or a query returned an unexpected
+    /// number of rows: a bug on the client's side, never retried. For a write, the error says
+    /// whether it was committed.
     Mapping,
 }
 
@@ -128,7 +129,7 @@ impl Error {
     pub(crate) fn timeout(after: Duration, doing: &str) -> Error {
         Error::new(ErrorKind::Timeout).with_detail(format!(
             "the deadline of {} passed while {doing}",
-            humantime::format_duration(after)
+            show(after)
         ))
     }
 
@@ -144,10 +145,18 @@ impl Error {
     /// connection failure. The caller refines a connection failure of a sent write into
     /// [`ErrorKind::CommitUnknown`].
     pub(crate) fn from_postgres(error: tokio_postgres::Error) -> Error {
-        let kind = if error.as_db_error().is_some() && !is_connection_code(error.code()) {
-            ErrorKind::Sql
-        } else {
+        let kind = if error.as_db_error().is_some() {
+            if is_connection_code(error.code()) {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::Sql
+            }
+        } else if error.is_closed() || is_io(&error) {
             ErrorKind::Connection
+        } else {
+            // Raised by the driver itself (a parameter or a column that does not fit its type,
+            // a row count): nothing to do with the connection, and never retried.
+            ErrorKind::Mapping
         };
         Error::new(kind).with_source(error)
     }
@@ -222,6 +231,37 @@ impl Error {
     pub fn is_sql(&self) -> bool {
         self.kind() == ErrorKind::Sql
     }
+}
+
+/// A duration for people: to the millisecond.
+pub(crate) fn show(duration: Duration) -> String {
+    let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    humantime::format_duration(Duration::from_millis(millis)).to_string()
+}
+
+/// Whether the driver error comes from the socket, the connection's set-up, or the protocol.
+/// tokio-postgres does not expose its error kinds: the socket's errors carry an `io::Error`
+/// source; the few kinds without one are recognised by their fixed text.
+fn is_io(error: &tokio_postgres::Error) -> bool {
+    const CONNECTION_KINDS: [&str; 5] = [
+        "timeout waiting for server",
+        "error connecting to server",
+        "error performing TLS handshake",
+        "unexpected message from server",
+        "error communicating with the server",
+    ];
+    let text = error.to_string();
+    if CONNECTION_KINDS.iter().any(|kind| text.starts_with(kind)) {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// SQLSTATEs that mean the session or server went away rather than the statement being wrong.

@@ -7,10 +7,16 @@ use actix::{Addr, Recipient};
 use tokio::time::Instant;
 
 use crate::{
-    database::{DatabaseSpec, Reachability},
+    database::DatabaseSpec,
     error::{Error, ErrorKind},
+    health::{
+        AcceptPrimary, EndpointHealth, FailoverEvent, GetHealth, HealthState, Readmit,
+        StateChanged, SubscribeFailover, SubscribeState,
+    },
+    position::Position,
     query::Request,
     router::{Directory, RouteEntry, RouterActor, RoutingRule},
+    session::Session,
     settings::Settings,
     supervisor::{Shared, Shutdown, Subscribe, SupervisorActor, SupervisorEvent, SupervisorParts},
 };
@@ -39,6 +45,17 @@ pub struct Herd {
     supervisor: Addr<SupervisorActor>,
     shared: Arc<Shared>,
     endpoints: Arc<[Arc<str>]>,
+    clusters: Arc<[Arc<str>]>,
+}
+
+/// An answer with the position its write reached.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Tracked<T> {
+    /// The message's answer.
+    pub value: T,
+    /// The position the write reached; `None` for a read, or if it could not be read.
+    pub position: Option<Position>,
 }
 
 impl fmt::Debug for Herd {
@@ -68,6 +85,8 @@ impl Herd {
             settings,
             rules: Vec::new(),
             subscribers: Vec::new(),
+            state_subscribers: Vec::new(),
+            failover_subscribers: Vec::new(),
         }
     }
 
@@ -96,6 +115,78 @@ impl Herd {
         Arc::clone(&self.shared.routing).dispatch(message).await
     }
 
+    /// Like [`send`](Self::send), also returning the position a write reached (for a read,
+    /// `None`): send a later read [`after`](crate::Routable::after) it to read your write.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub async fn send_tracked<M: Request>(
+        &self,
+        message: M,
+    ) -> Result<Tracked<M::Output>, Error> {
+        let (value, position) = Arc::clone(&self.shared.routing)
+            .dispatch_tracked(message)
+            .await?;
+        Ok(Tracked { value, position })
+    }
+
+    /// A session: it remembers the position of its last write and sends its reads after it, so
+    /// that it reads its own writes wherever the reads run, without a time window.
+    pub fn session(&self) -> Session {
+        Session::new(self.clone())
+    }
+
+    /// The health of every endpoint, as the health actor sees it now.
+    ///
+    /// # Errors
+    ///
+    /// A [`Stopped`](ErrorKind::Stopped) error when the health actor is gone.
+    pub async fn health(&self) -> Result<Vec<EndpointHealth>, Error> {
+        Ok(self.shared.health().send(GetHealth).await?)
+    }
+
+    /// Makes `endpoint` the primary of its cluster: an operator's decision, e.g. a failback after
+    /// a backup took the writes (with `failback = "manual"`). It must be up and out of recovery;
+    /// every other writable endpoint of its cluster is fenced.
+    ///
+    /// # Errors
+    ///
+    /// When the endpoint is unknown, not up, or in recovery.
+    pub async fn accept_primary(&self, endpoint: &str) -> Result<(), Error> {
+        self.shared
+            .health()
+            .send(AcceptPrimary {
+                endpoint: endpoint.to_owned(),
+            })
+            .await?
+    }
+
+    /// Lets a fenced endpoint have traffic again: an operator's decision, once its data has been
+    /// reconciled (or it was turned into a standby).
+    ///
+    /// # Errors
+    ///
+    /// When the endpoint is unknown or not fenced.
+    pub async fn readmit(&self, endpoint: &str) -> Result<(), Error> {
+        self.shared
+            .health()
+            .send(Readmit {
+                endpoint: endpoint.to_owned(),
+            })
+            .await?
+    }
+
+    /// Subscribes `recipient` to [`StateChanged`] events.
+    pub fn subscribe_state(&self, recipient: Recipient<StateChanged>) {
+        self.supervisor.do_send(SubscribeState(recipient));
+    }
+
+    /// Subscribes `recipient` to [`FailoverEvent`]s.
+    pub fn subscribe_failover(&self, recipient: Recipient<FailoverEvent>) {
+        self.supervisor.do_send(SubscribeFailover(recipient));
+    }
+
     /// Why the herd stopped (shut down, or its supervisor gave up), once it did.
     pub fn failure(&self) -> Option<String> {
         self.shared.failure()
@@ -106,25 +197,31 @@ impl Herd {
         self.shared.routing.routes()
     }
 
-    /// Waits until every endpoint was reached at least once, for at most `timeout`.
+    /// Waits until every endpoint is up and every cluster has an accepted primary, for at most
+    /// `timeout`.
     ///
     /// # Errors
     ///
-    /// A [`NoTarget`](ErrorKind::NoTarget) error naming the endpoints not reached in time.
+    /// A [`NoTarget`](ErrorKind::NoTarget) error naming what was not ready in time.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         loop {
             let routes = self.routes();
-            let waiting: Vec<String> = self
+            let mut waiting: Vec<String> = self
                 .endpoints
                 .iter()
                 .filter(|name| {
                     !routes
                         .iter()
-                        .any(|r| &r.name == *name && r.reachability == Reachability::Reachable)
+                        .any(|r| &r.name == *name && r.health == HealthState::Up)
                 })
                 .map(|name| format!("`{name}`"))
                 .collect();
+            for cluster in self.clusters.iter() {
+                if !routes.iter().any(|r| &r.cluster == cluster && r.primary) {
+                    waiting.push(format!("a primary for cluster `{cluster}`"));
+                }
+            }
             if waiting.is_empty() {
                 return Ok(());
             }
@@ -163,6 +260,8 @@ pub struct HerdBuilder {
     settings: Settings,
     rules: Vec<Box<dyn RoutingRule>>,
     subscribers: Vec<Recipient<SupervisorEvent>>,
+    state_subscribers: Vec<Recipient<StateChanged>>,
+    failover_subscribers: Vec<Recipient<FailoverEvent>>,
 }
 
 impl fmt::Debug for HerdBuilder {
@@ -171,7 +270,7 @@ impl fmt::Debug for HerdBuilder {
             .field("settings", &self.settings)
             .field("rules", &self.rules.len())
             .field("subscribers", &self.subscribers.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -186,6 +285,18 @@ impl HerdBuilder {
     /// Subscribes `recipient` to the supervisor's events from the very start.
     pub fn subscribe(mut self, recipient: Recipient<SupervisorEvent>) -> Self {
         self.subscribers.push(recipient);
+        self
+    }
+
+    /// Subscribes `recipient` to the endpoints' [`StateChanged`] events from the very start.
+    pub fn subscribe_state(mut self, recipient: Recipient<StateChanged>) -> Self {
+        self.state_subscribers.push(recipient);
+        self
+    }
+
+    /// Subscribes `recipient` to [`FailoverEvent`]s from the very start.
+    pub fn subscribe_failover(mut self, recipient: Recipient<FailoverEvent>) -> Self {
+        self.failover_subscribers.push(recipient);
         self
     }
 
@@ -213,18 +324,29 @@ impl HerdBuilder {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let endpoints = specs.iter().map(|spec| Arc::clone(&spec.name)).collect();
+        let clusters = self
+            .settings
+            .clusters()
+            .into_iter()
+            .map(Arc::from)
+            .collect();
         let (supervisor, shared) = SupervisorActor::launch(SupervisorParts {
             specs,
             directory: Directory::from_settings(&self.settings),
             router: self.settings.router.clone(),
             supervisor: self.settings.supervisor.clone(),
+            health: self.settings.health.clone(),
+            failover: self.settings.failover.clone(),
             rules: self.rules.into(),
             subscribers: self.subscribers,
+            state_subscribers: self.state_subscribers,
+            failover_subscribers: self.failover_subscribers,
         })?;
         Ok(Herd {
             supervisor,
             shared,
             endpoints,
+            clusters,
         })
     }
 }

@@ -8,28 +8,38 @@
 )]
 #![deny(rustdoc::broken_intra_doc_links)]
 
-// Bottom: settings, errors and plain types.
+// Bottom: settings, errors and plain types; the pure decisions.
 mod backoff;
 mod child;
 mod error;
+pub mod failover;
+mod position;
 pub mod query;
 pub mod settings;
 mod sql;
 
 // Actors.
 pub mod database;
+pub mod health;
 pub mod router;
 pub mod supervisor;
 
-// Top: the facade, and the testkit.
+// Top: the facade and sessions, and the testkit.
 mod herd;
+mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
 pub use child::{ChildId, ExitReason};
-pub use database::{DatabaseActor, EndpointStatus, GetEndpointStatus, Reachability};
+pub use database::DatabaseActor;
 pub use error::{Error, ErrorKind};
-pub use herd::{Herd, HerdBuilder};
+pub use health::{
+    EndpointHealth, FailoverEvent, FailoverReport, HealthActor, HealthState, ObservedRole,
+    StateChanged,
+};
+pub use herd::{Herd, HerdBuilder, Tracked};
+pub use position::{Position, PositionParseError};
+pub use session::Session;
 pub use query::{
     column, Batch, FromRow, Intent, Params, Query, QueryResult, Read, Request, Routable,
     RouteOptions, Routed, Transact, TxFuture, Write, Written,

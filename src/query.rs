@@ -239,18 +239,27 @@ impl<Q: Query> Job for Routed<Q> {
         progress: &Progress,
     ) -> Result<Q::Output, Error> {
         let params = self.query.params();
-        let result = statement(client, self.query.sql(), &params, progress).await?;
+        let track = Q::INTENT == Intent::Write;
+        let result = statement(client, self.query.sql(), &params, progress, track).await?;
         Q::output(result)
     }
 }
 
+/// The position a write reached: read right after its commit, on its connection.
+pub(crate) const POSITION_SQL: &str = "SELECT pg_current_wal_insert_lsn()";
+
 /// Prepares (through the connection's statement cache) and runs one statement outside any
 /// explicit transaction, collecting its rows.
+///
+/// With `track`, the position after its commit is read in the same round trip: the position
+/// query is sent right behind the statement, and the server runs it after the statement's
+/// commit.
 pub(crate) async fn statement(
     client: &ClientWrapper,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
     progress: &Progress,
+    track: bool,
 ) -> Result<QueryResult, Error> {
     let prepared = client
         .prepare_cached(sql)
@@ -258,7 +267,32 @@ pub(crate) async fn statement(
         .map_err(Error::from_postgres)?;
     // From here on the statement may run, and commits by itself.
     progress.reach(Stage::Committing);
-    collect(client.query_raw(&prepared, params.iter().copied()).await).await
+    if !track {
+        let result = collect(client.query_raw(&prepared, params.iter().copied()).await).await?;
+        progress.reach(Stage::Committed);
+        return Ok(result);
+    }
+    // Both requests go out before either answer is awaited; the server answers in order.
+    let run = async { collect(client.query_raw(&prepared, params.iter().copied()).await).await };
+    let position = client.query_one(POSITION_SQL, &[]);
+    let (result, position) = futures_util::join!(run, position);
+    let result = result?;
+    progress.reach(Stage::Committed);
+    if let Ok(row) = position {
+        if let Ok(lsn) = row.try_get::<_, tokio_postgres::types::PgLsn>(0) {
+            progress.committed_at(crate::position::Position::from(lsn));
+        }
+    }
+    Ok(result)
+}
+
+/// Reads the position after an explicit transaction's commit.
+pub(crate) async fn record_position(client: &tokio_postgres::Client, progress: &Progress) {
+    if let Ok(row) = client.query_one(POSITION_SQL, &[]).await {
+        if let Ok(lsn) = row.try_get::<_, tokio_postgres::types::PgLsn>(0) {
+            progress.committed_at(crate::position::Position::from(lsn));
+        }
+    }
 }
 
 /// Collects a row stream with its affected-row count.

@@ -15,6 +15,7 @@
 //!   commit may have happened, never silently retried.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, PoisonError, RwLock,
@@ -38,8 +39,10 @@ use self::{
 };
 use crate::{
     child::{ExitGuard, Stop},
-    database::{Endpoint, Reachability},
+    database::Endpoint,
     error::{Error, ErrorKind},
+    health::{HealthState, HealthView},
+    position::Position,
     query::{Batch, Intent, Job, Query, Read, Request, Routed, Transact, Write, Written},
     settings::{Role, RouterSettings},
 };
@@ -64,6 +67,10 @@ pub(crate) struct Routing {
     in_flight: AtomicUsize,
     changed: Arc<Notify>,
     halted: RwLock<Option<String>>,
+    /// The health actor's latest view (`None` until its first).
+    view: RwLock<Option<Arc<HealthView>>>,
+    /// The furthest position a write was acknowledged at, per cluster.
+    acked: Mutex<BTreeMap<Arc<str>, Position>>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -100,6 +107,72 @@ impl Routing {
             in_flight: AtomicUsize::new(0),
             changed,
             halted: RwLock::new(None),
+            view: RwLock::new(None),
+            acked: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Takes the health actor's latest view; wakes every message waiting for a target.
+    pub(crate) fn apply_view(&self, view: HealthView) {
+        let previous = write(&self.view).replace(Arc::new(view.clone()));
+        if previous.as_deref() == Some(&view) {
+            return;
+        }
+        // Idle connections to an endpoint that was just declared down are dead weight.
+        for endpoint in self.snapshot().iter() {
+            let down = |v: &HealthView| {
+                v.endpoints
+                    .get(endpoint.name())
+                    .is_some_and(|f| f.state == HealthState::Down)
+            };
+            if down(&view) && !previous.as_deref().is_some_and(down) {
+                endpoint.pool().retain(|_, _| false);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Why the endpoints of `scope` that are not serving are not, for an error message.
+    fn down_reasons(&self, scope: &Scope) -> String {
+        let Some(view) = read(&self.view).clone() else {
+            return String::new();
+        };
+        let endpoints = self.snapshot();
+        let reasons: Vec<String> = endpoints
+            .iter()
+            .filter(|e| match scope {
+                Scope::Endpoint(name) => e.name() == name,
+                Scope::Cluster(cluster) => e.cluster() == &**cluster,
+            })
+            .filter_map(|e| {
+                let facts = view.endpoints.get(e.name())?;
+                let error = facts.last_error.as_ref()?;
+                Some(format!("`{}` is {}: {error}", e.name(), facts.state))
+            })
+            .collect();
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join("; "))
+        }
+    }
+
+    /// The furthest position a write was acknowledged at in `cluster`.
+    pub(crate) fn acked(&self, cluster: &str) -> Option<Position> {
+        self.acked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(cluster)
+            .copied()
+    }
+
+    fn record_acked(&self, cluster: &str, position: Position) {
+        let mut acked = self.acked.lock().unwrap_or_else(PoisonError::into_inner);
+        match acked.get_mut(cluster) {
+            Some(furthest) => *furthest = (*furthest).max(position),
+            None => {
+                acked.insert(Arc::from(cluster), position);
+            }
         }
     }
 
@@ -167,55 +240,88 @@ impl Routing {
 
     /// The view of every running endpoint.
     pub(crate) fn routes(&self) -> Vec<RouteEntry> {
+        let view = read(&self.view).clone();
         self.snapshot()
             .iter()
-            .map(|endpoint| RouteEntry {
-                name: Arc::clone(endpoint.name()),
-                role: endpoint.role(),
-                cluster: Arc::from(endpoint.cluster()),
-                reachability: endpoint.state().reachability(),
-                outstanding: endpoint.state().outstanding(),
-                latency: endpoint.state().latency(),
+            .map(|endpoint| {
+                let facts = view
+                    .as_ref()
+                    .and_then(|v| v.endpoints.get(endpoint.name()));
+                let primary = view.as_ref().is_some_and(|v| {
+                    v.primaries
+                        .get(endpoint.cluster())
+                        .and_then(Option::as_ref)
+                        .is_some_and(|p| p == endpoint.name())
+                });
+                RouteEntry {
+                    name: Arc::clone(endpoint.name()),
+                    role: endpoint.role(),
+                    cluster: Arc::from(endpoint.cluster()),
+                    health: facts.map_or(HealthState::Unknown, |f| f.state),
+                    primary,
+                    fenced: facts.is_some_and(|f| f.fenced),
+                    position: facts.and_then(|f| f.position),
+                    lag: facts.and_then(|f| f.lag),
+                    outstanding: endpoint.state().outstanding(),
+                    latency: endpoint.state().latency(),
+                }
             })
             .collect()
     }
 
-    /// Chooses the endpoint for one attempt.
-    fn choose(
-        &self,
-        intent: Intent,
-        scope: &Scope,
-        excluded: &[Arc<str>],
-    ) -> Result<Endpoint, Decision> {
+    /// Chooses the endpoint for one attempt, and the position to check there first, if any.
+    fn choose(&self, ask: Ask<'_>) -> Result<(Endpoint, Option<Position>), Decision> {
         let endpoints = self.snapshot();
+        let view = read(&self.view).clone();
+        let Some(view) = view else {
+            return Err(Decision::Wait(
+                "the first health probes have not finished".to_owned(),
+            ));
+        };
         let candidates: Vec<Candidate<'_>> = endpoints
             .iter()
             .map(|endpoint| {
                 let state = endpoint.state();
+                let facts = view.endpoints.get(endpoint.name());
+                let accepted = view.primaries.get(endpoint.cluster()).and_then(Option::as_ref);
+                let primary_facts = accepted.and_then(|p| view.endpoints.get(p));
+                let standby = facts.is_some_and(|f| f.writable == Some(false));
+                // A standby serves reads while it follows the accepted primary: the same system
+                // and timeline (when known). With no primary accepted (failing over), any
+                // standby may serve reads.
+                let follows = match (facts, primary_facts) {
+                    (Some(f), Some(p)) => {
+                        f.system_id.is_some()
+                            && f.system_id == p.system_id
+                            && (f.timeline.is_none() || p.timeline.is_none() || f.timeline == p.timeline)
+                    }
+                    (Some(_), None) => true,
+                    _ => false,
+                };
                 Candidate {
                     name: endpoint.name(),
-                    role: endpoint.role(),
                     cluster: endpoint.cluster(),
-                    available: state.reachability().is_available(),
+                    serving: !state.is_retired() && facts.is_some_and(|f| f.state.is_serving()),
+                    fenced: facts.is_some_and(|f| f.fenced),
+                    primary: accepted.is_some_and(|p| p == endpoint.name()),
+                    reader: standby && follows,
+                    position: facts.and_then(|f| f.position),
+                    lag: facts.and_then(|f| f.lag),
                     outstanding: state.outstanding(),
                     latency: state.latency(),
                     weight: endpoint.weight(),
                 }
             })
             .collect();
-        let ask = Ask {
-            intent,
-            scope,
-            fallback_to_primary: self.settings.fallback_to_primary,
-            policy: self.settings.read_policy,
-            excluded,
-        };
         let decision = {
             let mut balancer = self.balancer.lock().unwrap_or_else(PoisonError::into_inner);
             decide(ask, &candidates, &mut balancer)
         };
         match decision {
-            Decision::Use(index) => Ok(endpoints[index].clone()),
+            Decision::Use(index) => Ok((endpoints[index].clone(), None)),
+            Decision::UseChecked(index, position) => {
+                Ok((endpoints[index].clone(), Some(position)))
+            }
             other => Err(other),
         }
     }
@@ -224,8 +330,18 @@ impl Routing {
     /// runs and retries within its deadline.
     pub(crate) async fn dispatch<J: Job + Request>(
         self: Arc<Self>,
-        mut message: J,
+        message: J,
     ) -> Result<J::Output, Error> {
+        self.dispatch_tracked(message)
+            .await
+            .map(|(output, _)| output)
+    }
+
+    /// Like [`dispatch`](Self::dispatch), also returning the position a write reached.
+    pub(crate) async fn dispatch_tracked<J: Job + Request>(
+        self: Arc<Self>,
+        mut message: J,
+    ) -> Result<(J::Output, Option<Position>), Error> {
         let received = Instant::now();
         if let Some(reason) = read(&self.halted).as_ref() {
             return Err(Error::stopped(reason.clone()));
@@ -269,17 +385,32 @@ impl Routing {
             rule,
             options.cluster.as_deref(),
         )?;
-        Attempts {
+        let max_lag = match options.max_lag {
+            Some(own) => own.min(self.settings.max_lag),
+            None => self.settings.max_lag,
+        };
+        let cluster = match &scope {
+            Scope::Cluster(cluster) => Some(Arc::clone(cluster)),
+            Scope::Endpoint(_) => None,
+        };
+        let outcome = Attempts {
             routing: &self,
             job: std::rc::Rc::new(message),
             scope,
             intent,
             idempotent: options.idempotent,
+            after: options.after,
+            max_lag,
+            strict_lag: options.max_lag.is_some(),
             deadline,
             budget,
         }
         .run()
-        .await
+        .await;
+        if let (Ok((_, Some(position))), Some(cluster)) = (&outcome, cluster) {
+            self.record_acked(&cluster, *position);
+        }
+        outcome
     }
 }
 
@@ -299,18 +430,34 @@ struct Attempts<'a, J> {
     scope: Scope,
     intent: Intent,
     idempotent: bool,
+    after: Option<Position>,
+    max_lag: Duration,
+    strict_lag: bool,
     deadline: Instant,
     budget: Duration,
 }
 
 impl<J: Job> Attempts<'_, J> {
-    async fn run(self) -> Result<J::Output, Error> {
+    fn ask<'a>(&'a self, excluded: &'a [Arc<str>]) -> Ask<'a> {
+        Ask {
+            intent: self.intent,
+            scope: &self.scope,
+            fallback_to_primary: self.routing.settings.fallback_to_primary,
+            policy: self.routing.settings.read_policy,
+            max_lag: self.max_lag,
+            strict_lag: self.strict_lag,
+            after: self.after,
+            excluded,
+        }
+    }
+
+    async fn run(self) -> Result<(J::Output, Option<Position>), Error> {
         let explicit = matches!(self.scope, Scope::Endpoint(_));
         let mut excluded: Vec<Arc<str>> = Vec::new();
         let mut last_error: Option<Error> = None;
         let mut write_wait = WRITE_RETRY_FIRST_WAIT;
         loop {
-            let mut choice = self.routing.choose(self.intent, &self.scope, &excluded);
+            let mut choice = self.routing.choose(self.ask(&excluded));
             // Only a message that must wait listens for changes (the common path skips the
             // registration); it looks again after registering, so that no change is missed.
             let changed = self.routing.changed.notified();
@@ -320,17 +467,35 @@ impl<J: Job> Attempts<'_, J> {
                 if let Some(reason) = read(&self.routing.halted).as_ref() {
                     return Err(Error::stopped(reason.clone()));
                 }
-                choice = self.routing.choose(self.intent, &self.scope, &excluded);
+                choice = self.routing.choose(self.ask(&excluded));
             }
             match choice {
-                Ok(endpoint) => {
+                Ok((endpoint, replayed)) => {
                     let failure = match endpoint
-                        .execute(std::rc::Rc::clone(&self.job), self.deadline, self.budget)
+                        .execute(
+                            std::rc::Rc::clone(&self.job),
+                            self.deadline,
+                            self.budget,
+                            replayed,
+                        )
                         .await
                     {
-                        Ok(output) => return Ok(output),
+                        Ok(outcome) => return Ok(outcome),
                         Err(failure) => failure,
                     };
+                    if failure.stale {
+                        // It had not replayed the position yet: try elsewhere (or the primary).
+                        excluded.push(Arc::clone(endpoint.name()));
+                        if explicit {
+                            changed.as_mut().enable();
+                            let pause = write_wait.min(self.deadline - Instant::now());
+                            write_wait = (write_wait * 2).min(WRITE_RETRY_MAX_WAIT);
+                            let _ = tokio::time::timeout(pause, changed).await;
+                            excluded.clear();
+                        }
+                        last_error = Some(failure.error);
+                        continue;
+                    }
                     let decision = retry(
                         self.intent,
                         failure.error.kind(),
@@ -360,11 +525,15 @@ impl<J: Job> Attempts<'_, J> {
                     {
                         return Err(last_error.unwrap_or_else(|| {
                             Error::new(ErrorKind::NoTarget).with_detail(format!(
-                                "{why}, and nothing changed within the deadline of {}",
-                                humantime::format_duration(self.budget)
+                                "{why}, and nothing changed within the deadline of {}{}",
+                                crate::error::show(self.budget),
+                                self.routing.down_reasons(&self.scope)
                             ))
                         }));
                     }
+                }
+                Err(Decision::Refuse(why)) => {
+                    return Err(Error::new(ErrorKind::NoTarget).with_detail(why))
                 }
                 Err(_) => {
                     return Err(last_error.unwrap_or_else(|| {
@@ -472,8 +641,16 @@ pub struct RouteEntry {
     pub role: Role,
     /// Its cluster.
     pub cluster: Arc<str>,
-    /// Whether it can be reached.
-    pub reachability: Reachability,
+    /// Its health.
+    pub health: HealthState,
+    /// Whether it is its cluster's accepted primary (writes go to it).
+    pub primary: bool,
+    /// Whether it gets no traffic (writable, but not the accepted primary).
+    pub fenced: bool,
+    /// Its last probed position (current on a primary, replayed on a standby).
+    pub position: Option<Position>,
+    /// A standby's lag behind the accepted primary.
+    pub lag: Option<Duration>,
     /// Messages running on it now.
     pub outstanding: usize,
     /// The recent average query latency, once there is a sample.

@@ -24,6 +24,7 @@ use serde::Deserialize;
 mod duration;
 mod endpoint;
 mod error;
+mod health;
 mod pool;
 mod router;
 mod supervisor;
@@ -31,14 +32,15 @@ mod validate;
 
 pub use endpoint::{EndpointSettings, Role, SslMode, DEFAULT_CLUSTER, DEFAULT_PORT};
 pub use error::{SettingsError, SettingsProblem};
+pub use health::{FailbackMode, FailoverMode, FailoverSettings, HealthSettings};
 pub use pool::{
     PoolOverrides, PoolSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_SIZE,
-    DEFAULT_RECONNECT_BACKOFF, DEFAULT_RECONNECT_BACKOFF_MAX, DEFAULT_RECYCLE_TIMEOUT,
+    DEFAULT_RECYCLE_TIMEOUT,
     DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
 };
 pub use router::{ReadPolicy, RouterSettings, DEFAULT_QUEUE_CAPACITY, DEFAULT_TIMEOUT};
 pub use supervisor::SupervisorSettings;
-pub use validate::{MAX_ENDPOINT_NAME_LEN, MAX_QUEUE_CAPACITY, MAX_WEIGHT};
+pub use validate::{MAX_DURATION, MAX_ENDPOINT_NAME_LEN, MAX_QUEUE_CAPACITY, MAX_WEIGHT};
 
 /// The prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "PGHERD";
@@ -69,6 +71,16 @@ pub struct Settings {
     /// Default: see [`SupervisorSettings`].
     #[serde(default)]
     pub supervisor: SupervisorSettings,
+    /// How endpoints are probed.
+    ///
+    /// Default: see [`HealthSettings`].
+    #[serde(default)]
+    pub health: HealthSettings,
+    /// What happens when a primary is lost.
+    ///
+    /// Default: see [`FailoverSettings`].
+    #[serde(default)]
+    pub failover: FailoverSettings,
 }
 
 impl Settings {

@@ -25,8 +25,12 @@ use crate::{
     child::{ChildExited, ChildId, ExitGuard, ExitReason, Stop},
     database::{DatabaseActor, DatabaseSpec, Endpoint},
     error::Error,
+    health::{
+        failover_state, FailoverEvent, FailoverState, HealthActor, HealthParts, ProbeRequests,
+        StateChanged, SubscribeFailover, SubscribeState,
+    },
     router::{Directory, RouterActor, Routing, RoutingRule},
-    settings::{RouterSettings, SupervisorSettings},
+    settings::{FailoverSettings, HealthSettings, RouterSettings, SupervisorSettings},
 };
 
 /// Something that happened to the supervisor's children. Subscribe with [`Subscribe`] (or
@@ -89,6 +93,8 @@ pub(crate) struct Shared {
     pub(crate) routing: Arc<Routing>,
     /// The current router (a restarted router has a new address).
     pub(crate) router: RwLock<Addr<RouterActor>>,
+    /// The current health actor.
+    pub(crate) health: RwLock<Addr<HealthActor>>,
     /// Why the herd stopped, once it did.
     pub(crate) failure: Mutex<Option<String>>,
 }
@@ -96,6 +102,13 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn router(&self) -> Addr<RouterActor> {
         self.router
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn health(&self) -> Addr<HealthActor> {
+        self.health
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -122,8 +135,12 @@ pub(crate) struct SupervisorParts {
     pub(crate) directory: Directory,
     pub(crate) router: RouterSettings,
     pub(crate) supervisor: SupervisorSettings,
+    pub(crate) health: HealthSettings,
+    pub(crate) failover: FailoverSettings,
     pub(crate) rules: Arc<[Box<dyn RoutingRule>]>,
     pub(crate) subscribers: Vec<Recipient<SupervisorEvent>>,
+    pub(crate) state_subscribers: Vec<Recipient<StateChanged>>,
+    pub(crate) failover_subscribers: Vec<Recipient<FailoverEvent>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +153,7 @@ enum Phase {
 #[derive(Debug)]
 enum Running {
     Database(Addr<DatabaseActor>),
+    Health(Addr<HealthActor>),
     Router(Addr<RouterActor>),
 }
 
@@ -151,13 +169,17 @@ struct Child {
 pub struct SupervisorActor {
     specs: BTreeMap<Arc<str>, DatabaseSpec>,
     routing: Arc<Routing>,
-    changed: Arc<Notify>,
+    probes: Arc<ProbeRequests>,
+    health_settings: HealthSettings,
+    failover_settings: FailoverSettings,
+    failover: FailoverState,
+    state_subscribers: Vec<Recipient<StateChanged>>,
+    failover_subscribers: Vec<Recipient<FailoverEvent>>,
     policy: RestartPolicy,
     shutdown_grace: Duration,
     history: RestartHistory,
     children: BTreeMap<ChildId, Child>,
     endpoints: BTreeMap<Arc<str>, Endpoint>,
-    next_generation: u64,
     subscribers: Vec<Recipient<SupervisorEvent>>,
     phase: Phase,
     shared: Arc<Shared>,
@@ -181,30 +203,32 @@ impl SupervisorActor {
         let mut outcome: Result<Arc<Shared>, Error> = Err(Error::stopped("not started"));
         let address = SupervisorActor::create(|ctx| {
             let changed = Arc::new(Notify::new());
+            let probes = Arc::new(ProbeRequests::default());
             let supervisor = ctx.address().recipient::<ChildExited>();
             let policy = RestartPolicy::from_settings(&parts.supervisor);
             let mut children = BTreeMap::new();
             let mut endpoints = BTreeMap::new();
-            let mut generation = 0;
+            // Each child counts its own starts: 1 is the first.
+            let generation = 1;
             let mut failed = None;
+            let child = |generation, running| Child {
+                generation,
+                started: Instant::now(),
+                backoff: policy.backoff(),
+                running: Some(running),
+            };
             for spec in &parts.specs {
-                generation += 1;
                 match DatabaseActor::launch(
                     spec,
                     generation,
                     supervisor.clone(),
-                    Arc::clone(&changed),
+                    Arc::clone(&probes),
                 ) {
                     Ok((address, endpoint)) => {
                         endpoints.insert(Arc::clone(&spec.name), endpoint);
                         children.insert(
                             ChildId::Database(Arc::clone(&spec.name)),
-                            Child {
-                                generation,
-                                started: Instant::now(),
-                                backoff: policy.backoff(),
-                                running: Some(Running::Database(address)),
-                            },
+                            child(generation, Running::Database(address)),
                         );
                     }
                     Err(error) => {
@@ -217,12 +241,28 @@ impl SupervisorActor {
                 parts.directory,
                 parts.router,
                 parts.rules,
-                Arc::clone(&changed),
+                changed,
             ));
             for endpoint in endpoints.values() {
                 routing.attach(Endpoint::clone(endpoint));
             }
-            generation += 1;
+            let failover = failover_state(&parts.specs, &parts.failover);
+            let health = HealthActor::new(HealthParts {
+                specs: parts.specs.clone(),
+                settings: parts.health.clone(),
+                failover: parts.failover.clone(),
+                state: Arc::clone(&failover),
+                routing: Arc::clone(&routing),
+                requests: Arc::clone(&probes),
+                state_subscribers: parts.state_subscribers.clone(),
+                failover_subscribers: parts.failover_subscribers.clone(),
+                guard: ExitGuard::new(supervisor.clone(), ChildId::Health, generation),
+            })
+            .start();
+            children.insert(
+                ChildId::Health,
+                child(generation, Running::Health(health.clone())),
+            );
             let router = RouterActor::new(
                 Arc::clone(&routing),
                 ExitGuard::new(supervisor, ChildId::Router, generation),
@@ -230,16 +270,12 @@ impl SupervisorActor {
             .start();
             children.insert(
                 ChildId::Router,
-                Child {
-                    generation,
-                    started: Instant::now(),
-                    backoff: policy.backoff(),
-                    running: Some(Running::Router(router.clone())),
-                },
+                child(generation, Running::Router(router.clone())),
             );
             let shared = Arc::new(Shared {
                 routing: Arc::clone(&routing),
                 router: RwLock::new(router),
+                health: RwLock::new(health),
                 failure: Mutex::new(None),
             });
             outcome = match failed {
@@ -253,13 +289,17 @@ impl SupervisorActor {
                     .map(|spec| (Arc::clone(&spec.name), spec.clone()))
                     .collect(),
                 routing,
-                changed,
+                probes,
+                health_settings: parts.health,
+                failover_settings: parts.failover,
+                failover,
+                state_subscribers: parts.state_subscribers,
+                failover_subscribers: parts.failover_subscribers,
                 policy,
                 shutdown_grace: parts.supervisor.shutdown_grace,
                 history: RestartHistory::default(),
                 children,
                 endpoints,
-                next_generation: generation,
                 subscribers: parts.subscribers,
                 phase: Phase::Running,
                 shared,
@@ -316,15 +356,16 @@ impl SupervisorActor {
         if self.phase != Phase::Running {
             return;
         }
-        self.next_generation += 1;
-        let generation = self.next_generation;
+        let Some(generation) = self.children.get(&child).map(|state| state.generation + 1) else {
+            return;
+        };
         let supervisor = ctx.address().recipient::<ChildExited>();
         let running = match &child {
             ChildId::Database(name) => {
                 let Some(spec) = self.specs.get(name) else {
                     return;
                 };
-                match DatabaseActor::launch(spec, generation, supervisor, Arc::clone(&self.changed))
+                match DatabaseActor::launch(spec, generation, supervisor, Arc::clone(&self.probes))
                 {
                     Ok((address, endpoint)) => {
                         self.endpoints.insert(Arc::clone(name), endpoint.clone());
@@ -342,6 +383,26 @@ impl SupervisorActor {
                         return;
                     }
                 }
+            }
+            ChildId::Health => {
+                let address = HealthActor::new(HealthParts {
+                    specs: self.specs.values().cloned().collect(),
+                    settings: self.health_settings.clone(),
+                    failover: self.failover_settings.clone(),
+                    state: Arc::clone(&self.failover),
+                    routing: Arc::clone(&self.routing),
+                    requests: Arc::clone(&self.probes),
+                    state_subscribers: self.state_subscribers.clone(),
+                    failover_subscribers: self.failover_subscribers.clone(),
+                    guard: ExitGuard::new(supervisor, ChildId::Health, generation),
+                })
+                .start();
+                *self
+                    .shared
+                    .health
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = address.clone();
+                Running::Health(address)
             }
             ChildId::Router => {
                 let address = RouterActor::new(
@@ -410,8 +471,11 @@ impl SupervisorActor {
         self.shared.set_failure(&reason);
         self.routing.halt(&reason);
         for state in self.children.values_mut().rev() {
-            if let Some(Running::Database(address)) = state.running.take() {
-                address.do_send(Stop);
+            match state.running.take() {
+                Some(Running::Database(address)) => address.do_send(Stop),
+                // No failover decision may follow a give-up.
+                Some(Running::Health(address)) => address.do_send(Stop),
+                other => state.running = other,
             }
         }
         self.emit(SupervisorEvent::GaveUp { reason });
@@ -420,6 +484,17 @@ impl SupervisorActor {
 
 impl Actor for SupervisorActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        let started: Vec<(ChildId, u64)> = self
+            .children
+            .iter()
+            .map(|(child, state)| (child.clone(), state.generation))
+            .collect();
+        for (child, generation) in started {
+            self.emit(SupervisorEvent::Started { child, generation });
+        }
+    }
 }
 
 impl Handler<ChildExited> for SupervisorActor {
@@ -463,6 +538,25 @@ impl Handler<Subscribe> for SupervisorActor {
     }
 }
 
+impl Handler<SubscribeState> for SupervisorActor {
+    type Result = ();
+
+    fn handle(&mut self, SubscribeState(recipient): SubscribeState, _ctx: &mut Context<Self>) {
+        // Kept here too, so that a restarted health actor keeps its subscribers.
+        self.state_subscribers.push(recipient.clone());
+        self.shared.health().do_send(SubscribeState(recipient));
+    }
+}
+
+impl Handler<SubscribeFailover> for SupervisorActor {
+    type Result = ();
+
+    fn handle(&mut self, SubscribeFailover(recipient): SubscribeFailover, _ctx: &mut Context<Self>) {
+        self.failover_subscribers.push(recipient.clone());
+        self.shared.health().do_send(SubscribeFailover(recipient));
+    }
+}
+
 impl Handler<Shutdown> for SupervisorActor {
     type Result = ResponseActFuture<Self, usize>;
 
@@ -471,17 +565,31 @@ impl Handler<Shutdown> for SupervisorActor {
             self.phase = Phase::ShuttingDown;
         }
         self.shared.set_failure("the herd was shut down");
+        // Connections close once the messages in flight have finished (or the grace passed),
+        // before the shutdown is answered.
+        let endpoints: Vec<Endpoint> = self.endpoints.values().cloned().collect();
         let routing = Arc::clone(&self.routing);
         let grace = self.shutdown_grace;
-        let drain = async move { routing.drain(grace).await };
+        let drain = async move {
+            let unfinished = routing.drain(grace).await;
+            for endpoint in &endpoints {
+                endpoint.retire();
+                endpoint.pool().close();
+            }
+            unfinished
+        };
         Box::pin(drain.into_actor(self).map(|unfinished, supervisor, ctx| {
             // Reverse start order: the databases were started first, so they stop last.
-            if let Some(Running::Router(router)) = supervisor
-                .children
-                .get_mut(&ChildId::Router)
-                .and_then(|state| state.running.take())
-            {
-                router.do_send(Stop);
+            for child in [ChildId::Router, ChildId::Health] {
+                match supervisor
+                    .children
+                    .get_mut(&child)
+                    .and_then(|state| state.running.take())
+                {
+                    Some(Running::Router(router)) => router.do_send(Stop),
+                    Some(Running::Health(health)) => health.do_send(Stop),
+                    _ => {}
+                }
             }
             for state in supervisor.children.values_mut().rev() {
                 if let Some(Running::Database(address)) = state.running.take() {

@@ -6,17 +6,17 @@ mod support;
 use std::time::Duration;
 
 use pgherd::{
-    testkit::Topology, Batch, ErrorKind, Herd, Reachability, Read, Routable, SupervisorEvent, Write,
+    testkit::Topology, Batch, ErrorKind, HealthState, Herd, Read, Routable, SupervisorEvent, Write,
 };
 use support::{eventually, start, EventLog};
 
 const ROOMY: Duration = Duration::from_secs(10);
 
-async fn reachability(herd: &Herd, name: &str) -> Option<Reachability> {
+async fn health(herd: &Herd, name: &str) -> Option<HealthState> {
     herd.routes()
         .into_iter()
         .find(|r| &*r.name == name)
-        .map(|r| r.reachability)
+        .map(|r| r.health)
 }
 
 #[actix_rt::test]
@@ -36,7 +36,7 @@ async fn reads_keep_working_when_a_standby_dies() {
     eventually(
         "the dead standby to be marked unreachable",
         ROOMY,
-        || async { reachability(&herd, "standby_1").await == Some(Reachability::Unreachable) },
+        || async { health(&herd, "standby_1").await == Some(HealthState::Down) },
     )
     .await;
     herd.shutdown().await;
@@ -51,8 +51,8 @@ async fn an_unreachable_database_is_not_a_crash_and_is_reconnected() {
         .subscribe(log.recipient())
         .start()
         .expect("a herd starts with an endpoint down");
-    eventually("the standby to be found unreachable", ROOMY, || async {
-        reachability(&herd, "standby_1").await == Some(Reachability::Unreachable)
+    eventually("the standby to be declared down", ROOMY, || async {
+        health(&herd, "standby_1").await == Some(HealthState::Down)
     })
     .await;
     // Reads fall back to the primary meanwhile.
@@ -63,7 +63,7 @@ async fn an_unreachable_database_is_not_a_crash_and_is_reconnected() {
         .await
         .expect("start the standby");
     eventually("the standby to be reached again", ROOMY, || async {
-        reachability(&herd, "standby_1").await == Some(Reachability::Reachable)
+        health(&herd, "standby_1").await == Some(HealthState::Up)
     })
     .await;
     assert!(
@@ -154,11 +154,7 @@ async fn a_transaction_cut_before_its_commit_reports_nothing_committed() {
             .await
         })
     };
-    eventually("the batch to run", ROOMY, || async {
-        herd.routes().iter().any(|r| r.outstanding > 0)
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    support::wait_active(topology.primary(), "SELECT pg_sleep(5)").await;
     topology.primary().kill().expect("kill the primary");
     let error = batch
         .await
@@ -252,8 +248,8 @@ async fn sql_errors_are_reported_with_their_sqlstate_and_do_not_mark_the_endpoin
     assert!(error.to_string().contains("23505"), "{error}");
     assert!(!error.is_retryable());
     assert_eq!(
-        reachability(&herd, "primary").await,
-        Some(Reachability::Reachable)
+        health(&herd, "primary").await,
+        Some(HealthState::Up)
     );
     herd.send(Read::new("SELECT 1"))
         .await

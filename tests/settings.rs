@@ -579,13 +579,3 @@ fn supervisor_backoff_max_below_initial() {
     let text = format!("{VALID}\n[supervisor]\nbackoff_initial = \"2s\"\nbackoff_max = \"1s\"\n");
     expect_problem(&text, &[], "supervisor.backoff_max");
 }
-
-#[test]
-fn reconnect_backoff_max_below_initial_in_an_override() {
-    let text = replace(
-        VALID,
-        "pool = { max_size = 4 }",
-        "pool = { max_size = 4, reconnect_backoff = \"10s\" }",
-    );
-    expect_problem(&text, &[], "endpoints.standby_1.pool.reconnect_backoff_max");
-}

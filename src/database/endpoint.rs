@@ -3,12 +3,13 @@
 
 use std::{
     any::Any,
+    cell::Cell,
     fmt,
     future::Future,
     panic::AssertUnwindSafe,
     rc::Rc,
     sync::{
-        atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -17,15 +18,22 @@ use std::{
 use actix::Recipient;
 use deadpool_postgres::{ClientWrapper, Object, Pool, PoolError};
 use futures_util::FutureExt as _;
-use tokio::{sync::Notify, time::Instant};
-use tokio_postgres::{error::SqlState, CancelToken, NoTls};
+use tokio::time::Instant;
+use tokio_postgres::{error::SqlState, types::PgLsn, CancelToken, NoTls};
 
-use super::{tls::Tls, DatabaseReport};
+use super::{pool::Connector, tls::Tls, DatabaseReport};
 use crate::{
     error::{Error, ErrorKind},
+    health::ProbeRequests,
+    position::Position,
     query::{Intent, Job, Progress, Stage},
     settings::Role,
 };
+
+/// Whether an endpoint has replayed a position (on a primary: reached it), asked on the
+/// connection that then runs the read, so the answer holds for the read.
+const REPLAYED_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+     ELSE pg_current_wal_lsn() END >= $1";
 
 /// After a deadline, how long a write waits for the server to confirm the cancel before its
 /// outcome is reported unknown, and how long a read's connection may take to become free.
@@ -33,70 +41,20 @@ pub const CANCEL_GRACE: Duration = Duration::from_millis(500);
 /// The weight of the newest sample in the latency average.
 const LATENCY_ALPHA: f64 = 0.2;
 
-/// Whether an endpoint can be reached, as last seen by its database actor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reachability {
-    /// Not probed yet: traffic is allowed.
-    Unknown,
-    /// The last probe or query connected.
-    Reachable,
-    /// The last probe failed: no traffic until a probe succeeds.
-    Unreachable,
-    /// The endpoint's actor stopped (or is about to, after a panic): no traffic ever again
-    /// through this handle; its restart brings a new one.
-    Retired,
-}
-
-impl Reachability {
-    /// Whether the endpoint may get traffic.
-    pub fn is_available(self) -> bool {
-        matches!(self, Reachability::Unknown | Reachability::Reachable)
-    }
-
-    fn to_raw(self) -> u8 {
-        match self {
-            Reachability::Unknown => 0,
-            Reachability::Reachable => 1,
-            Reachability::Unreachable => 2,
-            Reachability::Retired => 3,
-        }
-    }
-
-    fn from_raw(raw: u8) -> Reachability {
-        match raw {
-            1 => Reachability::Reachable,
-            2 => Reachability::Unreachable,
-            3 => Reachability::Retired,
-            _ => Reachability::Unknown,
-        }
-    }
-}
-
 /// The live, shared state of one endpoint.
 #[derive(Debug, Default)]
 pub(crate) struct EndpointState {
-    reachability: AtomicU8,
+    /// Set when the endpoint's actor stopped (or is about to, after a panic): final.
+    retired: AtomicBool,
     outstanding: AtomicUsize,
     /// Microseconds; 0 until the first sample.
     latency: AtomicU64,
 }
 
 impl EndpointState {
-    pub(crate) fn reachability(&self) -> Reachability {
-        Reachability::from_raw(self.reachability.load(Ordering::Acquire))
-    }
-
-    /// Sets the reachability, unless the endpoint is retired (which is final); returns the
-    /// previous one.
-    pub(crate) fn set_reachability(&self, reachability: Reachability) -> Reachability {
-        let retired = Reachability::Retired.to_raw();
-        let previous = self
-            .reachability
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |raw| {
-                (raw != retired).then_some(reachability.to_raw())
-            })
-            .unwrap_or(retired);
-        Reachability::from_raw(previous)
+    /// Whether the handle was retired: no traffic ever again through it.
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     pub(crate) fn outstanding(&self) -> usize {
@@ -151,11 +109,17 @@ impl Drop for Outstanding<'_> {
 pub(crate) struct Failure {
     pub(crate) error: Error,
     pub(crate) stage: Stage,
+    /// The endpoint had not replayed the position a read asked for: nothing ran.
+    pub(crate) stale: bool,
 }
 
 impl Failure {
     fn new(error: Error, stage: Stage) -> Failure {
-        Failure { error, stage }
+        Failure {
+            error,
+            stage,
+            stale: false,
+        }
     }
 }
 
@@ -166,10 +130,10 @@ struct Inner {
     weight: u32,
     generation: u64,
     pool: Pool,
-    tls: Tls,
+    connector: Arc<Connector>,
     state: EndpointState,
     reports: Recipient<DatabaseReport>,
-    changed: Arc<Notify>,
+    probes: Arc<ProbeRequests>,
 }
 
 /// One endpoint as the router sees it: cheap to clone, shared with its database actor.
@@ -183,7 +147,7 @@ impl fmt::Debug for Endpoint {
             .field("role", &self.0.role)
             .field("cluster", &self.0.cluster)
             .field("generation", &self.0.generation)
-            .field("reachability", &self.0.state.reachability())
+            .field("retired", &self.0.state.is_retired())
             .field("outstanding", &self.0.state.outstanding())
             .finish()
     }
@@ -197,9 +161,9 @@ pub(crate) struct EndpointParts {
     pub(crate) weight: u32,
     pub(crate) generation: u64,
     pub(crate) pool: Pool,
-    pub(crate) tls: Tls,
+    pub(crate) connector: Arc<Connector>,
     pub(crate) reports: Recipient<DatabaseReport>,
-    pub(crate) changed: Arc<Notify>,
+    pub(crate) probes: Arc<ProbeRequests>,
 }
 
 impl Endpoint {
@@ -211,10 +175,10 @@ impl Endpoint {
             weight: parts.weight,
             generation: parts.generation,
             pool: parts.pool,
-            tls: parts.tls,
+            connector: parts.connector,
             state: EndpointState::default(),
             reports: parts.reports,
-            changed: parts.changed,
+            probes: parts.probes,
         }))
     }
 
@@ -246,111 +210,153 @@ impl Endpoint {
         &self.0.state
     }
 
-    /// Sets the reachability and, when it changed, wakes every message waiting for a target.
-    pub(crate) fn set_reachability(&self, reachability: Reachability) -> Reachability {
-        let before = self.0.state.set_reachability(reachability);
-        if before != reachability {
-            self.0.changed.notify_waiters();
-        }
-        before
+    /// Retires the handle: no message may use it any more (its actor stops; a restart brings a
+    /// new one).
+    pub(crate) fn retire(&self) {
+        self.0.state.retired.store(true, Ordering::Release);
     }
 
-    fn report(&self, report: DatabaseReport) {
-        // A report is a hint; when the actor's mailbox is full it already has work to do.
-        let _ = self.0.reports.try_send(report);
+    /// Asks the health actor to probe this endpoint at once.
+    fn suspect(&self) {
+        self.0.probes.request(&self.0.name);
     }
 
     /// Runs `job` on a connection of this endpoint, by `deadline`.
     ///
     /// On the deadline the statement is cancelled on the server. A read is answered at once
-    /// while its connection is freed in the background; a write waits up to [`CANCEL_GRACE`] to
-    /// learn whether the cancel stopped it, and is reported
-    /// [`CommitUnknown`](ErrorKind::CommitUnknown) when its commit may have happened.
+    /// while its connection is dealt with in the background; a write waits up to
+    /// [`CANCEL_GRACE`] to learn whether the cancel stopped it, and is reported
+    /// [`CommitUnknown`](ErrorKind::CommitUnknown) when its commit may have happened. A
+    /// connection a cancel was sent on is never reused (a late cancel could hit its next
+    /// statement). If the caller stops waiting (its future is dropped), the statement is
+    /// cancelled on the server too.
+    ///
+    /// With `replayed`, the endpoint is first asked, on the same connection, whether it has
+    /// replayed that position; if not, nothing runs and the failure is marked stale.
     pub(crate) async fn execute<J: Job>(
         &self,
         job: Rc<J>,
         deadline: Instant,
         budget: Duration,
-    ) -> Result<J::Output, Failure> {
+        replayed: Option<Position>,
+    ) -> Result<(J::Output, Option<Position>), Failure> {
         let _outstanding = Outstanding::new(&self.0.state);
         let started = Instant::now();
         // One timer for the whole attempt: checkout and execution.
         let expiry = tokio::time::sleep_until(deadline);
         tokio::pin!(expiry);
+        let timed_out = |doing: &str| {
+            Err(Failure::new(
+                self.tag(Error::timeout(budget, doing)),
+                Stage::NotSent,
+            ))
+        };
         let object = tokio::select! {
             biased;
             checkout = self.0.pool.get() => match checkout {
                 Ok(object) => object,
                 Err(error) => return Err(Failure::new(self.pool_error(error), Stage::NotSent)),
             },
-            () = &mut expiry => {
-                return Err(Failure::new(
-                    self.tag(Error::timeout(budget, "waiting for a connection")),
-                    Stage::NotSent,
-                ))
-            }
+            () = &mut expiry => return timed_out("waiting for a connection"),
         };
-        let token = object.cancel_token();
+        // Never start a statement after the deadline, even with a connection in hand.
+        if Instant::now() >= deadline {
+            return timed_out("waiting for a connection");
+        }
+        if let Some(position) = replayed {
+            let lsn = PgLsn::from(position);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&lsn];
+            let check = tokio::select! {
+                biased;
+                check = object.query_one(REPLAYED_SQL, &params) => check,
+                () = &mut expiry => {
+                    // The connection has a request in flight: it is not reused.
+                    drop(Object::take(object));
+                    return timed_out("asking whether a position was replayed");
+                }
+            };
+            match check.map(|row| row.get::<_, Option<bool>>(0)) {
+                Ok(Some(true)) => {}
+                Ok(_) => {
+                    let mut failure = Failure::new(
+                        self.tag(Error::new(ErrorKind::NoTarget).with_detail(format!(
+                            "it has not replayed position {position} yet"
+                        ))),
+                        Stage::NotSent,
+                    );
+                    failure.stale = true;
+                    return Err(failure);
+                }
+                Err(error) => {
+                    return Err(self.failed(Error::from_postgres(error), Stage::NotSent, Intent::Read))
+                }
+            }
+        }
         let progress = Rc::new(Progress::default());
         let intent = job.intent();
-        let mut attempt = Box::pin(
-            AssertUnwindSafe(attempt(
-                Rc::clone(&job),
-                Lease::new(object),
-                Rc::clone(&progress),
-            ))
-            .catch_unwind(),
+        let mut in_flight = InFlight::new(
+            object.cancel_token(),
+            self.0.connector.tls().clone(),
+            |discard| {
+                Box::pin(
+                    AssertUnwindSafe(attempt(
+                        Rc::clone(&job),
+                        Lease::new(object, discard),
+                        Rc::clone(&progress),
+                    ))
+                    .catch_unwind(),
+                )
+            },
         );
         let finished = tokio::select! {
             biased;
-            finished = &mut attempt => finished,
+            finished = in_flight.attempt() => finished,
             () = &mut expiry => {
-                return self.after_deadline(attempt, token, &progress, intent, budget).await;
+                return self.after_deadline(in_flight, &progress, intent, budget).await;
             }
         };
+        in_flight.finished();
         match finished {
             Ok(Ok(output)) => {
                 self.0.state.record_latency(started.elapsed());
-                Ok(output)
+                Ok((output, progress.position()))
             }
             Ok(Err(error)) => Err(self.failed(error, progress.stage(), intent)),
-            Err(panic) => Err(self.panicked(panic.as_ref(), progress.stage())),
+            Err(panic) => Err(self.panicked(panic.as_ref(), progress.stage(), intent)),
         }
     }
 
     /// The deadline passed with the statement running: cancel it on the server.
     async fn after_deadline<T: 'static>(
         &self,
-        mut attempt: AttemptFuture<T>,
-        token: CancelToken,
+        mut in_flight: InFlight<T>,
         progress: &Progress,
         intent: Intent,
         budget: Duration,
-    ) -> Result<T, Failure> {
-        let cancel = cancel(token, self.0.tls.clone());
+    ) -> Result<(T, Option<Position>), Failure> {
+        // A statement past its deadline may mean a hung server: have it probed now.
+        self.suspect();
         if intent == Intent::Read {
-            // The caller gets its answer at the deadline; the connection is freed (or, if the
-            // server does not answer, discarded) in the background.
-            actix_rt::spawn(async move {
-                cancel.await;
-                let _ = tokio::time::timeout(CANCEL_GRACE, attempt).await;
-            });
+            // The caller gets its answer at the deadline; dropping the guard cancels the
+            // statement and lets it end in the background.
+            drop(in_flight);
             return Err(Failure::new(
                 self.tag(Error::timeout(budget, "the statement ran")),
                 progress.stage(),
             ));
         }
-        let outcome = tokio::time::timeout(CANCEL_GRACE, async {
-            cancel.await;
-            (&mut attempt).await
-        })
-        .await;
+        in_flight.cancel();
+        let outcome = tokio::time::timeout(CANCEL_GRACE, in_flight.attempt()).await;
         let stage = progress.stage();
         match outcome {
             // The write finished while the cancel was on its way: its outcome is known, and it
             // is reported, if slightly after the deadline.
-            Ok(Ok(Ok(output))) => Ok(output),
+            Ok(Ok(Ok(output))) => {
+                in_flight.finished();
+                Ok((output, progress.position()))
+            }
             Ok(Ok(Err(error))) if error.code() == Some(&SqlState::QUERY_CANCELED) => {
+                in_flight.finished();
                 Err(Failure::new(
                     self.tag(Error::timeout(
                         budget,
@@ -359,36 +365,57 @@ impl Endpoint {
                     stage,
                 ))
             }
-            Ok(Ok(Err(error))) => Err(self.failed(error, stage, intent)),
-            Ok(Err(panic)) => Err(self.panicked(panic.as_ref(), stage)),
-            // The server did not confirm in time: the attempt is dropped, which discards its
-            // connection (rolling back anything not yet committed).
-            Err(_) if stage == Stage::Committing => Err(Failure::new(
-                self.tag(Error::new(ErrorKind::CommitUnknown).with_detail(format!(
-                    "the deadline of {} passed while the write was committing, and the server did \
-                     not confirm the cancel within {}: it may or may not have taken effect",
-                    humantime::format_duration(budget),
-                    humantime::format_duration(CANCEL_GRACE)
-                ))),
-                stage,
-            )),
-            Err(_) => Err(Failure::new(
-                self.tag(Error::timeout(
-                    budget,
-                    "the write ran; its connection was closed and nothing was committed",
-                )),
-                stage,
-            )),
+            Ok(Ok(Err(error))) => {
+                in_flight.finished();
+                Err(self.failed(error, stage, intent))
+            }
+            Ok(Err(panic)) => {
+                in_flight.finished();
+                Err(self.panicked(panic.as_ref(), stage, intent))
+            }
+            // The server did not confirm in time: the attempt is dropped here (not left to run
+            // on), which closes its connection and rolls back anything not yet committed.
+            Err(_) => {
+                in_flight.forget();
+                if stage == Stage::Committing {
+                    Err(Failure::new(
+                        self.tag(Error::new(ErrorKind::CommitUnknown).with_detail(format!(
+                            "the deadline of {} passed while the write was committing, and the \
+                             server did not confirm the cancel within {}: it may or may not have \
+                             taken effect",
+                            crate::error::show(budget),
+                            humantime::format_duration(CANCEL_GRACE)
+                        ))),
+                        stage,
+                    ))
+                } else {
+                    Err(Failure::new(
+                        self.tag(Error::timeout(
+                            budget,
+                            "the write ran; its connection was closed and nothing was committed",
+                        )),
+                        stage,
+                    ))
+                }
+            }
         }
     }
 
     /// Classifies a job's error by how far it got, and reports connection failures.
     fn failed(&self, error: Error, stage: Stage, intent: Intent) -> Failure {
         let error = self.tag(error);
+        if intent == Intent::Write && stage == Stage::Committed {
+            // Whatever failed after the commit was confirmed (mapping the result, say), the
+            // write itself took effect, and the caller must know.
+            return Failure::new(
+                error.with_detail("the write was committed; only what came after it failed"),
+                stage,
+            );
+        }
         if error.kind() != ErrorKind::Connection {
             return Failure::new(error, stage);
         }
-        self.report(DatabaseReport::ConnectionFailed);
+        self.suspect();
         let error = match (intent, stage) {
             (Intent::Write, Stage::Committing) => error.into_kind(ErrorKind::CommitUnknown).with_detail(
                 "the connection was lost after the write was sent: it may or may not have been committed",
@@ -396,26 +423,36 @@ impl Endpoint {
             (Intent::Write, Stage::InTransaction) => error.with_detail(
                 "the connection was lost during the transaction, before its commit: nothing was committed",
             ),
-            (Intent::Write, Stage::NotSent) => {
-                error.with_detail("the connection failed before the write was sent")
-            }
+            (Intent::Write, _) => error.with_detail("the connection failed before the write was sent"),
             (Intent::Read, _) => error,
         };
         Failure::new(error, stage)
     }
 
-    fn panicked(&self, panic: &(dyn Any + Send), stage: Stage) -> Failure {
+    fn panicked(&self, panic: &(dyn Any + Send), stage: Stage, intent: Intent) -> Failure {
         let message = panic_message(panic);
         tracing::error!(endpoint = %self.0.name, %message, "code run for a message panicked");
         // No further message may use this handle: the actor is about to stop and be replaced.
-        self.set_reachability(Reachability::Retired);
+        self.retire();
         // Not a hint: the actor must learn of it, so that it is restarted.
         self.0.reports.do_send(DatabaseReport::Poisoned {
             reason: format!("panic in code run for a message: {message}"),
         });
+        let outcome = match (intent, stage) {
+            (Intent::Write, Stage::Committed) => "the write had been committed",
+            (Intent::Write, Stage::Committing) => "the write may or may not have been committed",
+            (Intent::Write, _) => "nothing was committed",
+            (Intent::Read, _) => "it was a read",
+        };
+        let kind = if intent == Intent::Write && stage == Stage::Committing {
+            ErrorKind::CommitUnknown
+        } else {
+            ErrorKind::Panicked
+        };
         Failure::new(
-            self.tag(Error::new(ErrorKind::Panicked).with_detail(format!(
-                "{message} (the connection was discarded and the endpoint's actor is restarted)"
+            self.tag(Error::new(kind).with_detail(format!(
+                "panic: {message}; {outcome}; the connection was discarded and the endpoint's \
+                 actor is restarted"
             ))),
             stage,
         )
@@ -432,14 +469,19 @@ impl Endpoint {
             PoolError::Closed => {
                 Error::stopped("the endpoint's pool was closed (restart or shutdown)")
             }
+            PoolError::Timeout(_) => {
+                // A connection that cannot be made or checked in time: a hung server, perhaps.
+                self.suspect();
+                Error::new(ErrorKind::Connection).with_detail(format!("cannot connect: {error}"))
+            }
             PoolError::Backend(error) => {
-                self.report(DatabaseReport::ConnectionFailed);
+                self.suspect();
                 Error::from_postgres(error)
                     .into_kind(ErrorKind::Connection)
                     .with_detail("cannot connect")
             }
             other => {
-                self.report(DatabaseReport::ConnectionFailed);
+                self.suspect();
                 Error::new(ErrorKind::Connection).with_detail(format!("cannot connect: {other}"))
             }
         };
@@ -454,6 +496,89 @@ impl Endpoint {
 /// A running attempt, panics caught; boxed once so that it can be handed to a background task.
 type AttemptFuture<T> =
     std::pin::Pin<Box<dyn Future<Output = std::thread::Result<Result<T, Error>>>>>;
+
+/// An attempt in flight. Dropped before it finished (the caller gave up, or a read's deadline
+/// passed), it cancels the statement on the server and lets it end in the background, within
+/// [`CANCEL_GRACE`], its connection discarded.
+struct InFlight<T: 'static> {
+    attempt: Option<AttemptFuture<T>>,
+    token: Option<CancelToken>,
+    tls: Tls,
+    discard: Rc<Cell<bool>>,
+}
+
+impl<T: 'static> InFlight<T> {
+    fn new(
+        token: CancelToken,
+        tls: Tls,
+        attempt: impl FnOnce(Rc<Cell<bool>>) -> AttemptFuture<T>,
+    ) -> Self {
+        let discard = Rc::new(Cell::new(false));
+        InFlight {
+            attempt: Some(attempt(Rc::clone(&discard))),
+            token: Some(token),
+            tls,
+            discard,
+        }
+    }
+
+    /// The attempt, to be awaited.
+    fn attempt(&mut self) -> impl Future<Output = std::thread::Result<Result<T, Error>>> + '_ {
+        futures_util::future::poll_fn(move |cx| match self.attempt.as_mut() {
+            Some(attempt) => attempt.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        })
+    }
+
+    /// The attempt ended: nothing left to clean up.
+    fn finished(&mut self) {
+        self.attempt = None;
+        self.token = None;
+    }
+
+    /// Drops the attempt where it stands, discarding its connection.
+    fn forget(&mut self) {
+        self.discard.set(true);
+        self.finished();
+    }
+
+    /// Sends the cancel (in the background, bounded by [`CANCEL_GRACE`]); the connection will be
+    /// discarded.
+    fn cancel(&mut self) {
+        self.discard.set(true);
+        if let Some(token) = self.token.take() {
+            let tls = self.tls.clone();
+            spawn_local_if_possible(async move {
+                let _ = tokio::time::timeout(CANCEL_GRACE, cancel(token, tls)).await;
+            });
+        }
+    }
+}
+
+impl<T: 'static> Drop for InFlight<T> {
+    fn drop(&mut self) {
+        let Some(attempt) = self.attempt.take() else {
+            return;
+        };
+        self.cancel();
+        if std::thread::panicking() {
+            return;
+        }
+        spawn_local_if_possible(async move {
+            let _ = tokio::time::timeout(CANCEL_GRACE, attempt).await;
+        });
+    }
+}
+
+/// Spawns on the current actix arbiter; outside one (a runtime shutting down), the work is
+/// dropped, which still closes the connection.
+fn spawn_local_if_possible(work: impl Future<Output = ()> + 'static) {
+    let spawned =
+        std::panic::catch_unwind(AssertUnwindSafe(|| drop(tokio::task::spawn_local(work))));
+    if spawned.is_err() {
+        tracing::debug!("no local task set to finish a cancelled statement in");
+    }
+}
 
 /// One run of a job on a leased connection, owning everything it needs, so that it can outlive
 /// the caller's wait (to free the connection after a cancel).
@@ -470,19 +595,21 @@ async fn attempt<J: Job>(
     result
 }
 
-/// A pooled connection that goes back to the pool only when its job finished; dropped half-way
-/// (a deadline, a panic), it is discarded instead, so no one inherits a connection in an
-/// unknown state.
+/// A pooled connection that goes back to the pool only when its job finished and no cancel was
+/// sent on it; otherwise it is discarded, so that no one inherits a connection in an unknown
+/// state (or a late cancel).
 struct Lease {
     object: Option<Object>,
     finished: bool,
+    discard: Rc<Cell<bool>>,
 }
 
 impl Lease {
-    fn new(object: Object) -> Lease {
+    fn new(object: Object, discard: Rc<Cell<bool>>) -> Lease {
         Lease {
             object: Some(object),
             finished: false,
+            discard,
         }
     }
 
@@ -498,7 +625,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(object) = self.object.take() {
-            if !self.finished || std::thread::panicking() {
+            if !self.finished || self.discard.get() || std::thread::panicking() {
                 // Taken out of the pool and dropped: the connection closes.
                 drop(Object::take(object));
             }

@@ -42,23 +42,19 @@ pub(crate) fn driver_config(
     config
 }
 
-/// Builds the pool of an endpoint, and returns it with the connector it uses (for probes that
-/// must not wait behind the application's connections). Nothing connects yet.
+/// Builds the pool of an endpoint over `connector`. Nothing connects yet.
 ///
 /// # Errors
 ///
 /// A [`Config`](ErrorKind::Config) error when the pool cannot be built.
 pub(crate) fn build(
     name: &str,
-    endpoint: &EndpointSettings,
     pool: &PoolSettings,
-    tls: &Tls,
-    mode: tokio_postgres::config::SslMode,
-) -> Result<(Pool, Arc<Connector>), Error> {
-    let connector = Arc::new(Connector::new(name, endpoint, tls, mode, pool)?);
+    connector: &Arc<Connector>,
+) -> Result<Pool, Error> {
     let manager = Manager::from_connect(
         connector.config.clone(),
-        SharedConnector(Arc::clone(&connector)),
+        SharedConnector(Arc::clone(connector)),
         ManagerConfig {
             recycling_method: RecyclingMethod::Verified,
         },
@@ -70,7 +66,6 @@ pub(crate) fn build(
         .create_timeout(Some(pool.connect_timeout))
         .recycle_timeout(Some(pool.recycle_timeout))
         .build()
-        .map(|pool| (pool, connector))
         .map_err(|e| {
             Error::new(ErrorKind::Config).with_detail(format!("endpoints.{name}: pool: {e}"))
         })
@@ -88,7 +83,7 @@ pub(crate) struct Connector {
 }
 
 impl Connector {
-    fn new(
+    pub(crate) fn new(
         name: &str,
         endpoint: &EndpointSettings,
         tls: &Tls,
@@ -108,13 +103,16 @@ impl Connector {
         })
     }
 
-    /// Opens one connection outside the pool and checks that the server answers.
-    pub(crate) async fn check(&self) -> Result<(), tokio_postgres::Error> {
-        let (client, driver) = self.open(&self.config).await?;
-        let result = client.simple_query("").await.map(drop);
-        drop(client);
-        driver.abort();
-        result
+    /// How connections are encrypted.
+    pub(crate) fn tls(&self) -> &Tls {
+        &self.tls
+    }
+
+    /// Opens one connection outside any pool (for probes and promotions). The connection
+    /// closes when the client is dropped.
+    pub(crate) async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        let (client, _driver) = self.open(&self.config).await?;
+        Ok(client)
     }
 
     fn open(

@@ -8,7 +8,7 @@ use std::{any::Any, cell::Cell};
 use deadpool_postgres::ClientWrapper;
 
 use super::Intent;
-use crate::error::Error;
+use crate::{error::Error, position::Position};
 
 /// How far a job got on its connection, which decides what a connection failure means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,19 +20,33 @@ pub(crate) enum Stage {
     /// A statement that commits on its own, or a COMMIT, was sent: after a failure, whether it
     /// was committed is unknown.
     Committing,
+    /// The commit was confirmed: whatever fails afterwards, the write took effect.
+    Committed,
 }
 
-/// Records a job's [`Stage`] as it runs.
+/// Records a job's [`Stage`] as it runs, and the position a write reached.
 #[derive(Debug, Default)]
-pub struct Progress(Cell<Option<Stage>>);
+pub struct Progress {
+    stage: Cell<Option<Stage>>,
+    position: Cell<Option<Position>>,
+}
 
 impl Progress {
     pub(crate) fn stage(&self) -> Stage {
-        self.0.get().unwrap_or(Stage::NotSent)
+        self.stage.get().unwrap_or(Stage::NotSent)
     }
 
     pub(crate) fn reach(&self, stage: Stage) {
-        self.0.set(Some(stage));
+        self.stage.set(Some(stage));
+    }
+
+    /// The position a committed write reached, once known.
+    pub(crate) fn position(&self) -> Option<Position> {
+        self.position.get()
+    }
+
+    pub(crate) fn committed_at(&self, position: Position) {
+        self.position.set(Some(position));
     }
 }
 

@@ -29,13 +29,14 @@ impl Sql {
         &self,
         client: &ClientWrapper,
         progress: &Progress,
+        track: bool,
     ) -> Result<super::QueryResult, Error> {
         let params: Vec<&(dyn ToSql + Sync)> = self
             .params
             .iter()
             .map(|param| param.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        statement(client, &self.text, &params, progress).await
+        statement(client, &self.text, &params, progress, track).await
     }
 }
 
@@ -118,7 +119,7 @@ impl Job for Read {
         client: &mut ClientWrapper,
         progress: &Progress,
     ) -> Result<Vec<Row>, Error> {
-        Ok(self.sql.run(client, progress).await?.rows())
+        Ok(self.sql.run(client, progress, false).await?.rows())
     }
 }
 
@@ -170,6 +171,9 @@ pub struct Written {
     pub rows_affected: u64,
     /// The rows of a `RETURNING` clause (empty without one).
     pub rows: Vec<Row>,
+    /// The position the write reached: a read sent with [`after`](Routable::after) it sees the
+    /// write, wherever it runs. `None` if it could not be read (the write itself succeeded).
+    pub position: Option<crate::Position>,
 }
 
 impl Message for Write {
@@ -198,10 +202,11 @@ impl Job for Write {
     }
 
     async fn run(&self, client: &mut ClientWrapper, progress: &Progress) -> Result<Written, Error> {
-        let result = self.sql.run(client, progress).await?;
+        let result = self.sql.run(client, progress, true).await?;
         Ok(Written {
             rows_affected: result.rows_affected(),
             rows: result.rows(),
+            position: progress.position(),
         })
     }
 }

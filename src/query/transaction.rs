@@ -118,6 +118,8 @@ impl Job for Batch {
         }
         progress.reach(Stage::Committing);
         transaction.commit().await.map_err(Error::from_postgres)?;
+        progress.reach(Stage::Committed);
+        super::record_position(client, progress).await;
         Ok(affected)
     }
 }
@@ -213,8 +215,18 @@ impl<T: Send + 'static> Job for Transact<T> {
                 .with_detail("a Transact closure runs at most once, and it already ran"));
         };
         let output = body(&transaction).await?;
+        // A closure that swallowed a statement's error leaves an aborted transaction, whose
+        // COMMIT would silently roll back: ask before committing.
+        if let Err(error) = transaction.simple_query("SELECT 1").await {
+            return Err(Error::from_postgres(error).with_detail(
+                "the transaction had already failed (an error inside the closure was not \
+                 returned): it was rolled back, nothing was committed",
+            ));
+        }
         progress.reach(Stage::Committing);
         transaction.commit().await.map_err(Error::from_postgres)?;
+        progress.reach(Stage::Committed);
+        super::record_position(client, progress).await;
         Ok(output)
     }
 }

@@ -13,8 +13,9 @@ use super::{
 };
 use crate::{
     error::{Error, ErrorKind},
+    position::Position,
     query::{Intent, Stage},
-    settings::{ReadPolicy, Role, Settings, DEFAULT_CLUSTER},
+    settings::{ReadPolicy, Settings, DEFAULT_CLUSTER},
 };
 
 /// The endpoints and clusters the settings configure (whether or not their actors run now).
@@ -136,10 +137,19 @@ pub(crate) fn resolve(
 #[derive(Debug, Clone)]
 pub(crate) struct Candidate<'a> {
     pub(crate) name: &'a Arc<str>,
-    pub(crate) role: Role,
     pub(crate) cluster: &'a str,
-    /// Not known to be unreachable.
-    pub(crate) available: bool,
+    /// May get traffic: not retired, not declared down.
+    pub(crate) serving: bool,
+    /// Writable but not the accepted primary: no traffic at all.
+    pub(crate) fenced: bool,
+    /// The accepted primary of its cluster.
+    pub(crate) primary: bool,
+    /// A standby following its cluster's accepted primary (same system, same timeline).
+    pub(crate) reader: bool,
+    /// Current on a primary, replayed on a standby.
+    pub(crate) position: Option<Position>,
+    /// A standby's lag behind the accepted primary.
+    pub(crate) lag: Option<Duration>,
     pub(crate) outstanding: usize,
     pub(crate) latency: Option<Duration>,
     pub(crate) weight: u32,
@@ -150,10 +160,16 @@ pub(crate) struct Candidate<'a> {
 pub(crate) enum Decision {
     /// Run on the candidate at this index.
     Use(usize),
-    /// Nothing fits now; wait for a change (an endpoint coming back) until the deadline.
+    /// Run on the candidate at this index, after checking on the same connection that it has
+    /// replayed the position.
+    UseChecked(usize, Position),
+    /// Nothing fits now; wait for a change (an endpoint coming back, a primary being accepted)
+    /// until the deadline.
     Wait(String),
     /// Every fitting endpoint was tried and failed: give up with the last error.
     Exhausted,
+    /// The message can never run where it asks (e.g. a fenced endpoint).
+    Refuse(String),
 }
 
 /// Everything a decision depends on besides the candidates.
@@ -163,16 +179,24 @@ pub(crate) struct Ask<'a> {
     pub(crate) scope: &'a Scope,
     pub(crate) fallback_to_primary: bool,
     pub(crate) policy: ReadPolicy,
-    /// Endpoints this message already failed on.
+    /// Standbys lagging more get no reads (`router.max_lag`, or the message's own, tighter).
+    pub(crate) max_lag: Duration,
+    /// Whether the lag bound is the message's own: then an unknown lag does not qualify.
+    pub(crate) strict_lag: bool,
+    /// A read must see this position.
+    pub(crate) after: Option<Position>,
+    /// Endpoints this message already failed on (or found not to have replayed `after`).
     pub(crate) excluded: &'a [Arc<str>],
 }
 
 /// Picks the endpoint for one attempt.
 ///
-/// - An explicit endpoint is used whatever its role, once it is available.
-/// - A write goes to the cluster's primary.
-/// - A read goes to an available standby of the cluster, chosen by the read policy; when there
-///   is none, to the primary if `fallback_to_primary`.
+/// - An explicit endpoint is used whatever its role, once it serves (never when fenced).
+/// - A write goes to the cluster's accepted primary, or waits for one.
+/// - A read goes to a serving standby that follows the accepted primary and lags at most
+///   `max_lag`, chosen by the read policy; with `after`, only to one known to have replayed the
+///   position, else to one checked on its connection, else to the primary. With no standby left,
+///   the primary serves the read if `fallback_to_primary` (or if the cluster has no standby).
 pub(crate) fn decide(
     ask: Ask<'_>,
     candidates: &[Candidate<'_>],
@@ -181,34 +205,60 @@ pub(crate) fn decide(
     let tried = |c: &Candidate<'_>| ask.excluded.contains(c.name);
     match ask.scope {
         Scope::Endpoint(name) => match candidates.iter().position(|c| c.name == name) {
-            Some(index) if candidates[index].available => Decision::Use(index),
-            Some(_) => Decision::Wait(format!("endpoint `{name}` is unreachable")),
+            Some(index) if candidates[index].fenced => Decision::Refuse(format!(
+                "endpoint `{name}` is fenced (writable, but not the accepted primary): re-admit it \
+                 with Herd::readmit first"
+            )),
+            Some(index) if candidates[index].serving && !tried(&candidates[index]) => {
+                match ask.after {
+                    Some(after)
+                        if ask.intent == Intent::Read
+                            && !candidates[index].position.is_some_and(|p| p >= after) =>
+                    {
+                        Decision::UseChecked(index, after)
+                    }
+                    _ => Decision::Use(index),
+                }
+            }
+            Some(index) if candidates[index].serving => Decision::Wait(format!(
+                "endpoint `{name}` has not replayed the position asked for"
+            )),
+            Some(_) => Decision::Wait(format!("endpoint `{name}` is down")),
             None => Decision::Wait(format!("endpoint `{name}` is restarting")),
         },
         Scope::Cluster(cluster) => {
             let in_cluster = |c: &&Candidate<'_>| c.cluster == &**cluster;
             let primary = candidates
                 .iter()
-                .position(|c| c.cluster == &**cluster && c.role == Role::Primary);
+                .position(|c| c.cluster == &**cluster && c.primary);
             if ask.intent == Intent::Write {
                 return match primary {
-                    Some(index) if candidates[index].available => Decision::Use(index),
-                    Some(_) => {
-                        Decision::Wait(format!("the primary of cluster `{cluster}` is unreachable"))
-                    }
-                    None => {
-                        Decision::Wait(format!("the primary of cluster `{cluster}` is not running"))
-                    }
+                    Some(index) if candidates[index].serving => Decision::Use(index),
+                    Some(_) => Decision::Wait(format!(
+                        "the primary of cluster `{cluster}` is unreachable"
+                    )),
+                    None => Decision::Wait(format!(
+                        "no primary is accepted in cluster `{cluster}` (starting, or failing over)"
+                    )),
                 };
             }
+            let fresh_enough = |c: &Candidate<'_>| match c.lag {
+                Some(lag) => lag <= ask.max_lag,
+                None => !ask.strict_lag,
+            };
             let readers: Vec<usize> = (0..candidates.len())
                 .filter(|&i| {
                     let c = &candidates[i];
-                    in_cluster(&c) && c.role == Role::Standby && c.available && !tried(c)
+                    in_cluster(&c)
+                        && c.reader
+                        && c.serving
+                        && !c.fenced
+                        && !tried(c)
+                        && fresh_enough(c)
                 })
                 .collect();
-            if !readers.is_empty() {
-                let loads: Vec<Load> = readers
+            let pick = |indexes: &[usize], balancer: &mut Balancer| {
+                let loads: Vec<Load> = indexes
                     .iter()
                     .map(|&i| Load {
                         name: Arc::clone(candidates[i].name),
@@ -217,34 +267,58 @@ pub(crate) fn decide(
                         weight: candidates[i].weight,
                     })
                     .collect();
-                return Decision::Use(readers[balancer.pick(ask.policy, &loads)]);
+                indexes[balancer.pick(ask.policy, &loads)]
+            };
+            match ask.after {
+                None if !readers.is_empty() => return Decision::Use(pick(&readers, balancer)),
+                Some(after) if !readers.is_empty() => {
+                    let known: Vec<usize> = readers
+                        .iter()
+                        .copied()
+                        .filter(|&i| candidates[i].position.is_some_and(|p| p >= after))
+                        .collect();
+                    if !known.is_empty() {
+                        return Decision::Use(pick(&known, balancer));
+                    }
+                    // None is known to have it yet: check the most advanced one.
+                    let best = readers
+                        .iter()
+                        .copied()
+                        .max_by_key(|&i| candidates[i].position)
+                        .unwrap_or(readers[0]);
+                    return Decision::UseChecked(best, after);
+                }
+                _ => {}
             }
-            let any_standby = candidates
-                .iter()
-                .any(|c| in_cluster(&c) && c.role == Role::Standby);
-            if ask.fallback_to_primary || !any_standby {
+            let any_standby = candidates.iter().any(|c| in_cluster(&c) && c.reader);
+            let primary_may_read = ask.fallback_to_primary || !any_standby;
+            if primary_may_read {
                 if let Some(index) = primary {
                     let c = &candidates[index];
-                    if c.available && !tried(c) {
+                    if c.serving && !tried(c) {
                         return Decision::Use(index);
                     }
                 }
             }
             let untried_left = candidates.iter().any(|c| {
                 in_cluster(&c)
+                    && c.serving
                     && !tried(c)
-                    && (c.role == Role::Standby
-                        || (c.role == Role::Primary && (ask.fallback_to_primary || !any_standby)))
+                    && ((c.reader && fresh_enough(c)) || (c.primary && primary_may_read))
             });
             if !ask.excluded.is_empty() && !untried_left {
                 Decision::Exhausted
-            } else if ask.fallback_to_primary || !any_standby {
+            } else if primary.is_none() && !any_standby {
                 Decision::Wait(format!(
-                    "no standby and not the primary of cluster `{cluster}` can be reached"
+                    "no primary is accepted and no standby serves in cluster `{cluster}`"
+                ))
+            } else if primary_may_read {
+                Decision::Wait(format!(
+                    "no standby and not the primary of cluster `{cluster}` can serve the read"
                 ))
             } else {
                 Decision::Wait(format!(
-                    "no standby of cluster `{cluster}` can be reached (fallback_to_primary is off)"
+                    "no standby of cluster `{cluster}` can serve the read (fallback_to_primary is off)"
                 ))
             }
         }
@@ -283,6 +357,8 @@ pub(crate) fn retry(
         ErrorKind::Connection | ErrorKind::Stopped | ErrorKind::Timeout
     );
     match intent {
+        // The endpoint's actor is restarting (its pool closed): its next generation will do.
+        Intent::Read if kind == ErrorKind::Stopped => Retry::Again,
         Intent::Read if transient || kind == ErrorKind::CommitUnknown => {
             if explicit {
                 Retry::Again
@@ -308,33 +384,59 @@ pub(crate) fn retry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::EndpointSettings;
+    use crate::settings::{EndpointSettings, Role};
 
-    fn candidate(
-        name: &str,
-        role: Role,
+    struct Node {
+        name: Arc<str>,
         cluster: &'static str,
-        available: bool,
-    ) -> Candidate<'static> {
-        Candidate {
-            name: Box::leak(Box::new(Arc::from(name))),
-            role,
+        primary: bool,
+        reader: bool,
+        serving: bool,
+        fenced: bool,
+        position: Option<Position>,
+        lag: Option<Duration>,
+    }
+
+    fn node(name: &str, cluster: &'static str, primary: bool, reader: bool) -> Node {
+        Node {
+            name: Arc::from(name),
             cluster,
-            available,
-            outstanding: 0,
-            latency: None,
-            weight: 1,
+            primary,
+            reader,
+            serving: true,
+            fenced: false,
+            position: None,
+            lag: Some(Duration::ZERO),
         }
     }
 
-    fn herd() -> Vec<Candidate<'static>> {
+    fn herd() -> Vec<Node> {
         vec![
-            candidate("primary", Role::Primary, "main", true),
-            candidate("standby_1", Role::Standby, "main", true),
-            candidate("standby_2", Role::Standby, "main", true),
-            candidate("backup", Role::Backup, "main", true),
-            candidate("tenant_primary", Role::Primary, "tenant", true),
+            node("primary", "main", true, false),
+            node("standby_1", "main", false, true),
+            node("standby_2", "main", false, true),
+            node("backup", "main", false, false),
+            node("tenant_primary", "tenant", true, false),
         ]
+    }
+
+    fn candidates(nodes: &[Node]) -> Vec<Candidate<'_>> {
+        nodes
+            .iter()
+            .map(|n| Candidate {
+                name: &n.name,
+                cluster: n.cluster,
+                serving: n.serving,
+                fenced: n.fenced,
+                primary: n.primary,
+                reader: n.reader,
+                position: n.position,
+                lag: n.lag,
+                outstanding: 0,
+                latency: None,
+                weight: 1,
+            })
+            .collect()
     }
 
     fn ask<'a>(intent: Intent, scope: &'a Scope, excluded: &'a [Arc<str>]) -> Ask<'a> {
@@ -343,6 +445,9 @@ mod tests {
             scope,
             fallback_to_primary: true,
             policy: ReadPolicy::RoundRobin,
+            max_lag: Duration::from_secs(10),
+            strict_lag: false,
+            after: None,
             excluded,
         }
     }
@@ -351,130 +456,141 @@ mod tests {
         Scope::Cluster(Arc::from("main"))
     }
 
-    fn name(candidates: &[Candidate<'_>], decision: &Decision) -> String {
+    fn chosen(nodes: &[Node], decision: &Decision) -> String {
         match decision {
-            Decision::Use(i) => candidates[*i].name.to_string(),
+            Decision::Use(i) => nodes[*i].name.to_string(),
+            Decision::UseChecked(i, p) => format!("{} checked {p}", nodes[*i].name),
             other => format!("{other:?}"),
         }
     }
 
+    fn run(nodes: &[Node], ask: Ask<'_>) -> String {
+        chosen(nodes, &decide(ask, &candidates(nodes), &mut Balancer::default()))
+    }
+
     #[test]
-    fn writes_go_to_the_primary_of_their_cluster() {
-        let candidates = herd();
-        let mut balancer = Balancer::default();
+    fn writes_go_to_the_accepted_primary_of_their_cluster() {
+        let nodes = herd();
         let scope = main();
-        for _ in 0..3 {
-            let decision = decide(ask(Intent::Write, &scope, &[]), &candidates, &mut balancer);
-            assert_eq!(name(&candidates, &decision), "primary");
-        }
+        assert_eq!(run(&nodes, ask(Intent::Write, &scope, &[])), "primary");
         let tenant = Scope::Cluster(Arc::from("tenant"));
-        let decision = decide(ask(Intent::Write, &tenant, &[]), &candidates, &mut balancer);
-        assert_eq!(name(&candidates, &decision), "tenant_primary");
+        assert_eq!(run(&nodes, ask(Intent::Write, &tenant, &[])), "tenant_primary");
     }
 
     #[test]
-    fn reads_spread_over_standbys_only() {
-        let candidates = herd();
+    fn without_an_accepted_primary_writes_wait() {
+        let mut nodes = herd();
+        nodes[0].primary = false;
+        let scope = main();
+        let decision = run(&nodes, ask(Intent::Write, &scope, &[]));
+        assert!(decision.contains("no primary is accepted"), "{decision}");
+        nodes[0].primary = true;
+        nodes[0].serving = false;
+        let decision = run(&nodes, ask(Intent::Write, &scope, &[]));
+        assert!(decision.contains("unreachable"), "{decision}");
+    }
+
+    #[test]
+    fn reads_spread_over_the_standbys_only() {
+        let nodes = herd();
+        let scope = main();
+        let cands = candidates(&nodes);
         let mut balancer = Balancer::default();
-        let scope = main();
-        let chosen: Vec<String> = (0..4)
-            .map(|_| {
-                let decision = decide(ask(Intent::Read, &scope, &[]), &candidates, &mut balancer);
-                name(&candidates, &decision)
-            })
+        let picks: Vec<String> = (0..4)
+            .map(|_| chosen(&nodes, &decide(ask(Intent::Read, &scope, &[]), &cands, &mut balancer)))
             .collect();
-        assert_eq!(chosen, ["standby_1", "standby_2", "standby_1", "standby_2"]);
+        assert_eq!(picks, ["standby_1", "standby_2", "standby_1", "standby_2"]);
     }
 
     #[test]
-    fn reads_fall_back_to_the_primary_when_no_standby_is_reachable() {
-        let mut candidates = herd();
-        candidates[1].available = false;
-        candidates[2].available = false;
+    fn reads_fall_back_to_the_primary_when_every_standby_is_down() {
+        let mut nodes = herd();
+        nodes[1].serving = false;
+        nodes[2].serving = false;
         let scope = main();
-        let decision = decide(
-            ask(Intent::Read, &scope, &[]),
-            &candidates,
-            &mut Balancer::default(),
-        );
-        assert_eq!(name(&candidates, &decision), "primary");
-
+        assert_eq!(run(&nodes, ask(Intent::Read, &scope, &[])), "primary");
         let mut no_fallback = ask(Intent::Read, &scope, &[]);
         no_fallback.fallback_to_primary = false;
-        let decision = decide(no_fallback, &candidates, &mut Balancer::default());
-        assert!(
-            matches!(decision, Decision::Wait(ref why) if why.contains("fallback_to_primary")),
-            "{decision:?}"
-        );
+        let decision = run(&nodes, no_fallback);
+        assert!(decision.contains("fallback_to_primary"), "{decision}");
     }
 
     #[test]
-    fn a_cluster_without_standbys_reads_from_its_primary() {
-        let candidates = herd();
-        let tenant = Scope::Cluster(Arc::from("tenant"));
-        let mut no_fallback = ask(Intent::Read, &tenant, &[]);
-        no_fallback.fallback_to_primary = false;
-        let decision = decide(no_fallback, &candidates, &mut Balancer::default());
-        assert_eq!(name(&candidates, &decision), "tenant_primary");
-    }
-
-    #[test]
-    fn an_unreachable_primary_makes_writes_wait() {
-        let mut candidates = herd();
-        candidates[0].available = false;
+    fn lagging_standbys_get_no_reads() {
+        let mut nodes = herd();
+        nodes[1].lag = Some(Duration::from_secs(30));
         let scope = main();
-        let decision = decide(
-            ask(Intent::Write, &scope, &[]),
-            &candidates,
-            &mut Balancer::default(),
+        for _ in 0..3 {
+            assert_eq!(run(&nodes, ask(Intent::Read, &scope, &[])), "standby_2");
+        }
+        // A message's own bound is strict: an unknown lag does not qualify.
+        nodes[2].lag = None;
+        let mut strict = ask(Intent::Read, &scope, &[]);
+        strict.max_lag = Duration::from_millis(100);
+        strict.strict_lag = true;
+        assert_eq!(run(&nodes, strict), "primary");
+        // The default bound lets an unknown lag through.
+        assert_eq!(run(&nodes, ask(Intent::Read, &scope, &[])), "standby_2");
+    }
+
+    #[test]
+    fn fenced_and_orphaned_standbys_get_no_reads() {
+        let mut nodes = herd();
+        nodes[1].fenced = true;
+        nodes[2].reader = false; // follows a primary that is no longer accepted
+        let scope = main();
+        assert_eq!(run(&nodes, ask(Intent::Read, &scope, &[])), "primary");
+    }
+
+    #[test]
+    fn read_your_writes_goes_where_the_position_is_known_then_checks_then_the_primary() {
+        let mut nodes = herd();
+        nodes[1].position = Some(Position::new(500));
+        nodes[2].position = Some(Position::new(900));
+        let scope = main();
+        let mut after = ask(Intent::Read, &scope, &[]);
+        after.after = Some(Position::new(800));
+        assert_eq!(run(&nodes, after), "standby_2", "only standby_2 is known to have it");
+        after.after = Some(Position::new(1000));
+        assert_eq!(
+            run(&nodes, after),
+            "standby_2 checked 0/3E8",
+            "none is known: the most advanced is checked"
         );
-        assert!(
-            matches!(decision, Decision::Wait(ref why) if why.contains("unreachable")),
-            "{decision:?}"
-        );
-        let decision = decide(
-            ask(Intent::Write, &scope, &[]),
-            &candidates[1..],
-            &mut Balancer::default(),
-        );
-        assert!(
-            matches!(decision, Decision::Wait(ref why) if why.contains("not running")),
-            "{decision:?}"
-        );
+        let tried: Vec<Arc<str>> = vec![Arc::from("standby_2")];
+        let mut after_tried = ask(Intent::Read, &scope, &tried);
+        after_tried.after = Some(Position::new(1000));
+        assert_eq!(run(&nodes, after_tried), "standby_1 checked 0/3E8");
+        let both: Vec<Arc<str>> = vec![Arc::from("standby_1"), Arc::from("standby_2")];
+        let mut after_both = ask(Intent::Read, &scope, &both);
+        after_both.after = Some(Position::new(1000));
+        assert_eq!(run(&nodes, after_both), "primary");
     }
 
     #[test]
     fn a_failed_read_moves_on_then_gives_up() {
-        let candidates = herd();
+        let nodes = herd();
         let scope = main();
-        let mut balancer = Balancer::default();
         let one: Vec<Arc<str>> = vec![Arc::from("standby_1")];
-        let decision = decide(ask(Intent::Read, &scope, &one), &candidates, &mut balancer);
-        assert_eq!(name(&candidates, &decision), "standby_2");
-        let two: Vec<Arc<str>> = vec![Arc::from("standby_1"), Arc::from("standby_2")];
-        let decision = decide(ask(Intent::Read, &scope, &two), &candidates, &mut balancer);
-        assert_eq!(name(&candidates, &decision), "primary");
+        assert_eq!(run(&nodes, ask(Intent::Read, &scope, &one)), "standby_2");
         let all: Vec<Arc<str>> = vec![
             Arc::from("standby_1"),
             Arc::from("standby_2"),
             Arc::from("primary"),
         ];
-        let decision = decide(ask(Intent::Read, &scope, &all), &candidates, &mut balancer);
-        assert_eq!(decision, Decision::Exhausted);
+        assert_eq!(run(&nodes, ask(Intent::Read, &scope, &all)), "Exhausted");
     }
 
     #[test]
-    fn an_explicit_target_ignores_roles() {
-        let candidates = herd();
+    fn an_explicit_target_ignores_roles_but_not_fencing() {
+        let mut nodes = herd();
         let scope = Scope::Endpoint(Arc::from("backup"));
         for intent in [Intent::Read, Intent::Write] {
-            let decision = decide(
-                ask(intent, &scope, &[]),
-                &candidates,
-                &mut Balancer::default(),
-            );
-            assert_eq!(name(&candidates, &decision), "backup");
+            assert_eq!(run(&nodes, ask(intent, &scope, &[])), "backup");
         }
+        nodes[3].fenced = true;
+        let decision = run(&nodes, ask(Intent::Read, &scope, &[]));
+        assert!(decision.contains("fenced"), "{decision}");
     }
 
     fn directory() -> Directory {
@@ -557,6 +673,11 @@ mod tests {
         assert_eq!(
             retry(Intent::Read, Sql, Committing, false, true, false),
             Retry::No
+        );
+        assert_eq!(
+            retry(Intent::Read, Stopped, NotSent, false, true, false),
+            Retry::Again,
+            "a pool closed by a restart: wait for the next generation"
         );
         // Writes go again only when nothing was sent...
         assert_eq!(

@@ -14,10 +14,6 @@ pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default for [`PoolSettings::recycle_timeout`].
 pub const DEFAULT_RECYCLE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Default for [`PoolSettings::reconnect_backoff`].
-pub const DEFAULT_RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
-/// Default for [`PoolSettings::reconnect_backoff_max`].
-pub const DEFAULT_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The largest pool size accepted: beyond it the number is almost surely a typo, and PostgreSQL's
 /// own `max_connections` (100 by default) would refuse the connections anyway.
 pub const MAX_POOL_SIZE: usize = 10_000;
@@ -48,17 +44,6 @@ pub struct PoolSettings {
     /// Default: `"1s"`.
     #[serde(deserialize_with = "duration::required")]
     pub recycle_timeout: Duration,
-    /// After a failed connection attempt, how long to wait before the next one; the wait doubles
-    /// after each failure, up to `reconnect_backoff_max`. Meanwhile the endpoint gets no traffic.
-    ///
-    /// Default: `"100ms"`.
-    #[serde(deserialize_with = "duration::required")]
-    pub reconnect_backoff: Duration,
-    /// The longest wait between connection attempts to an unreachable endpoint.
-    ///
-    /// Default: `"5s"`.
-    #[serde(deserialize_with = "duration::required")]
-    pub reconnect_backoff_max: Duration,
 }
 
 impl Default for PoolSettings {
@@ -68,8 +53,6 @@ impl Default for PoolSettings {
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             recycle_timeout: DEFAULT_RECYCLE_TIMEOUT,
-            reconnect_backoff: DEFAULT_RECONNECT_BACKOFF,
-            reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
         }
     }
 }
@@ -98,16 +81,6 @@ pub struct PoolOverrides {
     /// Default: the `[pool]` value.
     #[serde(deserialize_with = "duration::optional")]
     pub recycle_timeout: Option<Duration>,
-    /// Replaces [`PoolSettings::reconnect_backoff`] for this endpoint.
-    ///
-    /// Default: the `[pool]` value.
-    #[serde(deserialize_with = "duration::optional")]
-    pub reconnect_backoff: Option<Duration>,
-    /// Replaces [`PoolSettings::reconnect_backoff_max`] for this endpoint.
-    ///
-    /// Default: the `[pool]` value.
-    #[serde(deserialize_with = "duration::optional")]
-    pub reconnect_backoff_max: Option<Duration>,
 }
 
 impl PoolSettings {
@@ -118,12 +91,6 @@ impl PoolSettings {
             wait_timeout: overrides.wait_timeout.unwrap_or(self.wait_timeout),
             connect_timeout: overrides.connect_timeout.unwrap_or(self.connect_timeout),
             recycle_timeout: overrides.recycle_timeout.unwrap_or(self.recycle_timeout),
-            reconnect_backoff: overrides
-                .reconnect_backoff
-                .unwrap_or(self.reconnect_backoff),
-            reconnect_backoff_max: overrides
-                .reconnect_backoff_max
-                .unwrap_or(self.reconnect_backoff_max),
         }
     }
 }

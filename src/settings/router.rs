@@ -91,6 +91,12 @@ pub struct RouterSettings {
     /// Default: `"5s"`.
     #[serde(deserialize_with = "duration::required")]
     pub default_timeout: Duration,
+    /// Standbys lagging behind their primary by more than this get no reads (a message may ask
+    /// for less with `max_lag`). Reads then go to fresher standbys, or to the primary.
+    ///
+    /// Default: `"10s"`.
+    #[serde(deserialize_with = "duration::required")]
+    pub max_lag: Duration,
 }
 
 impl Default for RouterSettings {
@@ -100,6 +106,7 @@ impl Default for RouterSettings {
             fallback_to_primary: true,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             default_timeout: DEFAULT_TIMEOUT,
+            max_lag: Duration::from_secs(10),
         }
     }
 }

@@ -25,6 +25,7 @@ pub(crate) fn problems(settings: &Settings) -> Vec<SettingsProblem> {
     check_pool("pool", &settings.pool, &mut problems);
     check_router(settings, &mut problems);
     check_supervisor(settings, &mut problems);
+    check_health(settings, &mut problems);
     if settings.endpoints.is_empty() {
         problems.push(SettingsProblem::new(
             "endpoints",
@@ -61,11 +62,6 @@ pub(crate) fn problems(settings: &Settings) -> Vec<SettingsProblem> {
             problems.push(problem);
         }
         check_overrides(&format!("{key}.pool"), &endpoint.pool, &mut problems);
-        check_backoff(
-            &format!("{key}.pool"),
-            &settings.pool_for(name),
-            &mut problems,
-        );
         if !is_identifier(&endpoint.cluster) {
             problems.push(SettingsProblem::new(
                 format!("{key}.cluster"),
@@ -108,6 +104,7 @@ pub(crate) fn problems(settings: &Settings) -> Vec<SettingsProblem> {
     }
     check_roles(settings, &mut problems);
     check_duplicates(settings, &mut problems);
+    check_failover(settings, &mut problems);
     problems
 }
 
@@ -205,25 +202,6 @@ fn check_pool(key: &str, pool: &PoolSettings, problems: &mut Vec<SettingsProblem
         pool.recycle_timeout,
         problems,
     );
-    check_timeout(
-        &format!("{key}.reconnect_backoff"),
-        pool.reconnect_backoff,
-        problems,
-    );
-    check_backoff(key, pool, problems);
-}
-
-fn check_backoff(key: &str, pool: &PoolSettings, problems: &mut Vec<SettingsProblem>) {
-    if pool.reconnect_backoff_max < pool.reconnect_backoff {
-        problems.push(SettingsProblem::new(
-            format!("{key}.reconnect_backoff_max"),
-            format!(
-                "\"{}\" is shorter than reconnect_backoff (\"{}\"): expected at least that",
-                duration::format(pool.reconnect_backoff_max),
-                duration::format(pool.reconnect_backoff)
-            ),
-        ));
-    }
 }
 
 fn check_router(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
@@ -238,6 +216,53 @@ fn check_router(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
         ));
     }
     check_timeout("router.default_timeout", router.default_timeout, problems);
+    check_timeout("router.max_lag", router.max_lag, problems);
+}
+
+fn check_health(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
+    let health = &settings.health;
+    check_timeout("health.interval", health.interval, problems);
+    check_timeout("health.suspect_interval", health.suspect_interval, problems);
+    check_timeout("health.timeout", health.timeout, problems);
+    for (key, count) in [
+        ("health.failures_to_down", health.failures_to_down),
+        ("health.successes_to_up", health.successes_to_up),
+    ] {
+        if count == 0 {
+            problems.push(SettingsProblem::new(key, "0 would never change: expected at least 1"));
+        }
+    }
+    check_longest("failover.promote_timeout", settings.failover.promote_timeout, problems);
+    if settings.failover.promote_timeout < Duration::from_secs(1) {
+        problems.push(SettingsProblem::new(
+            "failover.promote_timeout",
+            format!(
+                "\"{}\" is below a second, and pg_promote waits in whole seconds: expected at least \"1s\"",
+                duration::format(settings.failover.promote_timeout)
+            ),
+        ));
+    }
+}
+
+fn check_failover(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
+    if settings.failover.mode != super::FailoverMode::Backup {
+        return;
+    }
+    for cluster in settings.clusters() {
+        let has_backup = settings
+            .endpoints
+            .values()
+            .any(|e| e.cluster == cluster && e.role == Role::Backup);
+        if !has_backup {
+            problems.push(SettingsProblem::new(
+                "failover.mode",
+                format!(
+                    "\"backup\" moves writes to a backup, but cluster `{cluster}` has no endpoint \
+                     with role = \"backup\": add one, or pick \"follow\", \"promote\" or \"manual\""
+                ),
+            ));
+        }
+    }
 }
 
 fn check_supervisor(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
@@ -258,6 +283,8 @@ fn check_supervisor(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
         supervisor.backoff_initial,
         problems,
     );
+    check_longest("supervisor.backoff_max", supervisor.backoff_max, problems);
+    check_longest("supervisor.shutdown_grace", supervisor.shutdown_grace, problems);
     if supervisor.backoff_max < supervisor.backoff_initial {
         problems.push(SettingsProblem::new(
             "supervisor.backoff_max",
@@ -278,7 +305,6 @@ fn check_overrides(key: &str, pool: &PoolOverrides, problems: &mut Vec<SettingsP
         ("wait_timeout", pool.wait_timeout),
         ("connect_timeout", pool.connect_timeout),
         ("recycle_timeout", pool.recycle_timeout),
-        ("reconnect_backoff", pool.reconnect_backoff),
     ];
     for (name, timeout) in timeouts {
         if let Some(timeout) = timeout {
@@ -298,7 +324,23 @@ fn check_size(key: &str, size: usize, problems: &mut Vec<SettingsProblem>) {
     }
 }
 
+/// The longest duration accepted anywhere in the settings.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+fn check_longest(key: &str, duration: Duration, problems: &mut Vec<SettingsProblem>) {
+    if duration > MAX_DURATION {
+        problems.push(SettingsProblem::new(
+            key,
+            format!(
+                "\"{}\" is longer than a day: expected at most \"24h\"",
+                duration::format(duration)
+            ),
+        ));
+    }
+}
+
 fn check_timeout(key: &str, timeout: Duration, problems: &mut Vec<SettingsProblem>) {
+    check_longest(key, timeout, problems);
     if timeout.is_zero() {
         problems.push(SettingsProblem::new(
             key,

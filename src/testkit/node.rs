@@ -563,22 +563,27 @@ impl Node {
             return Ok(());
         };
         let pid = child.id();
-        // Freeze the postmaster first so that it cannot fork while its children are killed.
+        // Freeze the postmaster first (and wait until it is frozen: signals are delivered
+        // asynchronously) so that it cannot fork while its children are killed; then kill the
+        // children until none is left alive, and only then the postmaster, whose death would
+        // hand orphans to init, out of sight.
         let _ = signal(pid, Signal::SIGSTOP);
-        let children = children_of(pid);
-        for child_pid in &children {
-            let _ = signal(*child_pid, Signal::SIGKILL);
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        wait_until(deadline, || is_stopped(pid) || !is_alive(pid));
+        loop {
+            let alive: Vec<u32> = children_of(pid).into_iter().filter(|c| is_alive(*c)).collect();
+            if alive.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            for child_pid in &alive {
+                let _ = signal(*child_pid, Signal::SIGKILL);
+            }
+            wait_until(deadline, || alive.iter().all(|c| !is_alive(*c)));
         }
         let _ = signal(pid, Signal::SIGKILL);
         child
             .wait()
             .map_err(TestkitError::io(format!("reaping server `{}`", self.name)))?;
-        // A signal is delivered asynchronously: return only once every process is gone, so that
-        // the caller sees a dead server, not a dying one.
-        let deadline = Instant::now() + KILL_TIMEOUT;
-        while children.iter().any(|pid| is_alive(*pid)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
         Ok(())
     }
 
@@ -593,6 +598,9 @@ impl Node {
             .pid()
             .ok_or_else(|| self.server_error("cannot be hung: it is not running"))?;
         signal(pid, Signal::SIGSTOP)?;
+        // Frozen before its children are listed, so that none is forked after the listing.
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        wait_until(deadline, || is_stopped(pid));
         for child_pid in children_of(pid) {
             let _ = signal(child_pid, Signal::SIGSTOP);
         }
@@ -753,9 +761,21 @@ fn is_alive(pid: u32) -> bool {
     stat_of(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
 }
 
+/// Whether `pid` is stopped by a signal.
+fn is_stopped(pid: u32) -> bool {
+    stat_of(pid).is_some_and(|(state, _)| state == 'T')
+}
+
+/// Polls `condition` every millisecond until it holds or `deadline` passes.
+fn wait_until(deadline: Instant, condition: impl Fn() -> bool) {
+    while !condition() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A free TCP port on the loopback address, below the kernel's range of ephemeral ports so that
 /// outgoing connections do not take it between a server's stop and its restart.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let mut rng = rand::thread_rng();
     for _ in 0..200 {
         let port = rng.gen_range(20_000..32_000);

@@ -88,7 +88,10 @@ impl FaultProxy {
     ///
     /// When no port can be bound or the proxy thread cannot start.
     pub fn start(target: SocketAddr) -> Result<FaultProxy, TestkitError> {
-        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        // Below the ephemeral range, so that no outgoing connection takes the port while the
+        // proxy refuses and it can listen there again.
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, super::node::free_port()))
+            .or_else(|_| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
             .map_err(TestkitError::io("binding the fault proxy"))?;
         listener
             .set_nonblocking(true)

@@ -94,3 +94,26 @@ impl actix::Handler<pgherd::SupervisorEvent> for Recorder {
         }
     }
 }
+
+/// Waits until a statement containing `marker` is running on `node`.
+pub async fn wait_active(node: &pgherd::testkit::Node, marker: &str) {
+    let admin = node.connect_admin().await.expect("admin connection");
+    eventually(
+        &format!("a statement with `{marker}` to run on `{}`", node.name()),
+        Duration::from_secs(10),
+        || {
+            let admin = &admin;
+            async move {
+                admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                         AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+                        &[&marker],
+                    )
+                    .await
+                    .is_ok_and(|row| row.get::<_, i64>(0) > 0)
+            }
+        },
+    )
+    .await;
+}

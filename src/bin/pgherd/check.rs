@@ -90,6 +90,21 @@ pub(crate) fn render(path: &Path, settings: &Settings) -> String {
         humantime::format_duration(router.default_timeout)
     ));
     out.push_str(&format!(
+        "health: probe every {}, timeout {}, down after {} failures, up after {} successes\n",
+        humantime::format_duration(settings.health.interval),
+        humantime::format_duration(settings.health.timeout),
+        settings.health.failures_to_down,
+        settings.health.successes_to_up
+    ));
+    out.push_str(&format!(
+        "failover: {}, failback {}\n",
+        settings.failover.mode.as_str(),
+        match settings.failover.failback {
+            pgherd::settings::FailbackMode::Manual => "manual",
+            _ => "automatic",
+        }
+    ));
+    out.push_str(&format!(
         "supervisor: at most {} restarts per {}, backoff {} to {}\n",
         supervisor.max_restarts,
         humantime::format_duration(supervisor.restart_period),

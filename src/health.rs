@@ -1,0 +1,1049 @@
+//! `HealthActor`: probes every endpoint, keeps each one's health with hysteresis, decides
+//! failover and fencing, tells the routing core, and publishes events.
+//!
+//! - Each endpoint is probed on a connection of its own, never through the application's pool (a
+//!   saturated pool is not a dead server): reachability, round trip, `pg_is_in_recovery()`, the
+//!   position (current, or replayed on a standby), the timeline, the system identifier.
+//! - A probe starts only when the previous one of that endpoint has finished, and the next is
+//!   scheduled from its end, so probes never overlap and never come in a burst after a stall.
+//! - A connection error seen by a query makes its endpoint be probed at once.
+//! - The decisions are plain functions: [`state`] (hysteresis) and [`crate::failover`].
+//! - The failover state (which primary is accepted, which endpoints are fenced) lives outside the
+//!   actor, so a restart of the actor forgets none of it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime},
+};
+
+use actix::{
+    Actor, ActorContext as _, ActorFutureExt as _, AsyncContext as _, Context, Handler, Message,
+    Recipient, SpawnHandle, WrapFuture as _,
+};
+use tokio::sync::Notify;
+
+mod probe;
+mod state;
+
+use self::probe::{lag, ProbeReport, POSITIONS_SQL, PROBE_SQL};
+pub use self::state::HealthState;
+pub(crate) use self::state::{Thresholds, Tracker};
+use crate::{
+    child::{ExitGuard, Stop},
+    database::{Connector, DatabaseSpec},
+    error::{Error, ErrorKind},
+    failover::{choose_new_primary, Action, Candidate, ClusterFailover, Completed, Observed},
+    position::Position,
+    router::Routing,
+    settings::{FailoverMode, FailoverSettings, HealthSettings, Role},
+};
+
+/// What an endpoint is, as its probes see it (not as the settings say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ObservedRole {
+    /// Out of recovery: it takes writes.
+    Primary,
+    /// In recovery: a standby.
+    Standby,
+}
+
+impl std::fmt::Display for ObservedRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            ObservedRole::Primary => "primary",
+            ObservedRole::Standby => "standby",
+        })
+    }
+}
+
+/// An endpoint's health or observed role changed. Published only on real changes (the
+/// hysteresis absorbs flapping), to the subscribers of the herd's health.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+#[non_exhaustive]
+pub struct StateChanged {
+    /// The endpoint.
+    pub endpoint: Arc<str>,
+    /// Its health before.
+    pub from: HealthState,
+    /// Its health now.
+    pub to: HealthState,
+    /// Its role as last observed.
+    pub role: Option<ObservedRole>,
+    /// Why, for people.
+    pub reason: String,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// A failover, step by step, and fencing. Subscribe with `HerdBuilder::subscribe_failover`.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+#[non_exhaustive]
+pub enum FailoverEvent {
+    /// The accepted primary was withdrawn: writes wait for a new one within their deadlines.
+    PrimaryLost {
+        /// The cluster.
+        cluster: Arc<str>,
+        /// The primary that was lost.
+        endpoint: Arc<str>,
+        /// Why.
+        reason: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// pgherd is promoting a standby.
+    Promoting {
+        /// The cluster.
+        cluster: Arc<str>,
+        /// The standby.
+        endpoint: Arc<str>,
+        /// Why this one.
+        reason: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// Writes go to `endpoint` from now on. After a failover, `report` tells its course.
+    PrimaryAccepted {
+        /// The cluster.
+        cluster: Arc<str>,
+        /// The new primary.
+        endpoint: Arc<str>,
+        /// Why.
+        reason: String,
+        /// When.
+        at: SystemTime,
+        /// The failover that ended here, if one did.
+        report: Option<FailoverReport>,
+    },
+    /// `endpoint` gets no traffic: it is writable but not the accepted primary.
+    Fenced {
+        /// The cluster.
+        cluster: Arc<str>,
+        /// The fenced endpoint.
+        endpoint: Arc<str>,
+        /// Why.
+        reason: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// `endpoint` may get traffic again.
+    Unfenced {
+        /// The cluster.
+        cluster: Arc<str>,
+        /// The endpoint.
+        endpoint: Arc<str>,
+        /// Why.
+        reason: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// Something an operator should know (e.g. the primary is down and nothing can replace it).
+    Warning {
+        /// The cluster.
+        cluster: Arc<str>,
+        /// What.
+        message: String,
+        /// When.
+        at: SystemTime,
+    },
+}
+
+/// The course of one failover: when the failure was first seen, when it was declared, which
+/// endpoint was chosen and why, and the positions that bound what may have been lost.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FailoverReport {
+    /// The cluster.
+    pub cluster: Arc<str>,
+    /// The primary that was lost.
+    pub old_primary: Arc<str>,
+    /// The primary accepted instead.
+    pub new_primary: Arc<str>,
+    /// Why it was chosen.
+    pub reason: String,
+    /// When a probe of the old primary first failed.
+    pub first_failure: SystemTime,
+    /// When it was declared down (writes stopped going to it).
+    pub declared_down: SystemTime,
+    /// When pgherd started promoting the new primary, if it did.
+    pub promoted: Option<SystemTime>,
+    /// When the new primary was accepted.
+    pub accepted: SystemTime,
+    /// The furthest position known on the old primary: its last probe, or the last write
+    /// acknowledged by this herd, whichever is further.
+    pub old_position: Option<Position>,
+    /// The new primary's position when it was accepted.
+    pub new_position: Option<Position>,
+    /// How many bytes of WAL the old primary had beyond what the new one started from: writes
+    /// in that window may be lost. `Some(0)` means nothing this herd knew of was lost.
+    pub possible_loss_bytes: Option<u64>,
+}
+
+impl FailoverReport {
+    /// From the first failed probe to the acceptance of the new primary.
+    pub fn duration(&self) -> Duration {
+        self.accepted
+            .duration_since(self.first_failure)
+            .unwrap_or_default()
+    }
+
+    /// From the first failed probe to the declaration.
+    pub fn detection(&self) -> Duration {
+        self.declared_down
+            .duration_since(self.first_failure)
+            .unwrap_or_default()
+    }
+}
+
+/// One endpoint's health, as the health actor sees it now.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointHealth {
+    /// The endpoint.
+    pub name: Arc<str>,
+    /// Its cluster.
+    pub cluster: Arc<str>,
+    /// Its role in the settings.
+    pub configured_role: Role,
+    /// Its health.
+    pub state: HealthState,
+    /// Its role as last observed.
+    pub observed_role: Option<ObservedRole>,
+    /// Whether writes go to it.
+    pub accepted_primary: bool,
+    /// Whether it gets no traffic at all (writable, but not the accepted primary).
+    pub fenced: bool,
+    /// The last probe's round trip.
+    pub rtt: Option<Duration>,
+    /// Its position: current on a primary, replayed on a standby.
+    pub position: Option<Position>,
+    /// A standby's received position.
+    pub received: Option<Position>,
+    /// Its timeline.
+    pub timeline: Option<u32>,
+    /// A standby's lag behind its cluster's accepted primary, in bytes.
+    pub lag_bytes: Option<u64>,
+    /// A standby's lag behind its cluster's accepted primary, in time.
+    pub lag: Option<Duration>,
+    /// Why the last probe failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// Asks for the health of every endpoint.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Vec<EndpointHealth>")]
+pub struct GetHealth;
+
+/// Makes `endpoint` the primary of its cluster (an operator's decision, e.g. failback after a
+/// backup took the writes). It must be up and out of recovery; every other writable endpoint of
+/// the cluster is fenced.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), Error>")]
+pub struct AcceptPrimary {
+    /// The endpoint.
+    pub endpoint: String,
+}
+
+/// Lets a fenced endpoint have traffic again (an operator's decision).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), Error>")]
+pub struct Readmit {
+    /// The endpoint.
+    pub endpoint: String,
+}
+
+/// Subscribes to [`StateChanged`] events.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SubscribeState(pub Recipient<StateChanged>);
+
+/// Subscribes to [`FailoverEvent`]s.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SubscribeFailover(pub Recipient<FailoverEvent>);
+
+/// Endpoints whose queries met connection errors, to be probed at once. Shared by the endpoints
+/// (which ask) and the health actor (which answers), across restarts of either.
+#[derive(Debug, Default)]
+pub(crate) struct ProbeRequests {
+    pending: Mutex<BTreeSet<Arc<str>>>,
+    notify: Notify,
+}
+
+impl ProbeRequests {
+    pub(crate) fn request(&self, endpoint: &Arc<str>) {
+        let fresh = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(Arc::clone(endpoint));
+        if fresh {
+            self.notify.notify_one();
+        }
+    }
+
+    fn take(&self) -> BTreeSet<Arc<str>> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// What the routing core needs to know of one endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EndpointFacts {
+    pub(crate) state: HealthState,
+    /// Why the last probe failed, if it did.
+    pub(crate) last_error: Option<String>,
+    pub(crate) writable: Option<bool>,
+    pub(crate) fenced: bool,
+    pub(crate) system_id: Option<u64>,
+    pub(crate) timeline: Option<u32>,
+    pub(crate) position: Option<Position>,
+    pub(crate) lag: Option<Duration>,
+}
+
+/// The health actor's view, as the routing core uses it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct HealthView {
+    pub(crate) endpoints: BTreeMap<Arc<str>, EndpointFacts>,
+    /// The accepted primary of each cluster, if any.
+    pub(crate) primaries: BTreeMap<Arc<str>, Option<Arc<str>>>,
+}
+
+/// The failover state of every cluster, kept outside the actor so that it survives restarts.
+pub(crate) type FailoverState = Arc<Mutex<BTreeMap<Arc<str>, ClusterFailover>>>;
+
+/// Builds the failover state of `specs`' clusters.
+pub(crate) fn failover_state(specs: &[DatabaseSpec], settings: &FailoverSettings) -> FailoverState {
+    let mut clusters = BTreeMap::new();
+    for spec in specs.iter().filter(|s| s.settings.role == Role::Primary) {
+        clusters.insert(
+            Arc::from(spec.settings.cluster.as_str()),
+            ClusterFailover::new(settings.mode, settings.failback, Arc::clone(&spec.name)),
+        );
+    }
+    Arc::new(Mutex::new(clusters))
+}
+
+/// One endpoint's probing.
+struct Probed {
+    name: Arc<str>,
+    cluster: Arc<str>,
+    role: Role,
+    connector: Arc<Connector>,
+    /// The dedicated connection, when open and not in use by a probe.
+    client: Option<tokio_postgres::Client>,
+    in_flight: bool,
+    next: Option<SpawnHandle>,
+    tracker: Tracker,
+    report: Option<ProbeReport>,
+    last_error: Option<String>,
+}
+
+/// What the health actor is started with.
+pub(crate) struct HealthParts {
+    pub(crate) specs: Vec<DatabaseSpec>,
+    pub(crate) settings: HealthSettings,
+    pub(crate) failover: FailoverSettings,
+    pub(crate) state: FailoverState,
+    pub(crate) routing: Arc<Routing>,
+    pub(crate) requests: Arc<ProbeRequests>,
+    pub(crate) state_subscribers: Vec<Recipient<StateChanged>>,
+    pub(crate) failover_subscribers: Vec<Recipient<FailoverEvent>>,
+    pub(crate) guard: ExitGuard,
+}
+
+/// The actor that probes endpoints and decides failover.
+pub struct HealthActor {
+    endpoints: BTreeMap<Arc<str>, Probed>,
+    settings: HealthSettings,
+    failover: FailoverSettings,
+    state: FailoverState,
+    routing: Arc<Routing>,
+    requests: Arc<ProbeRequests>,
+    state_subscribers: Vec<Recipient<StateChanged>>,
+    failover_subscribers: Vec<Recipient<FailoverEvent>>,
+    promoting: bool,
+    _guard: ExitGuard,
+}
+
+impl std::fmt::Debug for HealthActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthActor")
+            .field("endpoints", &self.endpoints.keys().collect::<Vec<_>>())
+            .field("promoting", &self.promoting)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An `Instant` as wall-clock time, for events.
+fn wall(at: Instant) -> SystemTime {
+    SystemTime::now()
+        .checked_sub(at.elapsed())
+        .unwrap_or_else(SystemTime::now)
+}
+
+impl HealthActor {
+    pub(crate) fn new(parts: HealthParts) -> HealthActor {
+        let thresholds = Thresholds {
+            failures_to_down: parts.settings.failures_to_down,
+            successes_to_up: parts.settings.successes_to_up,
+        };
+        let endpoints = parts
+            .specs
+            .iter()
+            .map(|spec| {
+                (
+                    Arc::clone(&spec.name),
+                    Probed {
+                        name: Arc::clone(&spec.name),
+                        cluster: Arc::from(spec.settings.cluster.as_str()),
+                        role: spec.settings.role,
+                        connector: spec.connector(),
+                        client: None,
+                        in_flight: false,
+                        next: None,
+                        tracker: Tracker::new(thresholds),
+                        report: None,
+                        last_error: None,
+                    },
+                )
+            })
+            .collect();
+        HealthActor {
+            endpoints,
+            settings: parts.settings,
+            failover: parts.failover,
+            state: parts.state,
+            routing: parts.routing,
+            requests: parts.requests,
+            state_subscribers: parts.state_subscribers,
+            failover_subscribers: parts.failover_subscribers,
+            promoting: false,
+            _guard: parts.guard,
+        }
+    }
+
+    fn clusters(&self) -> std::sync::MutexGuard<'_, BTreeMap<Arc<str>, ClusterFailover>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a probe of `name` now, unless one runs.
+    fn probe(&mut self, name: &Arc<str>, ctx: &mut Context<Self>) {
+        let timeout = self.settings.timeout;
+        let Some(endpoint) = self.endpoints.get_mut(name) else {
+            return;
+        };
+        if endpoint.in_flight {
+            return;
+        }
+        if let Some(next) = endpoint.next.take() {
+            ctx.cancel_future(next);
+        }
+        endpoint.in_flight = true;
+        let client = endpoint.client.take();
+        let connector = Arc::clone(&endpoint.connector);
+        let name = Arc::clone(name);
+        let probe = async move {
+            let started = Instant::now();
+            let attempt = async {
+                let client = match client {
+                    Some(client) if !client.is_closed() => client,
+                    _ => connector.connect().await?,
+                };
+                let row = client.query_one(PROBE_SQL, &[]).await?;
+                let report = ProbeReport::from_row(&row, Instant::now(), started.elapsed())?;
+                Ok::<_, tokio_postgres::Error>((client, report))
+            };
+            match tokio::time::timeout(timeout, attempt).await {
+                Ok(Ok((client, report))) => (Some(client), Ok(report)),
+                Ok(Err(error)) => (None, Err(crate::database::describe(&error))),
+                Err(_) => (
+                    None,
+                    Err(format!(
+                        "no answer within {} (health.timeout)",
+                        humantime::format_duration(timeout)
+                    )),
+                ),
+            }
+        };
+        ctx.spawn(probe.into_actor(self).map(move |(client, result), actor, ctx| {
+            actor.probed(&name, client, result, ctx);
+        }));
+    }
+
+    fn probed(
+        &mut self,
+        name: &Arc<str>,
+        client: Option<tokio_postgres::Client>,
+        result: Result<ProbeReport, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let now = Instant::now();
+        let Some(endpoint) = self.endpoints.get_mut(name) else {
+            return;
+        };
+        endpoint.in_flight = false;
+        endpoint.client = client;
+        let before_role = endpoint.report.as_ref().map(|r| r.in_recovery);
+        let (flip, reason) = match &result {
+            Ok(report) => {
+                endpoint.last_error = None;
+                endpoint.report = Some(report.clone());
+                (endpoint.tracker.success(now), "probes succeed".to_owned())
+            }
+            Err(error) => {
+                endpoint.last_error = Some(error.clone());
+                let flip = endpoint.tracker.failure(now);
+                (flip, format!("probes fail: {error}"))
+            }
+        };
+        let role = endpoint.report.as_ref().map(|r| {
+            if r.in_recovery {
+                ObservedRole::Standby
+            } else {
+                ObservedRole::Primary
+            }
+        });
+        let state = endpoint.tracker.state();
+        let wait = if state == HealthState::Up || state == HealthState::Unknown {
+            self.settings.interval
+        } else {
+            self.settings.suspect_interval.min(self.settings.interval)
+        };
+        let again = Arc::clone(name);
+        endpoint.next = Some(ctx.run_later(wait, move |actor, ctx| actor.probe(&again, ctx)));
+
+        if let Some(flip) = flip {
+            if flip.to == HealthState::Down {
+                tracing::warn!(endpoint = %name, %reason, "endpoint down");
+            } else {
+                tracing::info!(endpoint = %name, from = %flip.from, to = %flip.to, "endpoint health changed");
+            }
+            self.publish_state(StateChanged {
+                endpoint: Arc::clone(name),
+                from: flip.from,
+                to: flip.to,
+                role,
+                reason,
+                at: wall(now),
+            });
+        }
+        let after_role = result.as_ref().ok().map(|r| r.in_recovery);
+        if let (Some(before), Some(after)) = (before_role, after_role) {
+            if before != after {
+                let reason = format!(
+                    "role changed: now a {}",
+                    if after { "standby" } else { "primary" }
+                );
+                tracing::info!(endpoint = %name, %reason, "endpoint role changed");
+                self.publish_state(StateChanged {
+                    endpoint: Arc::clone(name),
+                    from: state,
+                    to: state,
+                    role,
+                    reason,
+                    at: wall(now),
+                });
+            }
+        }
+        self.decide(now, ctx);
+    }
+
+    fn publish_state(&mut self, event: StateChanged) {
+        self.state_subscribers.retain(Recipient::connected);
+        for subscriber in &self.state_subscribers {
+            subscriber.do_send(event.clone());
+        }
+    }
+
+    fn publish_failover(&mut self, event: FailoverEvent) {
+        self.failover_subscribers.retain(Recipient::connected);
+        for subscriber in &self.failover_subscribers {
+            subscriber.do_send(event.clone());
+        }
+    }
+
+    fn observed(&self, cluster: &str) -> Vec<Observed> {
+        self.endpoints
+            .values()
+            .filter(|e| &*e.cluster == cluster)
+            .map(|e| Observed {
+                name: Arc::clone(&e.name),
+                role: e.role,
+                state: e.tracker.state(),
+                first_failure: e.tracker.first_failure(),
+                writable: e.report.as_ref().map(|r| !r.in_recovery),
+                system_id: e.report.as_ref().and_then(|r| r.system_id),
+                timeline: e.report.as_ref().and_then(|r| r.timeline),
+                position: e.report.as_ref().and_then(|r| r.position),
+            })
+            .collect()
+    }
+
+    /// Runs the failover decisions of every cluster and applies them; then tells the routing
+    /// core.
+    fn decide(&mut self, now: Instant, ctx: &mut Context<Self>) {
+        let clusters: Vec<Arc<str>> = self.clusters().keys().cloned().collect();
+        for cluster in clusters {
+            let observed = self.observed(&cluster);
+            let acked = self.routing.acked(&cluster);
+            let (actions, completed) = {
+                let mut clusters = self.clusters();
+                let Some(state) = clusters.get_mut(&cluster) else {
+                    continue;
+                };
+                let actions = state.step(&observed, acked, now);
+                (actions, state.take_completed())
+            };
+            self.apply(&cluster, actions, completed, ctx);
+        }
+        self.routing.apply_view(self.view());
+    }
+
+    fn apply(
+        &mut self,
+        cluster: &Arc<str>,
+        actions: Vec<Action>,
+        mut completed: Option<Completed>,
+        ctx: &mut Context<Self>,
+    ) {
+        let at = SystemTime::now();
+        for action in actions {
+            match action {
+                Action::Accept { endpoint, reason } => {
+                    tracing::warn!(%cluster, %endpoint, %reason, "primary accepted");
+                    let report = completed.take().map(|c| self.report(cluster, c));
+                    if let Some(report) = &report {
+                        tracing::warn!(
+                            %cluster,
+                            old = %report.old_primary,
+                            new = %report.new_primary,
+                            detection_ms = report.detection().as_millis(),
+                            total_ms = report.duration().as_millis(),
+                            possible_loss_bytes = ?report.possible_loss_bytes,
+                            "failover complete"
+                        );
+                    }
+                    self.publish_failover(FailoverEvent::PrimaryAccepted {
+                        cluster: Arc::clone(cluster),
+                        endpoint,
+                        reason,
+                        at,
+                        report,
+                    });
+                }
+                Action::Withdraw { endpoint, reason } => {
+                    tracing::warn!(%cluster, %endpoint, %reason, "primary withdrawn: writes wait");
+                    self.publish_failover(FailoverEvent::PrimaryLost {
+                        cluster: Arc::clone(cluster),
+                        endpoint,
+                        reason,
+                        at,
+                    });
+                }
+                Action::Fence { endpoint, reason } => {
+                    tracing::warn!(%cluster, %endpoint, %reason, "fenced");
+                    self.publish_failover(FailoverEvent::Fenced {
+                        cluster: Arc::clone(cluster),
+                        endpoint,
+                        reason,
+                        at,
+                    });
+                }
+                Action::Unfence { endpoint, reason } => {
+                    tracing::info!(%cluster, %endpoint, %reason, "unfenced");
+                    self.publish_failover(FailoverEvent::Unfenced {
+                        cluster: Arc::clone(cluster),
+                        endpoint,
+                        reason,
+                        at,
+                    });
+                }
+                Action::Warn(message) => {
+                    tracing::warn!(%cluster, %message, "failover");
+                    self.publish_failover(FailoverEvent::Warning {
+                        cluster: Arc::clone(cluster),
+                        message,
+                        at,
+                    });
+                }
+                Action::Promote { candidates } => self.promote(cluster, candidates, ctx),
+            }
+        }
+    }
+
+    fn report(&self, cluster: &Arc<str>, completed: Completed) -> FailoverReport {
+        let Completed {
+            failing,
+            new,
+            reason,
+            new_position,
+        } = completed;
+        FailoverReport {
+            cluster: Arc::clone(cluster),
+            old_primary: failing.old,
+            new_primary: new,
+            reason,
+            first_failure: wall(failing.first_failure),
+            declared_down: wall(failing.declared),
+            promoted: failing.promotion.map(|(_, _, at)| wall(at)),
+            accepted: SystemTime::now(),
+            old_position: failing.old_position,
+            new_position,
+            possible_loss_bytes: failing
+                .old_position
+                .zip(new_position)
+                .map(|(old, new)| old.bytes_after(new)),
+        }
+    }
+
+    /// Reads the candidates' positions afresh, promotes the most advanced one, and probes it at
+    /// once so that it is accepted as soon as it is out of recovery.
+    fn promote(&mut self, cluster: &Arc<str>, candidates: Vec<Arc<str>>, ctx: &mut Context<Self>) {
+        if self.promoting || self.failover.mode != FailoverMode::Promote {
+            return;
+        }
+        self.promoting = true;
+        // Mark the promotion as started before choosing, so that the old primary coming back
+        // meanwhile is not accepted again behind the promotion's back.
+        if let Some(state) = self.clusters().get_mut(cluster) {
+            state.promotion_started(Arc::from("?"), "choosing".to_owned(), Instant::now());
+        }
+        let connectors: Vec<(Arc<str>, Arc<Connector>)> = candidates
+            .iter()
+            .filter_map(|name| {
+                self.endpoints
+                    .get(name)
+                    .map(|e| (Arc::clone(name), Arc::clone(&e.connector)))
+            })
+            .collect();
+        let probe_timeout = self.settings.timeout;
+        let promote_timeout = self.failover.promote_timeout;
+        let cluster = Arc::clone(cluster);
+        let work = async move {
+            let mut read = Vec::new();
+            for (name, connector) in &connectors {
+                let positions = tokio::time::timeout(probe_timeout, async {
+                    let client = connector.connect().await?;
+                    let row = client.query_one(POSITIONS_SQL, &[]).await?;
+                    let received: Option<tokio_postgres::types::PgLsn> = row.try_get(0)?;
+                    let replayed: Option<tokio_postgres::types::PgLsn> = row.try_get(1)?;
+                    Ok::<_, tokio_postgres::Error>((received, replayed))
+                })
+                .await;
+                if let Ok(Ok((received, replayed))) = positions {
+                    read.push(Candidate {
+                        name: Arc::clone(name),
+                        received: received.map(Position::from),
+                        replayed: replayed.map(Position::from),
+                    });
+                }
+            }
+            let Some((chosen, reason)) = choose_new_primary(&read) else {
+                return Err("no standby could be read to choose whom to promote".to_owned());
+            };
+            let connector = connectors
+                .iter()
+                .find(|(name, _)| *name == chosen)
+                .map(|(_, c)| Arc::clone(c))
+                .ok_or_else(|| "the chosen standby vanished".to_owned())?;
+            Ok((chosen, reason, connector))
+        };
+        ctx.spawn(work.into_actor(self).then(move |chosen, actor, _ctx| {
+            let at = Instant::now();
+            let promotion = match chosen {
+                Err(why) => {
+                    actor.promotion_failed(&cluster, why);
+                    None
+                }
+                Ok((chosen, reason, connector)) => {
+                    tracing::warn!(%cluster, endpoint = %chosen, %reason, "promoting");
+                    if let Some(state) = actor.clusters().get_mut(&cluster) {
+                        state.promotion_started(Arc::clone(&chosen), reason.clone(), at);
+                    }
+                    actor.publish_failover(FailoverEvent::Promoting {
+                        cluster: Arc::clone(&cluster),
+                        endpoint: Arc::clone(&chosen),
+                        reason,
+                        at: wall(at),
+                    });
+                    Some((chosen, connector))
+                }
+            };
+            let seconds = i32::try_from(promote_timeout.as_secs().max(1)).unwrap_or(60);
+            let run = async move {
+                let (chosen, connector) = promotion?;
+                let outcome = async {
+                    let client = connector.connect().await?;
+                    let row = client
+                        .query_one("SELECT pg_promote(true, $1)", &[&seconds])
+                        .await?;
+                    Ok::<bool, tokio_postgres::Error>(row.get(0))
+                }
+                .await;
+                Some((chosen, outcome))
+            };
+            run.into_actor(actor).map(move |outcome, actor, ctx| {
+                actor.promoting = false;
+                match outcome {
+                    None => {}
+                    Some((chosen, Ok(true))) => actor.probe(&chosen, ctx),
+                    Some((chosen, Ok(false))) => actor.promotion_failed(
+                        &cluster,
+                        format!("`{chosen}` did not finish its promotion within {seconds} s"),
+                    ),
+                    Some((chosen, Err(error))) => actor.promotion_failed(
+                        &cluster,
+                        format!(
+                            "promoting `{chosen}` failed: {}",
+                            crate::database::describe(&error)
+                        ),
+                    ),
+                }
+            })
+        }));
+    }
+
+    fn promotion_failed(&mut self, cluster: &Arc<str>, why: String) {
+        self.promoting = false;
+        if let Some(state) = self.clusters().get_mut(cluster) {
+            state.promotion_failed();
+        }
+        tracing::error!(%cluster, %why, "promotion failed");
+        self.publish_failover(FailoverEvent::Warning {
+            cluster: Arc::clone(cluster),
+            message: why,
+            at: SystemTime::now(),
+        });
+    }
+
+    /// What the routing core needs: each endpoint's facts, and each cluster's accepted primary.
+    fn view(&self) -> HealthView {
+        let clusters = self.clusters();
+        let primaries: BTreeMap<Arc<str>, Option<Arc<str>>> = clusters
+            .iter()
+            .map(|(cluster, state)| {
+                (
+                    Arc::clone(cluster),
+                    state.accepted().map(|a| Arc::clone(&a.name)),
+                )
+            })
+            .collect();
+        let primary_position = |cluster: &str| {
+            primaries
+                .get(cluster)
+                .and_then(Option::as_ref)
+                .and_then(|name| self.endpoints.get(name))
+                .and_then(|e| e.report.as_ref())
+                .and_then(|r| r.position)
+        };
+        let endpoints = self
+            .endpoints
+            .values()
+            .map(|e| {
+                let report = e.report.as_ref();
+                let (_, lag) = match report {
+                    Some(r) if r.in_recovery => {
+                        lag(r.position, r.replay_age, primary_position(&e.cluster))
+                    }
+                    _ => (None, None),
+                };
+                let fenced = clusters
+                    .get(&e.cluster)
+                    .is_some_and(|state| state.is_fenced(&e.name));
+                (
+                    Arc::clone(&e.name),
+                    EndpointFacts {
+                        state: e.tracker.state(),
+                        last_error: e.last_error.clone(),
+                        writable: report.map(|r| !r.in_recovery),
+                        fenced,
+                        system_id: report.and_then(|r| r.system_id),
+                        timeline: report.and_then(|r| r.timeline),
+                        position: report.and_then(|r| r.position),
+                        lag,
+                    },
+                )
+            })
+            .collect();
+        HealthView {
+            endpoints,
+            primaries,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<EndpointHealth> {
+        let view = self.view();
+        let primary_position = |cluster: &str| {
+            view.primaries
+                .get(cluster)
+                .and_then(Option::as_ref)
+                .and_then(|name| view.endpoints.get(name))
+                .and_then(|f| f.position)
+        };
+        self.endpoints
+            .values()
+            .map(|e| {
+                let report = e.report.as_ref();
+                let facts = view.endpoints.get(&e.name);
+                let (lag_bytes, lag) = match report {
+                    Some(r) if r.in_recovery => {
+                        lag(r.position, r.replay_age, primary_position(&e.cluster))
+                    }
+                    _ => (None, None),
+                };
+                EndpointHealth {
+                    name: Arc::clone(&e.name),
+                    cluster: Arc::clone(&e.cluster),
+                    configured_role: e.role,
+                    state: e.tracker.state(),
+                    observed_role: report.map(|r| {
+                        if r.in_recovery {
+                            ObservedRole::Standby
+                        } else {
+                            ObservedRole::Primary
+                        }
+                    }),
+                    accepted_primary: view
+                        .primaries
+                        .get(&e.cluster)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|p| *p == e.name),
+                    fenced: facts.is_some_and(|f| f.fenced),
+                    rtt: report.map(|r| r.rtt),
+                    position: report.and_then(|r| r.position),
+                    received: report.and_then(|r| r.received),
+                    timeline: report.and_then(|r| r.timeline),
+                    lag_bytes,
+                    lag,
+                    last_error: e.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    fn cluster_of(&self, endpoint: &str) -> Result<Arc<str>, Error> {
+        self.endpoints
+            .get(endpoint)
+            .map(|e| Arc::clone(&e.cluster))
+            .ok_or_else(|| {
+                Error::new(ErrorKind::UnknownTarget)
+                    .with_detail(format!("there is no endpoint `{endpoint}` in the settings"))
+            })
+    }
+}
+
+impl Actor for HealthActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let names: Vec<Arc<str>> = self.endpoints.keys().cloned().collect();
+        for name in &names {
+            self.probe(name, ctx);
+        }
+        // Endpoints whose queries failed are probed at once.
+        let requests = Arc::clone(&self.requests);
+        let listen = async move {
+            requests.notify.notified().await;
+            requests.take()
+        };
+        ctx.spawn(listen.into_actor(self).map(|names, actor, ctx| {
+            actor.requested(names, ctx);
+        }));
+        self.routing.apply_view(self.view());
+    }
+}
+
+impl HealthActor {
+    fn requested(&mut self, names: BTreeSet<Arc<str>>, ctx: &mut Context<Self>) {
+        for name in &names {
+            self.probe(name, ctx);
+        }
+        let requests = Arc::clone(&self.requests);
+        let listen = async move {
+            requests.notify.notified().await;
+            requests.take()
+        };
+        ctx.spawn(listen.into_actor(self).map(|names, actor, ctx| {
+            actor.requested(names, ctx);
+        }));
+    }
+}
+
+impl Handler<GetHealth> for HealthActor {
+    type Result = actix::MessageResult<GetHealth>;
+
+    fn handle(&mut self, _: GetHealth, _ctx: &mut Context<Self>) -> Self::Result {
+        actix::MessageResult(self.snapshot())
+    }
+}
+
+impl Handler<AcceptPrimary> for HealthActor {
+    type Result = Result<(), Error>;
+
+    fn handle(&mut self, message: AcceptPrimary, ctx: &mut Context<Self>) -> Result<(), Error> {
+        let cluster = self.cluster_of(&message.endpoint)?;
+        let observed = self.observed(&cluster);
+        let actions = {
+            let mut clusters = self.clusters();
+            let state = clusters.get_mut(&cluster).ok_or_else(|| {
+                Error::new(ErrorKind::UnknownTarget)
+                    .with_detail(format!("cluster `{cluster}` has no primary in the settings"))
+            })?;
+            state
+                .accept_manually(&message.endpoint, &observed)
+                .map_err(|why| Error::new(ErrorKind::NoTarget).with_detail(why))?
+        };
+        self.apply(&cluster, actions, None, ctx);
+        self.decide(Instant::now(), ctx);
+        Ok(())
+    }
+}
+
+impl Handler<Readmit> for HealthActor {
+    type Result = Result<(), Error>;
+
+    fn handle(&mut self, message: Readmit, ctx: &mut Context<Self>) -> Result<(), Error> {
+        let cluster = self.cluster_of(&message.endpoint)?;
+        let action = self
+            .clusters()
+            .get_mut(&cluster)
+            .and_then(|state| state.readmit(&message.endpoint));
+        match action {
+            Some(action) => {
+                self.apply(&cluster, vec![action], None, ctx);
+                self.routing.apply_view(self.view());
+                Ok(())
+            }
+            None => Err(Error::new(ErrorKind::UnknownTarget)
+                .with_detail(format!("`{}` is not fenced", message.endpoint))),
+        }
+    }
+}
+
+impl Handler<SubscribeState> for HealthActor {
+    type Result = ();
+
+    fn handle(&mut self, SubscribeState(recipient): SubscribeState, _ctx: &mut Context<Self>) {
+        self.state_subscribers.push(recipient);
+    }
+}
+
+impl Handler<SubscribeFailover> for HealthActor {
+    type Result = ();
+
+    fn handle(&mut self, SubscribeFailover(recipient): SubscribeFailover, _ctx: &mut Context<Self>) {
+        self.failover_subscribers.push(recipient);
+    }
+}
+
+impl Handler<Stop> for HealthActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
