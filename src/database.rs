@@ -15,10 +15,10 @@ mod endpoint;
 mod pool;
 mod tls;
 
-pub(crate) use endpoint::{Endpoint, EndpointParts};
 pub use endpoint::CANCEL_GRACE;
-pub use pool::APPLICATION_NAME;
+pub(crate) use endpoint::{Endpoint, EndpointParts};
 pub(crate) use pool::Connector;
+pub use pool::APPLICATION_NAME;
 pub(crate) use tls::Tls;
 
 use crate::{

@@ -289,7 +289,11 @@ impl ClusterFailover {
                         reason: format!(
                             "`{}` {}, but `{}` is the accepted primary{}",
                             o.name,
-                            if o.up() { "is writable" } else { "was a primary" },
+                            if o.up() {
+                                "is writable"
+                            } else {
+                                "was a primary"
+                            },
                             accepted.name,
                             match (o.timeline, accepted.timeline) {
                                 (Some(t), Some(a)) if same_system => {
@@ -338,16 +342,18 @@ impl ClusterFailover {
         let failing_old = self.failing.as_ref().map(|f| Arc::clone(&f.old));
         // The first decision, or the old primary back before anything else happened: accept the
         // configured primary (or the failed one) if it is a fine primary.
-        let promotion_started = self
-            .failing
-            .as_ref()
-            .is_some_and(|f| f.promotion.is_some());
-        let home = failing_old.clone().unwrap_or_else(|| Arc::clone(&self.configured_primary));
+        let promotion_started = self.failing.as_ref().is_some_and(|f| f.promotion.is_some());
+        let home = failing_old
+            .clone()
+            .unwrap_or_else(|| Arc::clone(&self.configured_primary));
         if !promotion_started && !self.fenced.contains(&home) {
             if let Some(o) = observed.iter().find(|o| o.name == home) {
                 if self.acceptable(o) && self.writable_rivals(observed, o).is_empty() {
                     let reason = if failing_old.is_some() {
-                        format!("`{}` is up again before any other primary was accepted", o.name)
+                        format!(
+                            "`{}` is up again before any other primary was accepted",
+                            o.name
+                        )
                     } else {
                         format!("`{}` is up and out of recovery", o.name)
                     };
@@ -450,10 +456,10 @@ impl ClusterFailover {
     /// The system identifier of the cluster: the accepted primary's, the old one's, or the
     /// configured primary's.
     fn known_system(&self, observed: &[Observed]) -> Option<u64> {
-        let name = self
-            .failing
-            .as_ref()
-            .map_or_else(|| Arc::clone(&self.configured_primary), |f| Arc::clone(&f.old));
+        let name = self.failing.as_ref().map_or_else(
+            || Arc::clone(&self.configured_primary),
+            |f| Arc::clone(&f.old),
+        );
         observed
             .iter()
             .find(|o| o.name == name)
@@ -511,7 +517,11 @@ impl ClusterFailover {
             }
         }
         let o = o.clone();
-        self.accept(&o, format!("an operator made `{endpoint}` the primary"), &mut actions);
+        self.accept(
+            &o,
+            format!("an operator made `{endpoint}` the primary"),
+            &mut actions,
+        );
         Ok(actions)
     }
 
@@ -546,7 +556,11 @@ mod tests {
             state: HealthState::Up,
             first_failure: None,
             writable: Some(writable),
-            system_id: Some(if role == Role::Backup { OTHER_SYSTEM } else { SYSTEM }),
+            system_id: Some(if role == Role::Backup {
+                OTHER_SYSTEM
+            } else {
+                SYSTEM
+            }),
             timeline: Some(timeline),
             position: Some(Position::new(1000)),
         }
@@ -590,7 +604,11 @@ mod tests {
                 Action::Withdraw { endpoint, .. } => format!("withdraw {endpoint}"),
                 Action::Promote { candidates } => format!(
                     "promote one of {}",
-                    candidates.iter().map(|c| &**c).collect::<Vec<_>>().join(",")
+                    candidates
+                        .iter()
+                        .map(|c| &**c)
+                        .collect::<Vec<_>>()
+                        .join(",")
                 ),
                 Action::Fence { endpoint, .. } => format!("fence {endpoint}"),
                 Action::Unfence { endpoint, .. } => format!("unfence {endpoint}"),
@@ -604,9 +622,15 @@ mod tests {
         let mut c = cluster(FailoverMode::Follow);
         let mut nodes = herd();
         set(&mut nodes, "primary", |n| n.state = HealthState::Unknown);
-        assert_eq!(names(&c.step(&nodes, None, Instant::now())), Vec::<String>::new());
+        assert_eq!(
+            names(&c.step(&nodes, None, Instant::now())),
+            Vec::<String>::new()
+        );
         set(&mut nodes, "primary", |n| n.state = HealthState::Up);
-        assert_eq!(names(&c.step(&nodes, None, Instant::now())), ["accept primary"]);
+        assert_eq!(
+            names(&c.step(&nodes, None, Instant::now())),
+            ["accept primary"]
+        );
         assert_eq!(c.step(&nodes, None, Instant::now()), vec![], "no repeat");
     }
 
@@ -638,7 +662,11 @@ mod tests {
         let report = c.take_completed().expect("a completed failover");
         assert_eq!(&*report.failing.old, "primary");
         assert_eq!(report.failing.old_position, Some(Position::new(1200)));
-        assert!(report.reason.contains("promoted `standby_1`"), "{}", report.reason);
+        assert!(
+            report.reason.contains("promoted `standby_1`"),
+            "{}",
+            report.reason
+        );
         // The old primary comes back writable on the old timeline: still fenced, never accepted.
         set(&mut nodes, "primary", |n| n.state = HealthState::Up);
         assert_eq!(names(&c.step(&nodes, None, start)), Vec::<String>::new());
@@ -672,8 +700,15 @@ mod tests {
         let now = Instant::now();
         c.step(&nodes, None, now);
         down(&mut nodes, "primary", now);
-        assert_eq!(names(&c.step(&nodes, None, now)), ["withdraw primary", "warn"]);
-        assert_eq!(names(&c.step(&nodes, None, now)), Vec::<String>::new(), "warned once");
+        assert_eq!(
+            names(&c.step(&nodes, None, now)),
+            ["withdraw primary", "warn"]
+        );
+        assert_eq!(
+            names(&c.step(&nodes, None, now)),
+            Vec::<String>::new(),
+            "warned once"
+        );
         set(&mut nodes, "standby_2", |n| {
             n.writable = Some(true);
             n.timeline = Some(2);
@@ -711,7 +746,9 @@ mod tests {
         assert_eq!(names(&c.step(&nodes, None, now)), Vec::<String>::new());
         assert!(c.is_fenced("primary"));
         // Failback is manual: an operator makes the primary the primary again.
-        let actions = c.accept_manually("primary", &nodes).expect("writable and up");
+        let actions = c
+            .accept_manually("primary", &nodes)
+            .expect("writable and up");
         assert_eq!(names(&actions), ["withdraw backup", "accept primary"]);
         assert!(!c.is_fenced("primary"));
     }
@@ -731,7 +768,10 @@ mod tests {
         assert_eq!(accepted(&c).as_deref(), Some("backup"));
         set(&mut nodes, "primary", |n| n.state = HealthState::Up);
         let actions = names(&c.step(&nodes, None, now));
-        assert!(actions.contains(&"accept primary".to_owned()), "{actions:?}");
+        assert!(
+            actions.contains(&"accept primary".to_owned()),
+            "{actions:?}"
+        );
         assert_eq!(accepted(&c).as_deref(), Some("primary"));
         assert!(!c.is_fenced("primary"));
     }
@@ -743,8 +783,14 @@ mod tests {
         let now = Instant::now();
         c.step(&nodes, None, now);
         down(&mut nodes, "primary", now);
-        assert_eq!(names(&c.step(&nodes, None, now)), ["withdraw primary", "warn"]);
-        assert!(c.accept_manually("standby_1", &nodes).is_err(), "in recovery");
+        assert_eq!(
+            names(&c.step(&nodes, None, now)),
+            ["withdraw primary", "warn"]
+        );
+        assert!(
+            c.accept_manually("standby_1", &nodes).is_err(),
+            "in recovery"
+        );
         set(&mut nodes, "standby_1", |n| {
             n.writable = Some(true);
             n.timeline = Some(2);
@@ -797,9 +843,19 @@ mod tests {
             let mut nodes = herd();
             let script: Vec<Box<dyn Fn(&mut Vec<Observed>)>> = vec![
                 Box::new(|n| down(n, "primary", now)),
-                Box::new(|n| set(n, "standby_1", |o| { o.writable = Some(true); o.timeline = Some(2) })),
+                Box::new(|n| {
+                    set(n, "standby_1", |o| {
+                        o.writable = Some(true);
+                        o.timeline = Some(2)
+                    })
+                }),
                 Box::new(|n| set(n, "primary", |o| o.state = HealthState::Up)),
-                Box::new(|n| set(n, "standby_2", |o| { o.writable = Some(true); o.timeline = Some(3) })),
+                Box::new(|n| {
+                    set(n, "standby_2", |o| {
+                        o.writable = Some(true);
+                        o.timeline = Some(3)
+                    })
+                }),
                 Box::new(|n| down(n, "standby_2", now)),
             ];
             for change in script {
@@ -811,7 +867,11 @@ mod tests {
                             && o.writable == Some(true)
                             && o.system_id == accepted.system_id
                             && o.state != HealthState::Down;
-                        assert!(!rival || c.is_fenced(&o.name), "{mode}: `{}` is a second write target", o.name);
+                        assert!(
+                            !rival || c.is_fenced(&o.name),
+                            "{mode}: `{}` is a second write target",
+                            o.name
+                        );
                     }
                 }
             }
@@ -830,7 +890,10 @@ mod tests {
             candidate("standby_2", 1000, 800),
         ])
         .expect("a choice");
-        assert_eq!(&*chosen, "standby_2", "it received more, and replays it before promoting");
+        assert_eq!(
+            &*chosen, "standby_2",
+            "it received more, and replays it before promoting"
+        );
         assert!(reason.contains("`standby_1` received 0/384"), "{reason}");
         let (chosen, _) = choose_new_primary(&[
             candidate("standby_1", 1000, 1000),

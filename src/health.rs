@@ -30,6 +30,7 @@ use self::probe::{lag, ProbeReport, POSITIONS_SQL, PROBE_SQL};
 pub use self::state::HealthState;
 pub(crate) use self::state::{Thresholds, Tracker};
 use crate::{
+    backoff::Backoff,
     child::{ExitGuard, Stop},
     database::{Connector, DatabaseSpec},
     error::{Error, ErrorKind},
@@ -38,6 +39,12 @@ use crate::{
     router::Routing,
     settings::{FailoverMode, FailoverSettings, HealthSettings, Role},
 };
+
+/// After a failed promotion, the wait before the next attempt (doubling up to
+/// [`PROMOTE_RETRY_MAX`]).
+const PROMOTE_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two promotion attempts.
+const PROMOTE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What an endpoint is, as its probes see it (not as the settings say).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -336,7 +343,10 @@ struct Probed {
     /// The dedicated connection, when open and not in use by a probe.
     client: Option<tokio_postgres::Client>,
     in_flight: bool,
-    next: Option<SpawnHandle>,
+    /// The next scheduled probe, and when it runs.
+    next: Option<(SpawnHandle, Instant)>,
+    /// When the last probe ended.
+    last_end: Option<Instant>,
     tracker: Tracker,
     report: Option<ProbeReport>,
     last_error: Option<String>,
@@ -366,6 +376,9 @@ pub struct HealthActor {
     state_subscribers: Vec<Recipient<StateChanged>>,
     failover_subscribers: Vec<Recipient<FailoverEvent>>,
     promoting: bool,
+    /// After a failed promotion, the next may not start before this.
+    promote_backoff: Backoff,
+    promote_not_before: Option<Instant>,
     _guard: ExitGuard,
 }
 
@@ -405,6 +418,7 @@ impl HealthActor {
                         client: None,
                         in_flight: false,
                         next: None,
+                        last_end: None,
                         tracker: Tracker::new(thresholds),
                         report: None,
                         last_error: None,
@@ -422,6 +436,8 @@ impl HealthActor {
             state_subscribers: parts.state_subscribers,
             failover_subscribers: parts.failover_subscribers,
             promoting: false,
+            promote_backoff: Backoff::new(PROMOTE_RETRY_FIRST, PROMOTE_RETRY_MAX),
+            promote_not_before: None,
             _guard: parts.guard,
         }
     }
@@ -439,7 +455,7 @@ impl HealthActor {
         if endpoint.in_flight {
             return;
         }
-        if let Some(next) = endpoint.next.take() {
+        if let Some((next, _)) = endpoint.next.take() {
             ctx.cancel_future(next);
         }
         endpoint.in_flight = true;
@@ -469,9 +485,13 @@ impl HealthActor {
                 ),
             }
         };
-        ctx.spawn(probe.into_actor(self).map(move |(client, result), actor, ctx| {
-            actor.probed(&name, client, result, ctx);
-        }));
+        ctx.spawn(
+            probe
+                .into_actor(self)
+                .map(move |(client, result), actor, ctx| {
+                    actor.probed(&name, client, result, ctx);
+                }),
+        );
     }
 
     fn probed(
@@ -486,6 +506,7 @@ impl HealthActor {
             return;
         };
         endpoint.in_flight = false;
+        endpoint.last_end = Some(now);
         endpoint.client = client;
         let before_role = endpoint.report.as_ref().map(|r| r.in_recovery);
         let (flip, reason) = match &result {
@@ -514,7 +535,10 @@ impl HealthActor {
             self.settings.suspect_interval.min(self.settings.interval)
         };
         let again = Arc::clone(name);
-        endpoint.next = Some(ctx.run_later(wait, move |actor, ctx| actor.probe(&again, ctx)));
+        endpoint.next = Some((
+            ctx.run_later(wait, move |actor, ctx| actor.probe(&again, ctx)),
+            now + wait,
+        ));
 
         if let Some(flip) = flip {
             if flip.to == HealthState::Down {
@@ -703,7 +727,10 @@ impl HealthActor {
     /// Reads the candidates' positions afresh, promotes the most advanced one, and probes it at
     /// once so that it is accepted as soon as it is out of recovery.
     fn promote(&mut self, cluster: &Arc<str>, candidates: Vec<Arc<str>>, ctx: &mut Context<Self>) {
-        if self.promoting || self.failover.mode != FailoverMode::Promote {
+        if self.promoting
+            || self.failover.mode != FailoverMode::Promote
+            || self.promote_not_before.is_some_and(|t| Instant::now() < t)
+        {
             return;
         }
         self.promoting = true;
@@ -724,8 +751,8 @@ impl HealthActor {
         let promote_timeout = self.failover.promote_timeout;
         let cluster = Arc::clone(cluster);
         let work = async move {
-            let mut read = Vec::new();
-            for (name, connector) in &connectors {
+            // Every candidate at once: the failover waits for the slowest, not for the sum.
+            let reads = connectors.iter().map(|(name, connector)| async move {
                 let positions = tokio::time::timeout(probe_timeout, async {
                     let client = connector.connect().await?;
                     let row = client.query_one(POSITIONS_SQL, &[]).await?;
@@ -734,14 +761,20 @@ impl HealthActor {
                     Ok::<_, tokio_postgres::Error>((received, replayed))
                 })
                 .await;
-                if let Ok(Ok((received, replayed))) = positions {
-                    read.push(Candidate {
+                match positions {
+                    Ok(Ok((received, replayed))) => Some(Candidate {
                         name: Arc::clone(name),
                         received: received.map(Position::from),
                         replayed: replayed.map(Position::from),
-                    });
+                    }),
+                    _ => None,
                 }
-            }
+            });
+            let read: Vec<Candidate> = futures_util::future::join_all(reads)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
             let Some((chosen, reason)) = choose_new_primary(&read) else {
                 return Err("no standby could be read to choose whom to promote".to_owned());
             };
@@ -790,7 +823,10 @@ impl HealthActor {
                 actor.promoting = false;
                 match outcome {
                     None => {}
-                    Some((chosen, Ok(true))) => actor.probe(&chosen, ctx),
+                    Some((chosen, Ok(true))) => {
+                        actor.promote_backoff.reset();
+                        actor.probe(&chosen, ctx);
+                    }
                     Some((chosen, Ok(false))) => actor.promotion_failed(
                         &cluster,
                         format!("`{chosen}` did not finish its promotion within {seconds} s"),
@@ -809,6 +845,12 @@ impl HealthActor {
 
     fn promotion_failed(&mut self, cluster: &Arc<str>, why: String) {
         self.promoting = false;
+        let wait = self.promote_backoff.fail();
+        self.promote_not_before = Some(Instant::now() + wait);
+        let why = format!(
+            "{why}; the next attempt in {}",
+            humantime::format_duration(wait)
+        );
         if let Some(state) = self.clusters().get_mut(cluster) {
             state.promotion_failed();
         }
@@ -958,9 +1000,32 @@ impl Actor for HealthActor {
 }
 
 impl HealthActor {
+    /// Probes endpoints whose queries met connection errors: at once, but never sooner than
+    /// `health.suspect_interval` after the endpoint's last probe, so that a burst of failing
+    /// queries cannot run the hysteresis down in a millisecond.
     fn requested(&mut self, names: BTreeSet<Arc<str>>, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let spacing = self.settings.suspect_interval;
         for name in &names {
-            self.probe(name, ctx);
+            let Some(endpoint) = self.endpoints.get_mut(name) else {
+                continue;
+            };
+            if endpoint.in_flight {
+                continue;
+            }
+            let earliest = endpoint.last_end.map_or(now, |end| end + spacing);
+            if earliest <= now {
+                self.probe(name, ctx);
+            } else if endpoint.next.as_ref().is_none_or(|(_, at)| *at > earliest) {
+                if let Some((next, _)) = endpoint.next.take() {
+                    ctx.cancel_future(next);
+                }
+                let again = Arc::clone(name);
+                endpoint.next = Some((
+                    ctx.run_later(earliest - now, move |actor, ctx| actor.probe(&again, ctx)),
+                    earliest,
+                ));
+            }
         }
         let requests = Arc::clone(&self.requests);
         let listen = async move {
@@ -990,8 +1055,9 @@ impl Handler<AcceptPrimary> for HealthActor {
         let actions = {
             let mut clusters = self.clusters();
             let state = clusters.get_mut(&cluster).ok_or_else(|| {
-                Error::new(ErrorKind::UnknownTarget)
-                    .with_detail(format!("cluster `{cluster}` has no primary in the settings"))
+                Error::new(ErrorKind::UnknownTarget).with_detail(format!(
+                    "cluster `{cluster}` has no primary in the settings"
+                ))
             })?;
             state
                 .accept_manually(&message.endpoint, &observed)
@@ -1035,7 +1101,11 @@ impl Handler<SubscribeState> for HealthActor {
 impl Handler<SubscribeFailover> for HealthActor {
     type Result = ();
 
-    fn handle(&mut self, SubscribeFailover(recipient): SubscribeFailover, _ctx: &mut Context<Self>) {
+    fn handle(
+        &mut self,
+        SubscribeFailover(recipient): SubscribeFailover,
+        _ctx: &mut Context<Self>,
+    ) {
         self.failover_subscribers.push(recipient);
     }
 }

@@ -121,10 +121,7 @@ impl Herd {
     /// # Errors
     ///
     /// As [`send`](Self::send).
-    pub async fn send_tracked<M: Request>(
-        &self,
-        message: M,
-    ) -> Result<Tracked<M::Output>, Error> {
+    pub async fn send_tracked<M: Request>(&self, message: M) -> Result<Tracked<M::Output>, Error> {
         let (value, position) = Arc::clone(&self.shared.routing)
             .dispatch_tracked(message)
             .await?;

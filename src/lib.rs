@@ -39,11 +39,11 @@ pub use health::{
 };
 pub use herd::{Herd, HerdBuilder, Tracked};
 pub use position::{Position, PositionParseError};
-pub use session::Session;
 pub use query::{
     column, Batch, FromRow, Intent, Params, Query, QueryResult, Read, Request, Routable,
     RouteOptions, Routed, Transact, TxFuture, Write, Written,
 };
 pub use router::{GetRoutes, Route, RouteEntry, RouteRequest, RouterActor, RoutingRule};
+pub use session::Session;
 pub use settings::{EndpointSettings, Role, Settings, SettingsError, SettingsProblem};
 pub use supervisor::{Shutdown, Subscribe, SupervisorActor, SupervisorEvent};

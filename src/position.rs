@@ -69,7 +69,8 @@ impl From<Position> for tokio_postgres::types::PgLsn {
 /// until the next checkpoint, while the name of the WAL file being written already carries the
 /// new one: this is the value to fence on.
 pub(crate) fn timeline_of_walfile(name: &str) -> Option<u32> {
-    name.get(..8).and_then(|hex| u32::from_str_radix(hex, 16).ok())
+    name.get(..8)
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
 }
 
 #[cfg(test)]

@@ -244,9 +244,7 @@ impl Routing {
         self.snapshot()
             .iter()
             .map(|endpoint| {
-                let facts = view
-                    .as_ref()
-                    .and_then(|v| v.endpoints.get(endpoint.name()));
+                let facts = view.as_ref().and_then(|v| v.endpoints.get(endpoint.name()));
                 let primary = view.as_ref().is_some_and(|v| {
                     v.primaries
                         .get(endpoint.cluster())
@@ -283,7 +281,10 @@ impl Routing {
             .map(|endpoint| {
                 let state = endpoint.state();
                 let facts = view.endpoints.get(endpoint.name());
-                let accepted = view.primaries.get(endpoint.cluster()).and_then(Option::as_ref);
+                let accepted = view
+                    .primaries
+                    .get(endpoint.cluster())
+                    .and_then(Option::as_ref);
                 let primary_facts = accepted.and_then(|p| view.endpoints.get(p));
                 let standby = facts.is_some_and(|f| f.writable == Some(false));
                 // A standby serves reads while it follows the accepted primary: the same system
@@ -293,7 +294,9 @@ impl Routing {
                     (Some(f), Some(p)) => {
                         f.system_id.is_some()
                             && f.system_id == p.system_id
-                            && (f.timeline.is_none() || p.timeline.is_none() || f.timeline == p.timeline)
+                            && (f.timeline.is_none()
+                                || p.timeline.is_none()
+                                || f.timeline == p.timeline)
                     }
                     (Some(_), None) => true,
                     _ => false,
@@ -319,9 +322,7 @@ impl Routing {
         };
         match decision {
             Decision::Use(index) => Ok((endpoints[index].clone(), None)),
-            Decision::UseChecked(index, position) => {
-                Ok((endpoints[index].clone(), Some(position)))
-            }
+            Decision::UseChecked(index, position) => Ok((endpoints[index].clone(), Some(position))),
             other => Err(other),
         }
     }

@@ -35,8 +35,7 @@ pub use error::{SettingsError, SettingsProblem};
 pub use health::{FailbackMode, FailoverMode, FailoverSettings, HealthSettings};
 pub use pool::{
     PoolOverrides, PoolSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_SIZE,
-    DEFAULT_RECYCLE_TIMEOUT,
-    DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
+    DEFAULT_RECYCLE_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
 };
 pub use router::{ReadPolicy, RouterSettings, DEFAULT_QUEUE_CAPACITY, DEFAULT_TIMEOUT};
 pub use supervisor::SupervisorSettings;

@@ -551,7 +551,11 @@ impl Handler<SubscribeState> for SupervisorActor {
 impl Handler<SubscribeFailover> for SupervisorActor {
     type Result = ();
 
-    fn handle(&mut self, SubscribeFailover(recipient): SubscribeFailover, _ctx: &mut Context<Self>) {
+    fn handle(
+        &mut self,
+        SubscribeFailover(recipient): SubscribeFailover,
+        _ctx: &mut Context<Self>,
+    ) {
         self.failover_subscribers.push(recipient.clone());
         self.shared.health().do_send(SubscribeFailover(recipient));
     }

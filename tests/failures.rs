@@ -247,10 +247,7 @@ async fn sql_errors_are_reported_with_their_sqlstate_and_do_not_mark_the_endpoin
     assert_eq!(error.endpoint(), Some("primary"));
     assert!(error.to_string().contains("23505"), "{error}");
     assert!(!error.is_retryable());
-    assert_eq!(
-        health(&herd, "primary").await,
-        Some(HealthState::Up)
-    );
+    assert_eq!(health(&herd, "primary").await, Some(HealthState::Up));
     herd.send(Read::new("SELECT 1"))
         .await
         .expect("still serving");

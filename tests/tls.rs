@@ -62,7 +62,10 @@ async fn verify_full_refuses_a_wrong_host_name() {
     let error = uses_tls(&herd).await.expect_err("the name does not match");
     // The endpoint never answers a probe: no primary is accepted, and the error says why.
     assert_eq!(error.kind(), ErrorKind::NoTarget, "{error}");
-    assert!(error.to_string().contains("certificate not valid for name"), "{error}");
+    assert!(
+        error.to_string().contains("certificate not valid for name"),
+        "{error}"
+    );
     herd.shutdown().await;
 }
 

@@ -278,17 +278,22 @@ impl Endpoint {
             match check.map(|row| row.get::<_, Option<bool>>(0)) {
                 Ok(Some(true)) => {}
                 Ok(_) => {
-                    let mut failure = Failure::new(
-                        self.tag(Error::new(ErrorKind::NoTarget).with_detail(format!(
-                            "it has not replayed position {position} yet"
-                        ))),
-                        Stage::NotSent,
-                    );
+                    let mut failure =
+                        Failure::new(
+                            self.tag(Error::new(ErrorKind::NoTarget).with_detail(format!(
+                                "it has not replayed position {position} yet"
+                            ))),
+                            Stage::NotSent,
+                        );
                     failure.stale = true;
                     return Err(failure);
                 }
                 Err(error) => {
-                    return Err(self.failed(Error::from_postgres(error), Stage::NotSent, Intent::Read))
+                    return Err(self.failed(
+                        Error::from_postgres(error),
+                        Stage::NotSent,
+                        Intent::Read,
+                    ))
                 }
             }
         }

@@ -19,8 +19,7 @@ pub(crate) const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
      extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8";
 
 /// Reads a standby's positions, fresh, before choosing whom to promote.
-pub(crate) const POSITIONS_SQL: &str =
-    "SELECT pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()";
+pub(crate) const POSITIONS_SQL: &str = "SELECT pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()";
 
 /// What one probe saw.
 #[derive(Debug, Clone, PartialEq)]

@@ -195,7 +195,11 @@ mod tests {
                 to: HealthState::Down
             })
         );
-        assert_eq!(t.first_failure(), Some(ms(10)), "the run began with the first failure");
+        assert_eq!(
+            t.first_failure(),
+            Some(ms(10)),
+            "the run began with the first failure"
+        );
         assert_eq!(t.since(), Some(ms(30)));
     }
 
@@ -221,7 +225,11 @@ mod tests {
         assert!(t.failure(now).is_some());
         assert_eq!(t.success(now), None);
         assert_eq!(t.state(), HealthState::Recovering);
-        assert_eq!(t.failure(now), None, "recovering to down is not an event: it never served");
+        assert_eq!(
+            t.failure(now),
+            None,
+            "recovering to down is not an event: it never served"
+        );
         assert_eq!(t.state(), HealthState::Down);
         t.success(now);
         t.success(now);
@@ -240,7 +248,13 @@ mod tests {
         let mut t = tracker(3, 2);
         t.success(now);
         let events = (0..100)
-            .filter_map(|i| if i % 2 == 0 { t.failure(now) } else { t.success(now) })
+            .filter_map(|i| {
+                if i % 2 == 0 {
+                    t.failure(now)
+                } else {
+                    t.success(now)
+                }
+            })
             .count();
         assert_eq!(events, 0, "alternating results never reach a threshold");
         assert_eq!(t.state(), HealthState::Up);

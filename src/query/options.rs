@@ -43,9 +43,7 @@ pub trait Routable: Sized {
     fn timeout(mut self, timeout: Duration) -> Self {
         // A timeout too large to add is no deadline worth keeping: a year stands in for it.
         let now = Instant::now();
-        let deadline = now
-            .checked_add(timeout.min(LONGEST_TIMEOUT))
-            .unwrap_or(now);
+        let deadline = now.checked_add(timeout.min(LONGEST_TIMEOUT)).unwrap_or(now);
         self.options_mut().deadline = Some(deadline);
         self
     }

@@ -234,9 +234,9 @@ pub(crate) fn decide(
             if ask.intent == Intent::Write {
                 return match primary {
                     Some(index) if candidates[index].serving => Decision::Use(index),
-                    Some(_) => Decision::Wait(format!(
-                        "the primary of cluster `{cluster}` is unreachable"
-                    )),
+                    Some(_) => {
+                        Decision::Wait(format!("the primary of cluster `{cluster}` is unreachable"))
+                    }
                     None => Decision::Wait(format!(
                         "no primary is accepted in cluster `{cluster}` (starting, or failing over)"
                     )),
@@ -465,7 +465,10 @@ mod tests {
     }
 
     fn run(nodes: &[Node], ask: Ask<'_>) -> String {
-        chosen(nodes, &decide(ask, &candidates(nodes), &mut Balancer::default()))
+        chosen(
+            nodes,
+            &decide(ask, &candidates(nodes), &mut Balancer::default()),
+        )
     }
 
     #[test]
@@ -474,7 +477,10 @@ mod tests {
         let scope = main();
         assert_eq!(run(&nodes, ask(Intent::Write, &scope, &[])), "primary");
         let tenant = Scope::Cluster(Arc::from("tenant"));
-        assert_eq!(run(&nodes, ask(Intent::Write, &tenant, &[])), "tenant_primary");
+        assert_eq!(
+            run(&nodes, ask(Intent::Write, &tenant, &[])),
+            "tenant_primary"
+        );
     }
 
     #[test]
@@ -497,7 +503,12 @@ mod tests {
         let cands = candidates(&nodes);
         let mut balancer = Balancer::default();
         let picks: Vec<String> = (0..4)
-            .map(|_| chosen(&nodes, &decide(ask(Intent::Read, &scope, &[]), &cands, &mut balancer)))
+            .map(|_| {
+                chosen(
+                    &nodes,
+                    &decide(ask(Intent::Read, &scope, &[]), &cands, &mut balancer),
+                )
+            })
             .collect();
         assert_eq!(picks, ["standby_1", "standby_2", "standby_1", "standby_2"]);
     }
@@ -550,7 +561,11 @@ mod tests {
         let scope = main();
         let mut after = ask(Intent::Read, &scope, &[]);
         after.after = Some(Position::new(800));
-        assert_eq!(run(&nodes, after), "standby_2", "only standby_2 is known to have it");
+        assert_eq!(
+            run(&nodes, after),
+            "standby_2",
+            "only standby_2 is known to have it"
+        );
         after.after = Some(Position::new(1000));
         assert_eq!(
             run(&nodes, after),

@@ -229,10 +229,17 @@ fn check_health(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
         ("health.successes_to_up", health.successes_to_up),
     ] {
         if count == 0 {
-            problems.push(SettingsProblem::new(key, "0 would never change: expected at least 1"));
+            problems.push(SettingsProblem::new(
+                key,
+                "0 would never change: expected at least 1",
+            ));
         }
     }
-    check_longest("failover.promote_timeout", settings.failover.promote_timeout, problems);
+    check_longest(
+        "failover.promote_timeout",
+        settings.failover.promote_timeout,
+        problems,
+    );
     if settings.failover.promote_timeout < Duration::from_secs(1) {
         problems.push(SettingsProblem::new(
             "failover.promote_timeout",
@@ -284,7 +291,11 @@ fn check_supervisor(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
         problems,
     );
     check_longest("supervisor.backoff_max", supervisor.backoff_max, problems);
-    check_longest("supervisor.shutdown_grace", supervisor.shutdown_grace, problems);
+    check_longest(
+        "supervisor.shutdown_grace",
+        supervisor.shutdown_grace,
+        problems,
+    );
     if supervisor.backoff_max < supervisor.backoff_initial {
         problems.push(SettingsProblem::new(
             "supervisor.backoff_max",

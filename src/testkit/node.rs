@@ -571,7 +571,10 @@ impl Node {
         let deadline = Instant::now() + KILL_TIMEOUT;
         wait_until(deadline, || is_stopped(pid) || !is_alive(pid));
         loop {
-            let alive: Vec<u32> = children_of(pid).into_iter().filter(|c| is_alive(*c)).collect();
+            let alive: Vec<u32> = children_of(pid)
+                .into_iter()
+                .filter(|c| is_alive(*c))
+                .collect();
             if alive.is_empty() || Instant::now() >= deadline {
                 break;
             }

@@ -508,8 +508,7 @@ async fn prepare_logins(
             client
                 .batch_execute(&format!(
                     "CREATE ROLE {user_ident} LOGIN REPLICATION PASSWORD {password_literal};
-                     GRANT pg_monitor TO {user_ident};
-                     GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO {user_ident};",
+                     GRANT pg_monitor TO {user_ident};",
                     user_ident = quote_ident(user),
                     password_literal = quote_literal(password),
                 ))
@@ -538,6 +537,20 @@ async fn prepare_logins(
                 ))
                 .await
                 .map_err(TestkitError::postgres(node.name()))?;
+        }
+        // Function privileges live in each database's catalog.
+        let grants: Vec<String> = logins
+            .iter()
+            .filter(|l| l.dbname == dbname && l.user != ADMIN_USER)
+            .map(|l| {
+                format!(
+                    "GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO {};",
+                    quote_ident(&l.user)
+                )
+            })
+            .collect();
+        if !grants.is_empty() {
+            node.admin_execute(dbname, &grants.join("\n")).await?;
         }
         if stat_statements {
             node.admin_execute(dbname, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")

@@ -57,40 +57,66 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// Collects a herd's supervisor events for assertions.
-#[derive(Clone, Default)]
-pub struct EventLog(std::sync::Arc<std::sync::Mutex<Vec<pgherd::SupervisorEvent>>>);
+/// Collects the messages of one kind an actor would receive (supervisor, health or failover
+/// events), for assertions.
+pub struct Log<M>(std::sync::Arc<std::sync::Mutex<Vec<M>>>);
 
-impl EventLog {
+impl<M> Clone for Log<M> {
+    fn clone(&self) -> Self {
+        Log(std::sync::Arc::clone(&self.0))
+    }
+}
+
+impl<M> Default for Log<M> {
+    fn default() -> Self {
+        Log(std::sync::Arc::default())
+    }
+}
+
+impl<M> Log<M>
+where
+    M: actix::Message<Result = ()> + Clone + Send + Unpin + 'static,
+{
     /// A recipient that records into this log (an actor started on the current arbiter).
-    pub fn recipient(&self) -> actix::Recipient<pgherd::SupervisorEvent> {
+    pub fn recipient(&self) -> actix::Recipient<M> {
         use actix::Actor as _;
         Recorder(self.clone()).start().recipient()
     }
 
-    /// Every event so far.
-    pub fn events(&self) -> Vec<pgherd::SupervisorEvent> {
+    /// Every message so far.
+    pub fn events(&self) -> Vec<M> {
         self.0.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
-    /// Whether an event matches `predicate`.
-    pub fn any(&self, predicate: impl Fn(&pgherd::SupervisorEvent) -> bool) -> bool {
+    /// Whether a message matches `predicate`.
+    pub fn any(&self, predicate: impl Fn(&M) -> bool) -> bool {
         self.events().iter().any(predicate)
+    }
+
+    /// The first message that `pick` accepts.
+    pub fn find<T>(&self, pick: impl Fn(&M) -> Option<T>) -> Option<T> {
+        self.events().iter().find_map(pick)
     }
 }
 
-struct Recorder(EventLog);
+/// The supervisor's events.
+pub type EventLog = Log<pgherd::SupervisorEvent>;
 
-impl actix::Actor for Recorder {
+struct Recorder<M>(Log<M>);
+
+impl<M: Unpin + 'static> actix::Actor for Recorder<M> {
     type Context = actix::Context<Self>;
 }
 
-impl actix::Handler<pgherd::SupervisorEvent> for Recorder {
+impl<M> actix::Handler<M> for Recorder<M>
+where
+    M: actix::Message<Result = ()> + Unpin + 'static,
+{
     type Result = ();
 
-    fn handle(&mut self, event: pgherd::SupervisorEvent, _ctx: &mut Self::Context) {
-        if let Ok(mut events) = (self.0).0.lock() {
-            events.push(event);
+    fn handle(&mut self, message: M, _ctx: &mut Self::Context) {
+        if let Ok(mut messages) = (self.0).0.lock() {
+            messages.push(message);
         }
     }
 }
