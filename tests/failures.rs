@@ -253,3 +253,86 @@ async fn sql_errors_are_reported_with_their_sqlstate_and_do_not_mark_the_endpoin
         .expect("still serving");
     herd.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_parameter_of_the_wrong_type_is_a_mapping_error_not_a_connection_failure() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.send(Write::new("CREATE TABLE typed (v int)"))
+        .await
+        .expect("create");
+    let error = herd
+        .send(Write::new("INSERT INTO typed VALUES ($1)").bind("not a number"))
+        .await
+        .expect_err("a text parameter for an int column");
+    assert_eq!(error.kind(), ErrorKind::Mapping, "{error}");
+    assert!(!error.is_commit_unknown() && !error.is_retryable(), "{error}");
+    assert_eq!(health(&herd, "primary").await, Some(HealthState::Up));
+    let rows = herd
+        .send(Read::new("SELECT count(*) FROM typed"))
+        .await
+        .expect("count");
+    assert_eq!(rows[0].get::<_, i64>(0), 0);
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_transaction_whose_closure_swallowed_an_error_is_not_reported_committed() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.send(Write::new("CREATE TABLE kept (k int PRIMARY KEY)"))
+        .await
+        .expect("create");
+    let outcome = herd
+        .send(pgherd::Transact::new(|tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO kept VALUES (1)", &[]).await?;
+                // The duplicate fails and aborts the transaction; the closure ignores it.
+                let _ = tx.execute("INSERT INTO kept VALUES (1)", &[]).await;
+                Ok(())
+            })
+        }))
+        .await;
+    let error = outcome.expect_err("an aborted transaction cannot commit");
+    assert!(error.to_string().contains("nothing was committed"), "{error}");
+    let rows = herd
+        .send(Read::new("SELECT count(*) FROM kept"))
+        .await
+        .expect("count");
+    assert_eq!(rows[0].get::<_, i64>(0), 0);
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_caller_that_stops_waiting_has_its_statement_cancelled_on_the_server() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.wait_ready(ROOMY).await.expect("ready");
+    let task = {
+        let herd = herd.clone();
+        actix_rt::spawn(async move {
+            herd.send(Read::new("SELECT pg_sleep(30) /* abandoned */").timeout(ROOMY))
+                .await
+        })
+    };
+    support::wait_active(topology.primary(), "abandoned").await;
+    // An actix-web client that hangs up drops its handler's future just like this.
+    task.abort();
+    let admin = topology.primary().connect_admin().await.expect("admin");
+    eventually("the abandoned statement to be cancelled", ROOMY, || {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                     AND query LIKE '%abandoned%' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == 0)
+        }
+    })
+    .await;
+    herd.send(Read::new("SELECT 1")).await.expect("the herd carries on");
+    herd.shutdown().await;
+}

@@ -1,0 +1,210 @@
+//! The health actor: probes on connections of their own, hysteresis, events, and traffic that
+//! follows health (a cut-off standby loses its reads and gets them back; a hung primary is
+//! detected through probe timeouts).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pgherd::{
+    testkit::{FaultMode, Node, Topology},
+    HealthState, Herd, ObservedRole, Read, Routable, StateChanged, Write,
+};
+use support::{eventually, start, Log};
+
+const ROOMY: Duration = Duration::from_secs(15);
+
+fn state(herd: &Herd, name: &str) -> Option<HealthState> {
+    herd.routes()
+        .into_iter()
+        .find(|r| &*r.name == name)
+        .map(|r| r.health)
+}
+
+/// How many reads of `marker` reached `node`.
+async fn reads_on(node: &Node, marker: &str) -> i64 {
+    let admin = node.connect_admin().await.expect("admin");
+    admin
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements \
+             WHERE query LIKE '%' || $1 || '%'",
+            &[&marker],
+        )
+        .await
+        .expect("pg_stat_statements")
+        .get(0)
+}
+
+#[actix_rt::test]
+async fn a_standby_cut_off_loses_its_reads_within_the_health_window_and_gets_them_back() {
+    let topology = start(
+        Topology::builder()
+            .standbys(2)
+            .proxied("standby_1")
+            .stat_statements(true),
+    )
+    .await;
+    let log = Log::<StateChanged>::default();
+    let herd = Herd::builder(topology.settings())
+        .subscribe_state(log.recipient())
+        .start()
+        .expect("start");
+    herd.wait_ready(ROOMY).await.expect("ready");
+    let proxy = topology.proxy("standby_1").expect("proxy");
+    let marker = "SELECT count(*) FROM pg_class";
+    for _ in 0..20 {
+        herd.send(Read::new(marker)).await.expect("read");
+    }
+    let before = reads_on(topology.standby(0), marker).await;
+    assert!(before > 0, "reads reach standby_1 through its proxy");
+
+    // The network to standby_1 goes silent.
+    let cut = Instant::now();
+    proxy.set_mode(FaultMode::Blackhole);
+    let settings = pgherd::settings::HealthSettings::default();
+    let window = settings.interval
+        + (settings.timeout + settings.suspect_interval) * settings.failures_to_down;
+    eventually("standby_1 to be declared down", window * 3, || async {
+        state(&herd, "standby_1") == Some(HealthState::Down)
+    })
+    .await;
+    let detected = cut.elapsed();
+    assert!(detected <= window * 2, "declared down after {detected:?}, window {window:?}");
+    let down = log
+        .find(|e| (&*e.endpoint == "standby_1" && e.to == HealthState::Down).then(|| e.reason.clone()))
+        .expect("a StateChanged event");
+    assert!(down.contains("no answer within"), "{down}");
+    // Reads go to standby_2 only now, and succeed.
+    for _ in 0..20 {
+        herd.send(Read::new(marker).timeout(Duration::from_secs(2)))
+            .await
+            .expect("reads avoid the cut-off standby");
+    }
+    // Back on the network: re-admitted after `successes_to_up` good probes.
+    proxy.set_mode(FaultMode::Pass);
+    eventually("standby_1 to come back", ROOMY, || async {
+        state(&herd, "standby_1") == Some(HealthState::Up)
+    })
+    .await;
+    assert!(log.any(|e| &*e.endpoint == "standby_1" && e.to == HealthState::Up && e.from != HealthState::Unknown));
+    let again = reads_on(topology.standby(0), marker).await;
+    for _ in 0..20 {
+        herd.send(Read::new(marker)).await.expect("read");
+    }
+    assert!(
+        reads_on(topology.standby(0), marker).await > again,
+        "reads reach standby_1 again"
+    );
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_hung_primary_is_detected_through_probe_timeouts() {
+    let topology = start(Topology::builder().standbys(1)).await;
+    let log = Log::<StateChanged>::default();
+    let herd = Herd::builder(topology.settings())
+        .subscribe_state(log.recipient())
+        .start()
+        .expect("start");
+    herd.wait_ready(ROOMY).await.expect("ready");
+    let hung = Instant::now();
+    topology.primary().hang().expect("SIGSTOP the primary");
+    eventually("the hung primary to be declared down", ROOMY, || async {
+        state(&herd, "primary") == Some(HealthState::Down)
+    })
+    .await;
+    let detected = hung.elapsed();
+    let reason = log
+        .find(|e| (&*e.endpoint == "primary" && e.to == HealthState::Down).then(|| e.reason.clone()))
+        .expect("an event");
+    assert!(reason.contains("no answer within"), "detected by timeouts: {reason}");
+    assert!(detected < Duration::from_secs(3), "took {detected:?}");
+    // Writes wait for a primary; reads still go to the standby.
+    herd.send(Read::new("SELECT 1").timeout(Duration::from_secs(2)))
+        .await
+        .expect("reads carry on");
+    topology.primary().resume().expect("SIGCONT");
+    eventually("the primary to come back", ROOMY, || async {
+        herd.routes().iter().any(|r| &*r.name == "primary" && r.primary && r.health == HealthState::Up)
+    })
+    .await;
+    herd.send(Write::new("SELECT 1").timeout(Duration::from_secs(5)))
+        .await
+        .expect("writes resume on the same primary (nothing else was accepted)");
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_snapshot_reports_roles_positions_timelines_and_lag() {
+    let topology = start(Topology::builder().standbys(1)).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.wait_ready(ROOMY).await.expect("ready");
+    herd.send(Write::new("CREATE TABLE t (v int)"))
+        .await
+        .expect("create");
+    herd.send(Write::new("INSERT INTO t VALUES (1)"))
+        .await
+        .expect("insert");
+    eventually("both endpoints probed with positions", ROOMY, || async {
+        herd.health()
+            .await
+            .is_ok_and(|all| all.iter().all(|e| e.position.is_some() && e.timeline.is_some()))
+    })
+    .await;
+    let health = herd.health().await.expect("snapshot");
+    let primary = health.iter().find(|e| &*e.name == "primary").expect("primary");
+    let standby = health.iter().find(|e| &*e.name == "standby_1").expect("standby");
+    assert_eq!(primary.observed_role, Some(ObservedRole::Primary));
+    assert!(primary.accepted_primary);
+    assert_eq!(primary.timeline, Some(1));
+    assert_eq!(standby.observed_role, Some(ObservedRole::Standby));
+    assert!(!standby.accepted_primary);
+    assert!(standby.rtt.is_some());
+    assert!(standby.lag_bytes.is_some(), "a standby's lag is measured");
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn probes_do_not_go_through_the_application_pool() {
+    // A saturated pool is not a dead server: with every pooled connection busy, the endpoint
+    // stays up.
+    let topology = start(Topology::builder()).await;
+    let mut settings = topology.settings();
+    settings.pool.max_size = 2;
+    let log = Log::<StateChanged>::default();
+    let herd = Herd::builder(settings)
+        .subscribe_state(log.recipient())
+        .start()
+        .expect("start");
+    herd.wait_ready(ROOMY).await.expect("ready");
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let herd = herd.clone();
+            actix_rt::spawn(async move {
+                herd.send(Write::new("SELECT pg_sleep(2)").timeout(Duration::from_secs(5)))
+                    .await
+            })
+        })
+        .collect();
+    eventually("both connections to be busy", ROOMY, || async {
+        herd.routes().iter().any(|r| r.outstanding == 2)
+    })
+    .await;
+    // While both pooled connections sleep (two seconds, several probe intervals), a read
+    // waits for the pool and times out, yet the endpoint is not declared down.
+    let starved = herd
+        .send(Read::new("SELECT 1").target("primary").timeout(Duration::from_millis(800)))
+        .await
+        .expect_err("the pool is saturated");
+    assert!(starved.is_timeout(), "{starved}");
+    for task in busy {
+        task.await.expect("task").expect("the slow writes finish");
+    }
+    assert!(
+        !log.any(|e| e.to == HealthState::Down || e.to == HealthState::Suspect),
+        "a saturated pool was taken for a dead server: {:?}",
+        log.events()
+    );
+    assert_eq!(state(&herd, "primary"), Some(HealthState::Up));
+    herd.shutdown().await;
+}

@@ -1,0 +1,120 @@
+//! Read-your-writes by position: a read sent after a write's position sees the write, wherever
+//! it runs; without the position, reads on lagging standbys miss writes (so the test can tell).
+
+mod support;
+
+use std::time::Duration;
+
+use pgherd::{testkit::Topology, Herd, Position, Read, Routable, Write};
+use support::{eventually, start};
+
+const CYCLES: i64 = 1000;
+/// How far behind the standbys replay: enough for a read right after a write to miss it.
+const APPLY_DELAY: &str = "'30ms'";
+
+async fn lagging_herd() -> (Topology, Herd) {
+    let topology = start(
+        Topology::builder()
+            .standbys(2)
+            .stat_statements(true)
+            .server_setting("recovery_min_apply_delay", APPLY_DELAY),
+    )
+    .await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.wait_ready(Duration::from_secs(15)).await.expect("ready");
+    herd.send(Write::new("CREATE TABLE notes (id bigint PRIMARY KEY)"))
+        .await
+        .expect("create");
+    // The standbys must know the table before reads go there.
+    for standby in topology.standbys() {
+        let client = standby.connect().await.expect("connect");
+        eventually("the table on the standby", Duration::from_secs(10), || {
+            let client = &client;
+            async move { client.query("SELECT 1 FROM notes", &[]).await.is_ok() }
+        })
+        .await;
+    }
+    (topology, herd)
+}
+
+/// Inserts ids and reads each back at once; returns how many reads missed their write.
+async fn cycles(herd: &Herd, first: i64, after: bool) -> i64 {
+    let mut misses = 0;
+    for id in first..first + CYCLES {
+        let written = herd
+            .send(Write::new("INSERT INTO notes VALUES ($1)").bind(id))
+            .await
+            .expect("insert");
+        let position: Position = written.position.expect("a write reports its position");
+        let mut read = Read::new("SELECT count(*) FROM notes WHERE id = $1").bind(id);
+        if after {
+            read = read.after(position);
+        }
+        let rows = herd.send(read).await.expect("read");
+        if rows[0].get::<_, i64>(0) == 0 {
+            misses += 1;
+        }
+    }
+    misses
+}
+
+#[actix_rt::test]
+async fn reads_after_a_position_never_miss_and_reads_without_it_do() {
+    let (_topology, herd) = lagging_herd().await;
+    let misses_with = cycles(&herd, 0, true).await;
+    let misses_without = cycles(&herd, 1_000_000, false).await;
+    eprintln!(
+        "{CYCLES} insert-then-read cycles: {misses_with} misses with after(position), \
+         {misses_without} without"
+    );
+    assert_eq!(misses_with, 0, "reads after the position missed their write");
+    assert!(
+        misses_without > CYCLES / 2,
+        "without the position, reads on standbys lagging {APPLY_DELAY} should miss; only \
+         {misses_without} of {CYCLES} did, so the test could not tell"
+    );
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_session_reads_its_writes_and_standbys_serve_once_they_caught_up() {
+    let (topology, herd) = lagging_herd().await;
+    let session = herd.session();
+    for id in 0..200_i64 {
+        session
+            .send(Write::new("INSERT INTO notes VALUES ($1)").bind(id))
+            .await
+            .expect("insert");
+        let rows = session
+            .send(Read::new("SELECT count(*) FROM notes WHERE id = $1").bind(id))
+            .await
+            .expect("read");
+        assert_eq!(rows[0].get::<_, i64>(0), 1, "the session missed its write {id}");
+    }
+    let position = session.position().expect("the session wrote");
+    // Once a standby has replayed the position, reads after it go to the standbys again.
+    eventually("a standby to report the position", Duration::from_secs(10), || async {
+        herd.routes()
+            .iter()
+            .any(|r| !r.primary && r.position.is_some_and(|p| p >= position))
+    })
+    .await;
+    let marker = "SELECT count(*) FROM notes WHERE id >= $1";
+    for _ in 0..10 {
+        herd.send(Read::new(marker).bind(0_i64).after(position))
+            .await
+            .expect("read");
+    }
+    let admin = topology.primary().connect_admin().await.expect("admin");
+    let on_primary: i64 = admin
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements \
+             WHERE query LIKE '%WHERE id >= $1%'",
+            &[],
+        )
+        .await
+        .expect("stats")
+        .get(0);
+    assert_eq!(on_primary, 0, "caught-up standbys serve reads after the position");
+    herd.shutdown().await;
+}
