@@ -239,6 +239,119 @@ pub struct EndpointHealth {
     pub last_error: Option<String>,
 }
 
+/// Probes every endpoint of `settings` once, all at once, each within `timeout`, without
+/// starting a herd (what `pgherd status` shows). An endpoint is `Up` if its probe answered,
+/// `Down` otherwise; a standby's lag is measured against the writable endpoint of its cluster on
+/// the newest timeline.
+///
+/// # Errors
+///
+/// A [`Config`](ErrorKind::Config) error when an endpoint's TLS or password cannot be set up.
+pub async fn survey(
+    settings: &crate::settings::Settings,
+    timeout: Duration,
+) -> Result<Vec<EndpointHealth>, Error> {
+    let specs = settings
+        .endpoints
+        .iter()
+        .map(|(name, endpoint)| DatabaseSpec::new(name, endpoint, &settings.pool_for(name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Connect everywhere first, then probe everywhere: the round trips measured are then the
+    // queries', not the time this thread spent authenticating the other connections.
+    let connects = specs.iter().map(|spec| async move {
+        let connector = spec.connector();
+        match tokio::time::timeout(timeout, connector.connect()).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(error)) => Err(crate::database::describe(&error)),
+            Err(_) => Err(format!(
+                "no connection within {}",
+                humantime::format_duration(timeout)
+            )),
+        }
+    });
+    let clients = futures_util::future::join_all(connects).await;
+    let probes = specs.iter().zip(clients).map(|(spec, client)| async move {
+        let result = match client {
+            Err(error) => Err(error),
+            Ok(client) => {
+                let started = Instant::now();
+                match tokio::time::timeout(timeout, client.query_one(PROBE_SQL, &[])).await {
+                    Ok(Ok(row)) => ProbeReport::from_row(&row, Instant::now(), started.elapsed())
+                        .map_err(|error| crate::database::describe(&error)),
+                    Ok(Err(error)) => Err(crate::database::describe(&error)),
+                    Err(_) => Err(format!(
+                        "no answer within {}",
+                        humantime::format_duration(timeout)
+                    )),
+                }
+            }
+        };
+        (spec, result)
+    });
+    let results = futures_util::future::join_all(probes).await;
+    // Each cluster's writable endpoint on the newest timeline, to measure lag against.
+    let mut primaries: BTreeMap<&str, (Option<u32>, Option<Position>)> = BTreeMap::new();
+    for (spec, result) in &results {
+        if let Ok(report) = result {
+            if !report.in_recovery {
+                let entry = primaries
+                    .entry(spec.settings.cluster.as_str())
+                    .or_insert((None, None));
+                if report.timeline >= entry.0 {
+                    *entry = (report.timeline, report.position);
+                }
+            }
+        }
+    }
+    let mut results = results;
+    results.sort_by(|(a, _), (b, _)| {
+        (&a.settings.cluster, a.settings.role, &a.name).cmp(&(
+            &b.settings.cluster,
+            b.settings.role,
+            &b.name,
+        ))
+    });
+    Ok(results
+        .into_iter()
+        .map(|(spec, result)| {
+            let report = result.as_ref().ok();
+            let primary = primaries
+                .get(spec.settings.cluster.as_str())
+                .and_then(|(_, position)| *position);
+            let (lag_bytes, lag) = match report {
+                Some(r) if r.in_recovery => lag(r.position, r.replay_age, primary),
+                _ => (None, None),
+            };
+            EndpointHealth {
+                name: Arc::clone(&spec.name),
+                cluster: Arc::from(spec.settings.cluster.as_str()),
+                configured_role: spec.settings.role,
+                state: if report.is_some() {
+                    HealthState::Up
+                } else {
+                    HealthState::Down
+                },
+                observed_role: report.map(|r| {
+                    if r.in_recovery {
+                        ObservedRole::Standby
+                    } else {
+                        ObservedRole::Primary
+                    }
+                }),
+                accepted_primary: false,
+                fenced: false,
+                rtt: report.map(|r| r.rtt),
+                position: report.and_then(|r| r.position),
+                received: report.and_then(|r| r.received),
+                timeline: report.and_then(|r| r.timeline),
+                lag_bytes,
+                lag,
+                last_error: result.err(),
+            }
+        })
+        .collect())
+}
+
 /// Asks for the health of every endpoint.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "Vec<EndpointHealth>")]
@@ -463,12 +576,13 @@ impl HealthActor {
         let connector = Arc::clone(&endpoint.connector);
         let name = Arc::clone(name);
         let probe = async move {
-            let started = Instant::now();
             let attempt = async {
                 let client = match client {
                     Some(client) if !client.is_closed() => client,
                     _ => connector.connect().await?,
                 };
+                // The round trip of the query alone, not of connecting.
+                let started = Instant::now();
                 let row = client.query_one(PROBE_SQL, &[]).await?;
                 let report = ProbeReport::from_row(&row, Instant::now(), started.elapsed())?;
                 Ok::<_, tokio_postgres::Error>((client, report))

@@ -286,3 +286,33 @@ fn dev_refuses_a_remote_endpoint() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("db.example.com"), "{stderr}");
 }
+
+#[tokio::test]
+async fn status_shows_each_endpoint_and_fails_when_one_is_down() {
+    let topology = support::start(pgherd::testkit::Topology::builder().standbys(1)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = dir.path().join("Settings.toml");
+    topology.write_settings(&settings).expect("write settings");
+    let path = settings.to_str().expect("utf-8");
+
+    let output = pgherd(&["status", path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let standby = stdout
+        .lines()
+        .find(|line| line.starts_with("standby_1"))
+        .unwrap_or_else(|| panic!("no standby_1 row: {stdout}"));
+    assert!(standby.contains("standby  standby") && standby.contains(" up "), "{standby}");
+    let primary = stdout
+        .lines()
+        .find(|line| line.starts_with("primary"))
+        .unwrap_or_else(|| panic!("no primary row: {stdout}"));
+    assert!(primary.contains("primary  primary"), "{primary}");
+
+    topology.primary().kill().expect("kill");
+    let output = pgherd(&["status", path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("primary") && l.contains("down")), "{stdout}");
+    assert!(stdout.contains("primary: error connecting"), "says why: {stdout}");
+}

@@ -713,6 +713,39 @@ impl Topology {
         self.tls.as_ref()
     }
 
+    /// Writes the [`settings`](Self::settings) as a TOML file at `path` (for the `pgherd`
+    /// command, or an application under test). Passwords go to files next to the servers, named
+    /// in `password_file`, not into the TOML.
+    ///
+    /// # Errors
+    ///
+    /// When a file cannot be written.
+    pub fn write_settings(&self, path: &Path) -> Result<(), TestkitError> {
+        let mut toml = String::from("# Written by the pgherd testkit for a throwaway topology.\n");
+        for node in &self.nodes {
+            let login = node.login();
+            let password_file = self.root.path().join(format!("{}.password", node.name()));
+            std::fs::write(&password_file, login.password.expose_secret())
+                .map_err(TestkitError::io("writing a password file"))?;
+            let port = self
+                .proxies
+                .get(node.name())
+                .map_or(node.port(), FaultProxy::port);
+            toml.push_str(&format!(
+                "\n[endpoints.{name}]\nrole = \"{role}\"\nhost = \"{host}\"\nport = {port}\n\
+                 dbname = {dbname:?}\nuser = {user:?}\npassword_file = {file:?}\n",
+                name = node.name(),
+                role = node.role(),
+                host = node.host(),
+                dbname = login.dbname,
+                user = login.user,
+                file = password_file.display().to_string(),
+            ));
+        }
+        std::fs::write(path, toml)
+            .map_err(TestkitError::io(format!("writing {}", path.display())))
+    }
+
     /// The directory holding every server's data and log.
     pub fn root(&self) -> &Path {
         self.root.path()

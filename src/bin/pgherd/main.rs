@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod dev;
+mod status;
 
 /// The settings file used when none is given.
 const DEFAULT_SETTINGS: &str = "Settings.toml";
@@ -30,6 +31,16 @@ enum Command {
         #[arg(default_value = DEFAULT_SETTINGS)]
         settings: PathBuf,
     },
+    /// Probe the endpoints of a settings file once and print a table: role configured and seen,
+    /// state, round trip, lag, position, timeline. Exits 1 if an endpoint does not answer.
+    Status {
+        /// The settings file; `PGHERD_*` environment variables override it.
+        #[arg(default_value = DEFAULT_SETTINGS)]
+        settings: PathBuf,
+        /// Probe again every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Start throwaway local servers matching the endpoints of a settings file (standbys stream
     /// from the primary) and keep them until Ctrl-C, for pointing an application at.
     Dev {
@@ -52,6 +63,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { settings } => check::run(&settings),
+        Command::Status { settings, watch } => status::run(&settings, watch).await,
         Command::Dev { settings } => dev::run(&settings).await,
     }
 }
