@@ -297,12 +297,19 @@ async fn status_shows_each_endpoint_and_fails_when_one_is_down() {
 
     let output = pgherd(&["status", path], &[]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let standby = stdout
         .lines()
         .find(|line| line.starts_with("standby_1"))
         .unwrap_or_else(|| panic!("no standby_1 row: {stdout}"));
-    assert!(standby.contains("standby  standby") && standby.contains(" up "), "{standby}");
+    assert!(
+        standby.contains("standby  standby") && standby.contains(" up "),
+        "{standby}"
+    );
     let primary = stdout
         .lines()
         .find(|line| line.starts_with("primary"))
@@ -313,6 +320,14 @@ async fn status_shows_each_endpoint_and_fails_when_one_is_down() {
     let output = pgherd(&["status", path], &[]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
-    assert!(stdout.lines().any(|l| l.starts_with("primary") && l.contains("down")), "{stdout}");
-    assert!(stdout.contains("primary: error connecting"), "says why: {stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("primary") && l.contains("down")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("primary: error connecting"),
+        "says why: {stdout}"
+    );
 }

@@ -266,7 +266,10 @@ async fn a_parameter_of_the_wrong_type_is_a_mapping_error_not_a_connection_failu
         .await
         .expect_err("a text parameter for an int column");
     assert_eq!(error.kind(), ErrorKind::Mapping, "{error}");
-    assert!(!error.is_commit_unknown() && !error.is_retryable(), "{error}");
+    assert!(
+        !error.is_commit_unknown() && !error.is_retryable(),
+        "{error}"
+    );
     assert_eq!(health(&herd, "primary").await, Some(HealthState::Up));
     let rows = herd
         .send(Read::new("SELECT count(*) FROM typed"))
@@ -294,7 +297,10 @@ async fn a_transaction_whose_closure_swallowed_an_error_is_not_reported_committe
         }))
         .await;
     let error = outcome.expect_err("an aborted transaction cannot commit");
-    assert!(error.to_string().contains("nothing was committed"), "{error}");
+    assert!(
+        error.to_string().contains("nothing was committed"),
+        "{error}"
+    );
     let rows = herd
         .send(Read::new("SELECT count(*) FROM kept"))
         .await
@@ -333,6 +339,8 @@ async fn a_caller_that_stops_waiting_has_its_statement_cancelled_on_the_server()
         }
     })
     .await;
-    herd.send(Read::new("SELECT 1")).await.expect("the herd carries on");
+    herd.send(Read::new("SELECT 1"))
+        .await
+        .expect("the herd carries on");
     herd.shutdown().await;
 }

@@ -69,9 +69,14 @@ async fn a_standby_cut_off_loses_its_reads_within_the_health_window_and_gets_the
     })
     .await;
     let detected = cut.elapsed();
-    assert!(detected <= window * 2, "declared down after {detected:?}, window {window:?}");
+    assert!(
+        detected <= window * 2,
+        "declared down after {detected:?}, window {window:?}"
+    );
     let down = log
-        .find(|e| (&*e.endpoint == "standby_1" && e.to == HealthState::Down).then(|| e.reason.clone()))
+        .find(|e| {
+            (&*e.endpoint == "standby_1" && e.to == HealthState::Down).then(|| e.reason.clone())
+        })
         .expect("a StateChanged event");
     assert!(down.contains("no answer within"), "{down}");
     // Reads go to standby_2 only now, and succeed.
@@ -86,7 +91,9 @@ async fn a_standby_cut_off_loses_its_reads_within_the_health_window_and_gets_the
         state(&herd, "standby_1") == Some(HealthState::Up)
     })
     .await;
-    assert!(log.any(|e| &*e.endpoint == "standby_1" && e.to == HealthState::Up && e.from != HealthState::Unknown));
+    assert!(log.any(|e| &*e.endpoint == "standby_1"
+        && e.to == HealthState::Up
+        && e.from != HealthState::Unknown));
     let again = reads_on(topology.standby(0), marker).await;
     for _ in 0..20 {
         herd.send(Read::new(marker)).await.expect("read");
@@ -115,9 +122,14 @@ async fn a_hung_primary_is_detected_through_probe_timeouts() {
     .await;
     let detected = hung.elapsed();
     let reason = log
-        .find(|e| (&*e.endpoint == "primary" && e.to == HealthState::Down).then(|| e.reason.clone()))
+        .find(|e| {
+            (&*e.endpoint == "primary" && e.to == HealthState::Down).then(|| e.reason.clone())
+        })
         .expect("an event");
-    assert!(reason.contains("no answer within"), "detected by timeouts: {reason}");
+    assert!(
+        reason.contains("no answer within"),
+        "detected by timeouts: {reason}"
+    );
     assert!(detected < Duration::from_secs(3), "took {detected:?}");
     // Writes wait for a primary; reads still go to the standby.
     herd.send(Read::new("SELECT 1").timeout(Duration::from_secs(2)))
@@ -125,7 +137,9 @@ async fn a_hung_primary_is_detected_through_probe_timeouts() {
         .expect("reads carry on");
     topology.primary().resume().expect("SIGCONT");
     eventually("the primary to come back", ROOMY, || async {
-        herd.routes().iter().any(|r| &*r.name == "primary" && r.primary && r.health == HealthState::Up)
+        herd.routes()
+            .iter()
+            .any(|r| &*r.name == "primary" && r.primary && r.health == HealthState::Up)
     })
     .await;
     herd.send(Write::new("SELECT 1").timeout(Duration::from_secs(5)))
@@ -146,14 +160,21 @@ async fn the_snapshot_reports_roles_positions_timelines_and_lag() {
         .await
         .expect("insert");
     eventually("both endpoints probed with positions", ROOMY, || async {
-        herd.health()
-            .await
-            .is_ok_and(|all| all.iter().all(|e| e.position.is_some() && e.timeline.is_some()))
+        herd.health().await.is_ok_and(|all| {
+            all.iter()
+                .all(|e| e.position.is_some() && e.timeline.is_some())
+        })
     })
     .await;
     let health = herd.health().await.expect("snapshot");
-    let primary = health.iter().find(|e| &*e.name == "primary").expect("primary");
-    let standby = health.iter().find(|e| &*e.name == "standby_1").expect("standby");
+    let primary = health
+        .iter()
+        .find(|e| &*e.name == "primary")
+        .expect("primary");
+    let standby = health
+        .iter()
+        .find(|e| &*e.name == "standby_1")
+        .expect("standby");
     assert_eq!(primary.observed_role, Some(ObservedRole::Primary));
     assert!(primary.accepted_primary);
     assert_eq!(primary.timeline, Some(1));
@@ -193,7 +214,11 @@ async fn probes_do_not_go_through_the_application_pool() {
     // While both pooled connections sleep (two seconds, several probe intervals), a read
     // waits for the pool and times out, yet the endpoint is not declared down.
     let starved = herd
-        .send(Read::new("SELECT 1").target("primary").timeout(Duration::from_millis(800)))
+        .send(
+            Read::new("SELECT 1")
+                .target("primary")
+                .timeout(Duration::from_millis(800)),
+        )
         .await
         .expect_err("the pool is saturated");
     assert!(starved.is_timeout(), "{starved}");

@@ -21,7 +21,9 @@ async fn lagging_herd() -> (Topology, Herd) {
     )
     .await;
     let herd = Herd::start(topology.settings()).expect("start");
-    herd.wait_ready(Duration::from_secs(15)).await.expect("ready");
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
     herd.send(Write::new("CREATE TABLE notes (id bigint PRIMARY KEY)"))
         .await
         .expect("create");
@@ -67,7 +69,10 @@ async fn reads_after_a_position_never_miss_and_reads_without_it_do() {
         "{CYCLES} insert-then-read cycles: {misses_with} misses with after(position), \
          {misses_without} without"
     );
-    assert_eq!(misses_with, 0, "reads after the position missed their write");
+    assert_eq!(
+        misses_with, 0,
+        "reads after the position missed their write"
+    );
     assert!(
         misses_without > CYCLES / 2,
         "without the position, reads on standbys lagging {APPLY_DELAY} should miss; only \
@@ -89,15 +94,23 @@ async fn a_session_reads_its_writes_and_standbys_serve_once_they_caught_up() {
             .send(Read::new("SELECT count(*) FROM notes WHERE id = $1").bind(id))
             .await
             .expect("read");
-        assert_eq!(rows[0].get::<_, i64>(0), 1, "the session missed its write {id}");
+        assert_eq!(
+            rows[0].get::<_, i64>(0),
+            1,
+            "the session missed its write {id}"
+        );
     }
     let position = session.position().expect("the session wrote");
     // Once a standby has replayed the position, reads after it go to the standbys again.
-    eventually("a standby to report the position", Duration::from_secs(10), || async {
-        herd.routes()
-            .iter()
-            .any(|r| !r.primary && r.position.is_some_and(|p| p >= position))
-    })
+    eventually(
+        "a standby to report the position",
+        Duration::from_secs(10),
+        || async {
+            herd.routes()
+                .iter()
+                .any(|r| !r.primary && r.position.is_some_and(|p| p >= position))
+        },
+    )
     .await;
     let marker = "SELECT count(*) FROM notes WHERE id >= $1";
     for _ in 0..10 {
@@ -115,6 +128,9 @@ async fn a_session_reads_its_writes_and_standbys_serve_once_they_caught_up() {
         .await
         .expect("stats")
         .get(0);
-    assert_eq!(on_primary, 0, "caught-up standbys serve reads after the position");
+    assert_eq!(
+        on_primary, 0,
+        "caught-up standbys serve reads after the position"
+    );
     herd.shutdown().await;
 }

@@ -742,8 +742,7 @@ impl Topology {
                 file = password_file.display().to_string(),
             ));
         }
-        std::fs::write(path, toml)
-            .map_err(TestkitError::io(format!("writing {}", path.display())))
+        std::fs::write(path, toml).map_err(TestkitError::io(format!("writing {}", path.display())))
     }
 
     /// The directory holding every server's data and log.

@@ -59,18 +59,26 @@ fn render(endpoints: &[EndpointHealth]) -> String {
             e.name.to_string(),
             e.cluster.to_string(),
             e.configured_role.to_string(),
-            e.observed_role.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            e.observed_role
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "-".into()),
             e.state.to_string(),
             e.rtt
                 .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
                 .unwrap_or_else(|| "-".into()),
             match (e.lag_bytes, e.lag) {
-                (Some(bytes), Some(time)) => format!("{bytes} B, {:.0} ms", time.as_secs_f64() * 1000.0),
+                (Some(bytes), Some(time)) => {
+                    format!("{bytes} B, {:.0} ms", time.as_secs_f64() * 1000.0)
+                }
                 (Some(bytes), None) => format!("{bytes} B"),
                 _ => "-".into(),
             },
-            e.position.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            e.timeline.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+            e.position
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            e.timeline
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into()),
         ]);
         if let Some(error) = &e.last_error {
             problems.push(format!("  {}: {error}", e.name));
