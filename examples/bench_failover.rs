@@ -149,7 +149,7 @@ async fn one_run() -> Result<Run, Box<dyn std::error::Error>> {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    let tally = tally.borrow();
+    let tally = tally.take();
     let lost = tally
         .acked
         .iter()

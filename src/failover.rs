@@ -161,6 +161,11 @@ impl ClusterFailover {
         self.accepted.as_ref()
     }
 
+    /// The primary being failed over from, if a failover is under way.
+    pub(crate) fn failing_primary(&self) -> Option<Arc<str>> {
+        self.failing.as_ref().map(|f| Arc::clone(&f.old))
+    }
+
     pub(crate) fn is_fenced(&self, name: &str) -> bool {
         self.fenced.iter().any(|f| &**f == name)
     }
@@ -387,10 +392,19 @@ impl ClusterFailover {
             self.accept(&o, reason, actions);
             return;
         }
+        // The old primary answered its last probe as a primary: it is coming back (it was slow,
+        // not dead). Promoting a standby or moving writes to the backup now would make a second
+        // writable server; wait for it to be accepted again, or to fail again.
+        let old_answers = failing_old.as_ref().is_some_and(|old| {
+            observed
+                .iter()
+                .any(|o| o.name == *old && o.first_failure.is_none() && o.writable == Some(true))
+        });
         let Some(failing) = self.failing.as_mut() else {
             return;
         };
         match self.mode {
+            FailoverMode::Promote | FailoverMode::Backup if old_answers => {}
             FailoverMode::Promote if failing.promotion.is_none() => {
                 let candidates: Vec<Arc<str>> = observed
                     .iter()
@@ -675,6 +689,61 @@ mod tests {
     }
 
     #[test]
+    fn no_promotion_or_move_while_the_old_primary_answers_again() {
+        for mode in [FailoverMode::Promote, FailoverMode::Backup] {
+            let mut c = cluster(mode);
+            let mut nodes = herd();
+            let now = Instant::now();
+            c.step(&nodes, None, now);
+            // Every endpoint timed out at once (a stall), and the standbys recovered first.
+            set(&mut nodes, "backup", |n| n.state = HealthState::Down);
+            for name in ["standby_1", "standby_2"] {
+                set(&mut nodes, name, |n| n.state = HealthState::Down);
+            }
+            down(&mut nodes, "primary", now);
+            assert_eq!(
+                names(&c.step(&nodes, None, now)),
+                ["withdraw primary", "warn"],
+                "{mode:?}: nothing to fail over to yet"
+            );
+            // The primary answers again (recovering), then the others are up.
+            set(&mut nodes, "primary", |n| {
+                n.state = HealthState::Recovering;
+                n.first_failure = None;
+            });
+            for name in ["standby_1", "standby_2", "backup"] {
+                set(&mut nodes, name, |n| n.state = HealthState::Up);
+            }
+            assert_eq!(
+                names(&c.step(&nodes, None, now)),
+                Vec::<String>::new(),
+                "{mode:?}: the primary answers: no second writable server"
+            );
+            // It comes back up: accepted again.
+            set(&mut nodes, "primary", |n| n.state = HealthState::Up);
+            assert_eq!(names(&c.step(&nodes, None, now)), ["accept primary"]);
+        }
+        // But a primary that fails again after answering once is failed over.
+        let mut c = cluster(FailoverMode::Promote);
+        let mut nodes = herd();
+        let now = Instant::now();
+        c.step(&nodes, None, now);
+        down(&mut nodes, "primary", now);
+        c.step(&nodes, None, now);
+        c.promotion_failed();
+        set(&mut nodes, "primary", |n| {
+            n.state = HealthState::Recovering;
+            n.first_failure = None;
+        });
+        assert_eq!(names(&c.step(&nodes, None, now)), Vec::<String>::new());
+        down(&mut nodes, "primary", now);
+        assert_eq!(
+            names(&c.step(&nodes, None, now)),
+            ["promote one of standby_1,standby_2"]
+        );
+    }
+
+    #[test]
     fn the_old_primary_on_an_older_timeline_is_never_accepted_again() {
         let mut c = cluster(FailoverMode::Follow);
         let mut nodes = herd();
@@ -841,7 +910,8 @@ mod tests {
         for mode in FailoverMode::ALL {
             let mut c = cluster(mode);
             let mut nodes = herd();
-            let script: Vec<Box<dyn Fn(&mut Vec<Observed>)>> = vec![
+            type Change<'a> = Box<dyn Fn(&mut Vec<Observed>) + 'a>;
+            let script: Vec<Change<'_>> = vec![
                 Box::new(|n| down(n, "primary", now)),
                 Box::new(|n| {
                     set(n, "standby_1", |o| {

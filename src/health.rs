@@ -478,6 +478,28 @@ pub(crate) struct HealthParts {
     pub(crate) guard: ExitGuard,
 }
 
+/// The thread the health actor of one herd runs on, apart from the application's: probes and
+/// their timeouts must not wait behind a busy application thread, or a slow event loop would be
+/// taken for a dead server (and, in `promote` mode, lead to a needless promotion).
+#[derive(Debug)]
+pub(crate) struct HealthArbiter(actix::Arbiter);
+
+impl HealthArbiter {
+    pub(crate) fn new() -> HealthArbiter {
+        HealthArbiter(actix::Arbiter::new())
+    }
+
+    /// Starts a health actor on this thread.
+    pub(crate) fn start(&self, parts: HealthParts) -> actix::Addr<HealthActor> {
+        HealthActor::start_in_arbiter(&self.0.handle(), move |_| HealthActor::new(parts))
+    }
+
+    /// Ends the thread (after the actor was stopped).
+    pub(crate) fn stop(&self) {
+        self.0.stop();
+    }
+}
+
 /// The actor that probes endpoints and decides failover.
 pub struct HealthActor {
     endpoints: BTreeMap<Arc<str>, Probed>,
@@ -850,9 +872,15 @@ impl HealthActor {
         self.promoting = true;
         // Mark the promotion as started before choosing, so that the old primary coming back
         // meanwhile is not accepted again behind the promotion's back.
-        if let Some(state) = self.clusters().get_mut(cluster) {
+        let old_primary = self.clusters().get_mut(cluster).and_then(|state| {
             state.promotion_started(Arc::from("?"), "choosing".to_owned(), Instant::now());
-        }
+            state.failing_primary()
+        });
+        let old = old_primary.and_then(|name| {
+            self.endpoints
+                .get(&name)
+                .map(|e| (name, Arc::clone(&e.connector)))
+        });
         let connectors: Vec<(Arc<str>, Arc<Connector>)> = candidates
             .iter()
             .filter_map(|name| {
@@ -884,11 +912,27 @@ impl HealthActor {
                     _ => None,
                 }
             });
-            let read: Vec<Candidate> = futures_util::future::join_all(reads)
-                .await
-                .into_iter()
-                .flatten()
-                .collect();
+            // Meanwhile, one last look at the old primary on a fresh connection: if it answers as
+            // a primary, it was slow, not dead, and promoting would make two writable servers.
+            let confirm = async {
+                let (name, connector) = old.as_ref()?;
+                let answer = tokio::time::timeout(probe_timeout, async {
+                    let client = connector.connect().await?;
+                    let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+                    Ok::<bool, tokio_postgres::Error>(row.get(0))
+                })
+                .await;
+                matches!(answer, Ok(Ok(false))).then(|| Arc::clone(name))
+            };
+            let (read, alive) =
+                futures_util::future::join(futures_util::future::join_all(reads), confirm).await;
+            if let Some(name) = alive {
+                return Err(format!(
+                    "not promoting: the primary `{name}` answered a fresh connection as a primary \
+                     (it was slow, not dead)"
+                ));
+            }
+            let read: Vec<Candidate> = read.into_iter().flatten().collect();
             let Some((chosen, reason)) = choose_new_primary(&read) else {
                 return Err("no standby could be read to choose whom to promote".to_owned());
             };

@@ -26,8 +26,8 @@ use crate::{
     database::{DatabaseActor, DatabaseSpec, Endpoint},
     error::Error,
     health::{
-        failover_state, FailoverEvent, FailoverState, HealthActor, HealthParts, ProbeRequests,
-        StateChanged, SubscribeFailover, SubscribeState,
+        failover_state, FailoverEvent, FailoverState, HealthActor, HealthArbiter, HealthParts,
+        ProbeRequests, StateChanged, SubscribeFailover, SubscribeState,
     },
     router::{Directory, RouterActor, Routing, RoutingRule},
     settings::{FailoverSettings, HealthSettings, RouterSettings, SupervisorSettings},
@@ -170,6 +170,8 @@ pub struct SupervisorActor {
     specs: BTreeMap<Arc<str>, DatabaseSpec>,
     routing: Arc<Routing>,
     probes: Arc<ProbeRequests>,
+    /// The thread the health actor runs on.
+    health_arbiter: HealthArbiter,
     health_settings: HealthSettings,
     failover_settings: FailoverSettings,
     failover: FailoverState,
@@ -247,7 +249,8 @@ impl SupervisorActor {
                 routing.attach(Endpoint::clone(endpoint));
             }
             let failover = failover_state(&parts.specs, &parts.failover);
-            let health = HealthActor::new(HealthParts {
+            let health_arbiter = HealthArbiter::new();
+            let health = health_arbiter.start(HealthParts {
                 specs: parts.specs.clone(),
                 settings: parts.health.clone(),
                 failover: parts.failover.clone(),
@@ -257,8 +260,7 @@ impl SupervisorActor {
                 state_subscribers: parts.state_subscribers.clone(),
                 failover_subscribers: parts.failover_subscribers.clone(),
                 guard: ExitGuard::new(supervisor.clone(), ChildId::Health, generation),
-            })
-            .start();
+            });
             children.insert(
                 ChildId::Health,
                 child(generation, Running::Health(health.clone())),
@@ -290,6 +292,7 @@ impl SupervisorActor {
                     .collect(),
                 routing,
                 probes,
+                health_arbiter,
                 health_settings: parts.health,
                 failover_settings: parts.failover,
                 failover,
@@ -385,7 +388,7 @@ impl SupervisorActor {
                 }
             }
             ChildId::Health => {
-                let address = HealthActor::new(HealthParts {
+                let address = self.health_arbiter.start(HealthParts {
                     specs: self.specs.values().cloned().collect(),
                     settings: self.health_settings.clone(),
                     failover: self.failover_settings.clone(),
@@ -395,8 +398,7 @@ impl SupervisorActor {
                     state_subscribers: self.state_subscribers.clone(),
                     failover_subscribers: self.failover_subscribers.clone(),
                     guard: ExitGuard::new(supervisor, ChildId::Health, generation),
-                })
-                .start();
+                });
                 *self
                     .shared
                     .health
@@ -484,6 +486,10 @@ impl SupervisorActor {
 
 impl Actor for SupervisorActor {
     type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.health_arbiter.stop();
+    }
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
         let started: Vec<(ChildId, u64)> = self

@@ -144,7 +144,7 @@ async fn a_killed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
     assert_ne!(new_primary, "primary", "a standby took over");
     let node = topology.node(&new_primary);
     let present = ids_on(node).await;
-    let writes = writes.borrow();
+    let writes = writes.take();
     let lost: Vec<i64> = writes
         .acked
         .iter()

@@ -233,3 +233,59 @@ async fn probes_do_not_go_through_the_application_pool() {
     assert_eq!(state(&herd, "primary"), Some(HealthState::Up));
     herd.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_stalled_application_thread_is_not_taken_for_dead_servers() {
+    let topology = start(Topology::builder().standbys(1)).await;
+    let mut settings = topology.settings();
+    settings.failover.mode = pgherd::settings::FailoverMode::Promote;
+    let changes = Log::<StateChanged>::default();
+    let failovers = Log::<pgherd::FailoverEvent>::default();
+    let herd = Herd::builder(settings)
+        .subscribe_state(changes.recipient())
+        .subscribe_failover(failovers.recipient())
+        .start()
+        .expect("start");
+    herd.wait_ready(ROOMY).await.expect("ready");
+    let accepted = failovers.events().len();
+    // The application's thread is saturated for three seconds: a hundred tasks burn the CPU in
+    // 5 ms slices, so each task waits about half a second for its turn, longer than the probe
+    // timeout (300 ms). Probes that ran on this thread would time out and the servers be taken
+    // for dead.
+    let until = Instant::now() + Duration::from_secs(3);
+    let busy: Vec<_> = (0..100)
+        .map(|_| {
+            actix_rt::spawn(async move {
+                while Instant::now() < until {
+                    let slice = Instant::now() + Duration::from_millis(5);
+                    while Instant::now() < slice {
+                        std::hint::spin_loop();
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for task in busy {
+        task.await.expect("busy task");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for name in ["primary", "standby_1"] {
+        assert_eq!(state(&herd, name), Some(HealthState::Up), "{name}");
+    }
+    assert!(
+        !changes.any(|c| c.to != HealthState::Up),
+        "no endpoint was declared down: {:?}",
+        changes.events()
+    );
+    assert_eq!(
+        failovers.events().len(),
+        accepted,
+        "no failover: {:?}",
+        failovers.events()
+    );
+    herd.send(Write::new("SELECT 1"))
+        .await
+        .expect("the primary takes writes");
+    herd.shutdown().await;
+}

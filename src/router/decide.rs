@@ -213,7 +213,7 @@ pub(crate) fn decide(
                 match ask.after {
                     Some(after)
                         if ask.intent == Intent::Read
-                            && !candidates[index].position.is_some_and(|p| p >= after) =>
+                            && candidates[index].position.is_none_or(|p| p < after) =>
                     {
                         Decision::UseChecked(index, after)
                     }
