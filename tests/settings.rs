@@ -579,3 +579,94 @@ fn supervisor_backoff_max_below_initial() {
     let text = format!("{VALID}\n[supervisor]\nbackoff_initial = \"2s\"\nbackoff_max = \"1s\"\n");
     expect_problem(&text, &[], "supervisor.backoff_max");
 }
+
+#[test]
+fn health_and_failover_sections_load_and_the_environment_overrides_them() {
+    let text = format!(
+        "{VALID}\n[health]\ninterval = \"1s\"\ntimeout = \"200ms\"\nfailures_to_down = 5\n\
+         \n[failover]\nmode = \"manual\"\nfailback = \"automatic\"\npromote_timeout = \"30s\"\n"
+    );
+    let settings = Fixture::new()
+        .load_env(&text, &[("PGHERD_FAILOVER__MODE", "promote")])
+        .expect("valid settings");
+    assert_eq!(settings.health.interval, Duration::from_secs(1));
+    assert_eq!(settings.health.timeout, Duration::from_millis(200));
+    assert_eq!(settings.health.failures_to_down, 5);
+    assert_eq!(settings.health.successes_to_up, 2, "the documented default");
+    assert_eq!(
+        settings.failover.mode,
+        pgherd::settings::FailoverMode::Promote
+    );
+    assert_eq!(
+        settings.failover.failback,
+        pgherd::settings::FailbackMode::Automatic
+    );
+    assert_eq!(settings.failover.promote_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn unknown_failover_mode() {
+    let text = format!("{VALID}\n[failover]\nmode = \"auto\"\n");
+    let message = expect_problem(&text, &[], "failover.mode");
+    for accepted in ["\"follow\"", "\"promote\"", "\"backup\"", "\"manual\""] {
+        assert!(message.contains(accepted), "{message}");
+    }
+}
+
+#[test]
+fn unknown_failback_mode() {
+    let text = format!("{VALID}\n[failover]\nfailback = \"sometimes\"\n");
+    let message = expect_problem(&text, &[], "failover.failback");
+    assert!(message.contains("\"manual\""), "{message}");
+}
+
+#[test]
+fn backup_mode_without_a_backup_endpoint() {
+    let text = format!("{VALID}\n[failover]\nmode = \"backup\"\n");
+    let message = expect_problem(&text, &[], "failover.mode");
+    assert!(message.contains("role = \"backup\""), "{message}");
+}
+
+#[test]
+fn promote_timeout_below_a_second() {
+    let text = format!("{VALID}\n[failover]\npromote_timeout = \"500ms\"\n");
+    let message = expect_problem(&text, &[], "failover.promote_timeout");
+    assert!(message.contains("\"500ms\""), "{message}");
+}
+
+#[test]
+fn health_failures_to_down_zero() {
+    let text = format!("{VALID}\n[health]\nfailures_to_down = 0\n");
+    expect_problem(&text, &[], "health.failures_to_down");
+}
+
+#[test]
+fn health_successes_to_up_zero() {
+    let text = format!("{VALID}\n[health]\nsuccesses_to_up = 0\n");
+    expect_problem(&text, &[], "health.successes_to_up");
+}
+
+#[test]
+fn health_interval_longer_than_a_day() {
+    let text = format!("{VALID}\n[health]\ninterval = \"25h\"\n");
+    let message = expect_problem(&text, &[], "health.interval");
+    assert!(message.contains("longer than a day"), "{message}");
+}
+
+#[test]
+fn health_timeout_without_a_unit() {
+    let text = format!("{VALID}\n[health]\ntimeout = \"300\"\n");
+    expect_problem(&text, &[], "health.timeout");
+}
+
+#[test]
+fn health_timeout_zero() {
+    let text = format!("{VALID}\n[health]\ntimeout = \"0s\"\n");
+    expect_problem(&text, &[], "health.timeout");
+}
+
+#[test]
+fn unknown_key_in_the_health_section() {
+    let text = format!("{VALID}\n[health]\nintervall = \"1s\"\n");
+    expect_problem(&text, &[], "health.intervall");
+}
