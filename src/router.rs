@@ -455,6 +455,9 @@ impl<J: Job> Attempts<'_, J> {
     async fn run(self) -> Result<(J::Output, Option<Position>), Error> {
         let explicit = matches!(self.scope, Scope::Endpoint(_));
         let mut excluded: Vec<Arc<str>> = Vec::new();
+        // Whether every exclusion so far is a standby that had not replayed `after` yet: such a
+        // standby may have it a moment later, so running out of them means waiting, not failing.
+        let mut only_stale = true;
         let mut last_error: Option<Error> = None;
         let mut write_wait = WRITE_RETRY_FIRST_WAIT;
         loop {
@@ -511,6 +514,7 @@ impl<J: Job> Attempts<'_, J> {
                     tracing::debug!(endpoint = %endpoint.name(), error = %failure.error, ?decision, "retrying");
                     last_error = Some(failure.error);
                     if decision == Retry::Elsewhere {
+                        only_stale = false;
                         excluded.push(Arc::clone(endpoint.name()));
                     } else {
                         changed.as_mut().enable();
@@ -535,6 +539,15 @@ impl<J: Job> Attempts<'_, J> {
                 }
                 Err(Decision::Refuse(why)) => {
                     return Err(Error::new(ErrorKind::NoTarget).with_detail(why))
+                }
+                // Every standby was asked and none had replayed the position yet, and the primary
+                // may not serve the read (`fallback_to_primary` off): wait for them to catch up.
+                Err(Decision::Exhausted) if only_stale && Instant::now() < self.deadline => {
+                    changed.as_mut().enable();
+                    let pause = write_wait.min(self.deadline - Instant::now());
+                    write_wait = (write_wait * 2).min(WRITE_RETRY_MAX_WAIT);
+                    let _ = tokio::time::timeout(pause, changed).await;
+                    excluded.clear();
                 }
                 Err(_) => {
                     return Err(last_error.unwrap_or_else(|| {

@@ -13,6 +13,10 @@ const CYCLES: i64 = 1000;
 const APPLY_DELAY: &str = "'30ms'";
 
 async fn lagging_herd() -> (Topology, Herd) {
+    lagging_herd_with(true).await
+}
+
+async fn lagging_herd_with(fallback_to_primary: bool) -> (Topology, Herd) {
     let topology = start(
         Topology::builder()
             .standbys(2)
@@ -20,7 +24,9 @@ async fn lagging_herd() -> (Topology, Herd) {
             .server_setting("recovery_min_apply_delay", APPLY_DELAY),
     )
     .await;
-    let herd = Herd::start(topology.settings()).expect("start");
+    let mut settings = topology.settings();
+    settings.router.fallback_to_primary = fallback_to_primary;
+    let herd = Herd::start(settings).expect("start");
     herd.wait_ready(Duration::from_secs(15))
         .await
         .expect("ready");
@@ -131,6 +137,45 @@ async fn a_session_reads_its_writes_and_standbys_serve_once_they_caught_up() {
     assert_eq!(
         on_primary, 0,
         "caught-up standbys serve reads after the position"
+    );
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn without_fallback_to_the_primary_a_read_waits_for_a_standby_to_replay() {
+    let (topology, herd) = lagging_herd_with(false).await;
+    let marker = "SELECT count(*) FROM notes WHERE id = $1 AND true";
+    for id in 0..100_i64 {
+        let written = herd
+            .send(Write::new("INSERT INTO notes VALUES ($1)").bind(id))
+            .await
+            .expect("insert");
+        let position = written.position.expect("position");
+        // The standbys replay 30 ms late: the read waits for one of them, within its deadline.
+        let rows = herd
+            .send(
+                Read::new(marker)
+                    .bind(id)
+                    .after(position)
+                    .timeout(Duration::from_secs(5)),
+            )
+            .await
+            .expect("a standby serves the read once it has replayed the write");
+        assert_eq!(rows[0].get::<_, i64>(0), 1, "read {id} missed its write");
+    }
+    let admin = topology.primary().connect_admin().await.expect("admin");
+    let on_primary: i64 = admin
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements \
+             WHERE query LIKE '%AND true%'",
+            &[],
+        )
+        .await
+        .expect("stats")
+        .get(0);
+    assert_eq!(
+        on_primary, 0,
+        "fallback_to_primary is off: no read on the primary"
     );
     herd.shutdown().await;
 }
