@@ -665,11 +665,9 @@ impl HealthActor {
             }
         });
         let state = endpoint.tracker.state();
-        let wait = if state == HealthState::Up || state == HealthState::Unknown {
-            self.settings.interval
-        } else {
-            self.settings.suspect_interval.min(self.settings.interval)
-        };
+        let wait = endpoint
+            .tracker
+            .next_probe(self.settings.interval, self.settings.suspect_interval);
         let again = Arc::clone(name);
         endpoint.next = Some((
             ctx.run_later(wait, move |actor, ctx| actor.probe(&again, ctx)),

@@ -289,3 +289,43 @@ async fn a_stalled_application_thread_is_not_taken_for_dead_servers() {
         .expect("the primary takes writes");
     herd.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_server_that_stays_down_is_probed_with_backoff_and_readmitted_when_back() {
+    let topology = start(Topology::builder().standbys(1).proxied("standby_1")).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.wait_ready(ROOMY).await.expect("ready");
+    let proxy = topology.proxy("standby_1").expect("proxy");
+    // Every connection is closed at once: probes fail fast, so only the wait between them
+    // limits how often they connect.
+    proxy.set_mode(FaultMode::Reset);
+    eventually("standby_1 to be declared down", ROOMY, || async {
+        state(&herd, "standby_1") == Some(HealthState::Down)
+    })
+    .await;
+    let before = proxy.connections();
+    let window = Duration::from_secs(2);
+    tokio::time::sleep(window).await;
+    let attempts = proxy.connections() - before;
+    // Backing off from 50 ms up to the 250 ms interval: about 8 to 11 in two seconds. Probing
+    // every 50 ms would make about 40.
+    assert!(
+        attempts <= 15,
+        "{attempts} connection attempts to a down server in {window:?}: no backoff"
+    );
+    assert!(
+        attempts >= 4,
+        "{attempts} attempts: the server is still probed"
+    );
+    proxy.set_mode(FaultMode::Pass);
+    let back = Instant::now();
+    eventually("standby_1 to be up again", ROOMY, || async {
+        state(&herd, "standby_1") == Some(HealthState::Up)
+    })
+    .await;
+    eprintln!(
+        "{attempts} probe connections in {window:?} while down; up again {:?} after the fault ended",
+        back.elapsed()
+    );
+    herd.shutdown().await;
+}

@@ -1,7 +1,10 @@
 //! The hysteresis of one endpoint's health: `failures_to_down` failed probes in a row to go down,
 //! `successes_to_up` good ones in a row to come back, and an event only when it really flips.
 
-use std::{fmt, time::Instant};
+use std::{
+    fmt,
+    time::{Duration, Instant},
+};
 
 /// How an endpoint is doing, as its probes judge it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,6 +72,8 @@ pub(crate) struct Tracker {
     streak: u32,
     /// The first failure of the current run of failures, for failover timelines.
     first_failure: Option<Instant>,
+    /// Failed probes in a row, whatever the state.
+    failures: u32,
     since: Option<Instant>,
 }
 
@@ -82,6 +87,7 @@ impl Tracker {
             state: HealthState::Unknown,
             streak: 0,
             first_failure: None,
+            failures: 0,
             since: None,
         }
     }
@@ -114,6 +120,7 @@ impl Tracker {
     /// Records a probe that succeeded at `now`.
     pub(crate) fn success(&mut self, now: Instant) -> Option<Flip> {
         self.first_failure = None;
+        self.failures = 0;
         match self.state {
             HealthState::Unknown | HealthState::Up | HealthState::Suspect => {
                 self.streak = 0;
@@ -134,6 +141,7 @@ impl Tracker {
     /// Records a probe that failed at `now`.
     pub(crate) fn failure(&mut self, now: Instant) -> Option<Flip> {
         self.first_failure.get_or_insert(now);
+        self.failures = self.failures.saturating_add(1);
         match self.state {
             HealthState::Unknown | HealthState::Up | HealthState::Suspect => {
                 self.streak += 1;
@@ -147,6 +155,28 @@ impl Tracker {
             HealthState::Down | HealthState::Recovering => {
                 self.streak = 0;
                 self.enter(HealthState::Down, now)
+            }
+        }
+    }
+}
+
+impl Tracker {
+    /// How long to wait before the next probe: `interval` while the endpoint is up (or not
+    /// probed yet); `suspect_interval` while it is suspect or recovering, so that a failure is
+    /// confirmed, or a return admitted, quickly; and while it is down, a backoff that starts at
+    /// `suspect_interval` and doubles with each further failure up to `interval`, so that a
+    /// server that stays away is not hammered with connection attempts.
+    pub(crate) fn next_probe(&self, interval: Duration, suspect_interval: Duration) -> Duration {
+        let fast = suspect_interval.min(interval);
+        match self.state {
+            HealthState::Unknown | HealthState::Up => interval,
+            HealthState::Suspect | HealthState::Recovering => fast,
+            HealthState::Down => {
+                let beyond = self
+                    .failures
+                    .saturating_sub(self.thresholds.failures_to_down)
+                    .min(16);
+                fast.saturating_mul(1 << beyond).min(interval)
             }
         }
     }
@@ -277,6 +307,46 @@ mod tests {
                 from: HealthState::Suspect,
                 to: HealthState::Down
             })
+        );
+    }
+
+    #[test]
+    fn probes_back_off_while_down_and_come_quickly_while_suspect_or_recovering() {
+        let now = Instant::now();
+        let (interval, fast) = (Duration::from_millis(250), Duration::from_millis(50));
+        let mut t = tracker(3, 2);
+        assert_eq!(t.next_probe(interval, fast), interval, "not probed yet");
+        t.success(now);
+        assert_eq!(t.next_probe(interval, fast), interval);
+        t.failure(now);
+        assert_eq!(t.next_probe(interval, fast), fast, "suspect");
+        t.failure(now);
+        t.failure(now);
+        assert_eq!(t.state(), HealthState::Down);
+        let waits: Vec<u128> = (0..5)
+            .map(|_| {
+                let wait = t.next_probe(interval, fast).as_millis();
+                t.failure(now);
+                wait
+            })
+            .collect();
+        assert_eq!(
+            waits,
+            [50, 100, 200, 250, 250],
+            "doubling up to the interval"
+        );
+        t.success(now);
+        assert_eq!(t.state(), HealthState::Recovering);
+        assert_eq!(
+            t.next_probe(interval, fast),
+            fast,
+            "a return is admitted quickly"
+        );
+        t.failure(now);
+        assert_eq!(
+            t.next_probe(interval, fast),
+            fast,
+            "a new run of failures starts the backoff again"
         );
     }
 }

@@ -12,8 +12,9 @@ use super::duration;
 /// Every endpoint is probed on a connection of its own (never through the application's pool)
 /// every `interval`; each probe reads reachability, round trip, whether it is in recovery, its
 /// position and timeline. `failures_to_down` failed probes in a row declare it down,
-/// `successes_to_up` good ones bring it back. While an endpoint is suspect (a probe just failed),
-/// it is probed every `suspect_interval`, so that a dead primary is declared down quickly.
+/// `successes_to_up` good ones bring it back. While an endpoint is suspect (a probe just failed)
+/// or recovering, it is probed every `suspect_interval`, so that a dead primary is declared down
+/// quickly; while it is down, the wait doubles from `suspect_interval` up to `interval`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -23,7 +24,8 @@ pub struct HealthSettings {
     /// Default: `"250ms"`.
     #[serde(deserialize_with = "duration::required")]
     pub interval: Duration,
-    /// The time between probes of an endpoint whose last probe failed.
+    /// The time between probes of an endpoint that is suspect or recovering; while it is down,
+    /// the wait starts here and doubles with each failure up to `interval`.
     ///
     /// Default: `"50ms"`.
     #[serde(deserialize_with = "duration::required")]

@@ -14,7 +14,10 @@
 use std::{
     fmt,
     net::{Ipv4Addr, SocketAddr},
-    sync::{mpsc as std_mpsc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc as std_mpsc, Arc, Mutex, PoisonError,
+    },
     thread::JoinHandle,
     time::Duration,
 };
@@ -67,6 +70,8 @@ pub struct FaultProxy {
     address: SocketAddr,
     target: SocketAddr,
     mode: Mutex<FaultMode>,
+    /// Connections accepted since the start.
+    accepted: Arc<AtomicU64>,
     commands: mpsc::UnboundedSender<Command>,
     thread: Option<JoinHandle<()>>,
 }
@@ -104,12 +109,14 @@ impl FaultProxy {
             .build()
             .map_err(TestkitError::io("starting the fault proxy's runtime"))?;
         let (commands, receiver) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&accepted);
         let thread = std::thread::Builder::new()
             .name(format!("fault-proxy-{}", address.port()))
             .spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, address, target, receiver).await,
+                        Ok(listener) => serve(listener, address, target, receiver, counter).await,
                         Err(error) => tracing::error!(%error, "fault proxy cannot listen"),
                     }
                 });
@@ -119,6 +126,7 @@ impl FaultProxy {
             address,
             target,
             mode: Mutex::new(FaultMode::Pass),
+            accepted,
             commands,
             thread: Some(thread),
         })
@@ -137,6 +145,11 @@ impl FaultProxy {
     /// Where traffic goes.
     pub fn target(&self) -> SocketAddr {
         self.target
+    }
+
+    /// How many connections the proxy accepted since it started, whatever their fate.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// The current mode.
@@ -173,6 +186,7 @@ async fn serve(
     address: SocketAddr,
     target: SocketAddr,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    accepted_count: Arc<AtomicU64>,
 ) {
     let (mode_tx, mode_rx) = watch::channel(FaultMode::Pass);
     let mut listener = Some(listener);
@@ -190,6 +204,7 @@ async fn serve(
             }
             accepted = accept(listener.as_ref()) => {
                 if let Ok((client, _)) = accepted {
+                    accepted_count.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(connection(client, target, mode_rx.clone()));
                 }
             }
