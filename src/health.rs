@@ -30,21 +30,17 @@ use self::probe::{lag, ProbeReport, POSITIONS_SQL, PROBE_SQL};
 pub use self::state::HealthState;
 pub(crate) use self::state::{Thresholds, Tracker};
 use crate::{
-    backoff::Backoff,
     child::{ExitGuard, Stop},
     database::{Connector, DatabaseSpec},
     error::{Error, ErrorKind},
-    failover::{choose_new_primary, Action, Candidate, ClusterFailover, Completed, Observed},
+    failover::{
+        choose_new_primary, Action, Candidate, ClusterFailover, Completed, Lineage, Observed,
+        PromoteOutcome,
+    },
     position::Position,
     router::Routing,
-    settings::{FailoverMode, FailoverSettings, HealthSettings, Role},
+    settings::{FailoverSettings, HealthSettings, Role},
 };
-
-/// After a failed promotion, the wait before the next attempt (doubling up to
-/// [`PROMOTE_RETRY_MAX`]).
-const PROMOTE_RETRY_FIRST: Duration = Duration::from_secs(1);
-/// The longest wait between two promotion attempts.
-const PROMOTE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What an endpoint is, as its probes see it (not as the settings say).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -430,6 +426,9 @@ pub(crate) struct HealthView {
     pub(crate) endpoints: BTreeMap<Arc<str>, EndpointFacts>,
     /// The accepted primary of each cluster, if any.
     pub(crate) primaries: BTreeMap<Arc<str>, Option<Arc<str>>>,
+    /// Whose standbys may serve each cluster's reads (the accepted primary's system and
+    /// timeline, or the old primary's while failing over).
+    pub(crate) lineages: BTreeMap<Arc<str>, Lineage>,
 }
 
 /// The failover state of every cluster, kept outside the actor so that it survives restarts.
@@ -441,7 +440,12 @@ pub(crate) fn failover_state(specs: &[DatabaseSpec], settings: &FailoverSettings
     for spec in specs.iter().filter(|s| s.settings.role == Role::Primary) {
         clusters.insert(
             Arc::from(spec.settings.cluster.as_str()),
-            ClusterFailover::new(settings.mode, settings.failback, Arc::clone(&spec.name)),
+            ClusterFailover::new(
+                settings.mode,
+                settings.failback,
+                settings.promote_timeout,
+                Arc::clone(&spec.name),
+            ),
         );
     }
     Arc::new(Mutex::new(clusters))
@@ -510,10 +514,6 @@ pub struct HealthActor {
     requests: Arc<ProbeRequests>,
     state_subscribers: Vec<Recipient<StateChanged>>,
     failover_subscribers: Vec<Recipient<FailoverEvent>>,
-    promoting: bool,
-    /// After a failed promotion, the next may not start before this.
-    promote_backoff: Backoff,
-    promote_not_before: Option<Instant>,
     _guard: ExitGuard,
 }
 
@@ -521,7 +521,6 @@ impl std::fmt::Debug for HealthActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HealthActor")
             .field("endpoints", &self.endpoints.keys().collect::<Vec<_>>())
-            .field("promoting", &self.promoting)
             .finish_non_exhaustive()
     }
 }
@@ -554,13 +553,24 @@ impl HealthActor {
                         in_flight: false,
                         next: None,
                         last_end: None,
-                        tracker: Tracker::new(thresholds),
+                        // A restarted actor keeps what the last one judged: a down endpoint
+                        // must earn its way back.
+                        tracker: Tracker::resume(thresholds, parts.routing.last_health(&spec.name)),
                         report: None,
                         last_error: None,
                     },
                 )
             })
             .collect();
+        // Whatever a previous actor had in flight is gone with it.
+        for state in parts
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values_mut()
+        {
+            state.restarted(Instant::now());
+        }
         HealthActor {
             endpoints,
             settings: parts.settings,
@@ -570,9 +580,6 @@ impl HealthActor {
             requests: parts.requests,
             state_subscribers: parts.state_subscribers,
             failover_subscribers: parts.failover_subscribers,
-            promoting: false,
-            promote_backoff: Backoff::new(PROMOTE_RETRY_FIRST, PROMOTE_RETRY_MAX),
-            promote_not_before: None,
             _guard: parts.guard,
         }
     }
@@ -737,6 +744,7 @@ impl HealthActor {
                 system_id: e.report.as_ref().and_then(|r| r.system_id),
                 timeline: e.report.as_ref().and_then(|r| r.timeline),
                 position: e.report.as_ref().and_then(|r| r.position),
+                received: e.report.as_ref().and_then(|r| r.received),
             })
             .collect()
     }
@@ -828,7 +836,13 @@ impl HealthActor {
                         at,
                     });
                 }
-                Action::Promote { candidates } => self.promote(cluster, candidates, ctx),
+                Action::Promote { old, candidates } => {
+                    self.promote(cluster, &old, &candidates, ctx);
+                }
+                Action::PromoteAgain { endpoint } => {
+                    tracing::warn!(%cluster, %endpoint, "asking again for a promotion");
+                    self.send_promote(cluster, &endpoint, ctx);
+                }
             }
         }
     }
@@ -840,6 +854,7 @@ impl HealthActor {
             reason,
             new_position,
         } = completed;
+        let promoted = failing.promoted_at().map(wall);
         FailoverReport {
             cluster: Arc::clone(cluster),
             old_primary: failing.old,
@@ -847,7 +862,7 @@ impl HealthActor {
             reason,
             first_failure: wall(failing.first_failure),
             declared_down: wall(failing.declared),
-            promoted: failing.promotion.map(|(_, _, at)| wall(at)),
+            promoted,
             accepted: SystemTime::now(),
             old_position: failing.old_position,
             new_position,
@@ -858,27 +873,16 @@ impl HealthActor {
         }
     }
 
-    /// Reads the candidates' positions afresh, promotes the most advanced one, and probes it at
-    /// once so that it is accepted as soon as it is out of recovery.
-    fn promote(&mut self, cluster: &Arc<str>, candidates: Vec<Arc<str>>, ctx: &mut Context<Self>) {
-        if self.promoting
-            || self.failover.mode != FailoverMode::Promote
-            || self.promote_not_before.is_some_and(|t| Instant::now() < t)
-        {
-            return;
-        }
-        self.promoting = true;
-        // Mark the promotion as started before choosing, so that the old primary coming back
-        // meanwhile is not accepted again behind the promotion's back.
-        let old_primary = self.clusters().get_mut(cluster).and_then(|state| {
-            state.promotion_started(Arc::from("?"), "choosing".to_owned(), Instant::now());
-            state.failing_primary()
-        });
-        let old = old_primary.and_then(|name| {
-            self.endpoints
-                .get(&name)
-                .map(|e| (name, Arc::clone(&e.connector)))
-        });
+    /// Reads the candidates' positions afresh while looking once more at the old primary on a
+    /// fresh connection, and, unless the old primary answers as a primary, promotes the most
+    /// advanced candidate.
+    fn promote(
+        &mut self,
+        cluster: &Arc<str>,
+        old: &Arc<str>,
+        candidates: &[Arc<str>],
+        ctx: &mut Context<Self>,
+    ) {
         let connectors: Vec<(Arc<str>, Arc<Connector>)> = candidates
             .iter()
             .filter_map(|name| {
@@ -887,9 +891,9 @@ impl HealthActor {
                     .map(|e| (Arc::clone(name), Arc::clone(&e.connector)))
             })
             .collect();
+        let old_connector = self.endpoints.get(old).map(|e| Arc::clone(&e.connector));
         let probe_timeout = self.settings.timeout;
-        let promote_timeout = self.failover.promote_timeout;
-        let cluster = Arc::clone(cluster);
+        let old = Arc::clone(old);
         let work = async move {
             // Every candidate at once: the failover waits for the slowest, not for the sum.
             let reads = connectors.iter().map(|(name, connector)| async move {
@@ -913,107 +917,150 @@ impl HealthActor {
             // Meanwhile, one last look at the old primary on a fresh connection: if it answers as
             // a primary, it was slow, not dead, and promoting would make two writable servers.
             let confirm = async {
-                let (name, connector) = old.as_ref()?;
+                let connector = old_connector.as_ref()?;
                 let answer = tokio::time::timeout(probe_timeout, async {
                     let client = connector.connect().await?;
                     let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
                     Ok::<bool, tokio_postgres::Error>(row.get(0))
                 })
                 .await;
-                matches!(answer, Ok(Ok(false))).then(|| Arc::clone(name))
+                matches!(answer, Ok(Ok(false))).then_some(())
             };
             let (read, alive) =
                 futures_util::future::join(futures_util::future::join_all(reads), confirm).await;
-            if let Some(name) = alive {
+            if alive.is_some() {
                 return Err(format!(
-                    "not promoting: the primary `{name}` answered a fresh connection as a primary \
+                    "not promoting: the primary `{old}` answered a fresh connection as a primary \
                      (it was slow, not dead)"
                 ));
             }
             let read: Vec<Candidate> = read.into_iter().flatten().collect();
-            let Some((chosen, reason)) = choose_new_primary(&read) else {
-                return Err("no standby could be read to choose whom to promote".to_owned());
-            };
-            let connector = connectors
+            let (chosen, reason) = choose_new_primary(&read)
+                .ok_or_else(|| "no standby could be read to choose whom to promote".to_owned())?;
+            let received = read
                 .iter()
-                .find(|(name, _)| *name == chosen)
-                .map(|(_, c)| Arc::clone(c))
-                .ok_or_else(|| "the chosen standby vanished".to_owned())?;
-            Ok((chosen, reason, connector))
+                .find(|c| c.name == chosen)
+                .and_then(|c| c.received.or(c.replayed));
+            Ok((chosen, reason, received))
         };
-        ctx.spawn(work.into_actor(self).then(move |chosen, actor, _ctx| {
-            let at = Instant::now();
-            let promotion = match chosen {
-                Err(why) => {
-                    actor.promotion_failed(&cluster, why);
-                    None
-                }
-                Ok((chosen, reason, connector)) => {
-                    tracing::warn!(%cluster, endpoint = %chosen, %reason, "promoting");
-                    if let Some(state) = actor.clusters().get_mut(&cluster) {
-                        state.promotion_started(Arc::clone(&chosen), reason.clone(), at);
+        let cluster = Arc::clone(cluster);
+        ctx.spawn(
+            work.into_actor(self)
+                .map(move |chosen, actor, ctx| match chosen {
+                    Err(why) => actor.promotion_ended(&cluster, &PromoteOutcome::NotSent(why)),
+                    Ok((chosen, reason, received)) => {
+                        let at = Instant::now();
+                        tracing::warn!(%cluster, endpoint = %chosen, %reason, "promoting");
+                        if let Some(state) = actor.clusters().get_mut(&cluster) {
+                            state.promotion_chosen(&chosen, reason.clone(), received);
+                        }
+                        actor.publish_failover(FailoverEvent::Promoting {
+                            cluster: Arc::clone(&cluster),
+                            endpoint: Arc::clone(&chosen),
+                            reason,
+                            at: wall(at),
+                        });
+                        actor.send_promote(&cluster, &chosen, ctx);
                     }
-                    actor.publish_failover(FailoverEvent::Promoting {
-                        cluster: Arc::clone(&cluster),
-                        endpoint: Arc::clone(&chosen),
-                        reason,
-                        at: wall(at),
-                    });
-                    Some((chosen, connector))
+                }),
+        );
+    }
+
+    /// Sends `pg_promote` to `endpoint`, within `failover.promote_timeout` (plus the probe
+    /// timeout to connect). From the moment it may have been sent, the failover is committed to
+    /// `endpoint`.
+    fn send_promote(&mut self, cluster: &Arc<str>, endpoint: &Arc<str>, ctx: &mut Context<Self>) {
+        let Some(connector) = self
+            .endpoints
+            .get(endpoint)
+            .map(|e| Arc::clone(&e.connector))
+        else {
+            self.promotion_ended(
+                cluster,
+                &PromoteOutcome::NotSent(format!("`{endpoint}` is not an endpoint")),
+            );
+            return;
+        };
+        if let Some(state) = self.clusters().get_mut(cluster) {
+            state.promotion_requested(endpoint, Instant::now());
+        }
+        let promote_timeout = self.failover.promote_timeout;
+        let connect_timeout = self.settings.timeout;
+        let seconds = i32::try_from(promote_timeout.as_secs().max(1)).unwrap_or(60);
+        let name = Arc::clone(endpoint);
+        let run = async move {
+            let client = match tokio::time::timeout(connect_timeout, connector.connect()).await {
+                Ok(Ok(client)) => client,
+                Ok(Err(error)) => {
+                    return PromoteOutcome::NotSent(format!(
+                        "cannot connect to `{name}` to promote it: {}",
+                        crate::database::describe(&error)
+                    ))
+                }
+                Err(_) => {
+                    return PromoteOutcome::NotSent(format!(
+                        "cannot connect to `{name}` to promote it within {}",
+                        humantime::format_duration(connect_timeout)
+                    ))
                 }
             };
-            let seconds = i32::try_from(promote_timeout.as_secs().max(1)).unwrap_or(60);
-            let run = async move {
-                let (chosen, connector) = promotion?;
-                let outcome = async {
-                    let client = connector.connect().await?;
-                    let row = client
-                        .query_one("SELECT pg_promote(true, $1)", &[&seconds])
-                        .await?;
-                    Ok::<bool, tokio_postgres::Error>(row.get(0))
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&seconds];
+            let request = client.query_one("SELECT pg_promote(true, $1)", &params);
+            match tokio::time::timeout(promote_timeout + connect_timeout, request).await {
+                Ok(Ok(row)) if row.get::<_, bool>(0) => PromoteOutcome::Promoted,
+                Ok(Ok(_)) => PromoteOutcome::Unknown(format!(
+                    "`{name}` did not finish its promotion within {seconds} s; it goes on in the \
+                     server"
+                )),
+                Ok(Err(error)) if error.as_db_error().is_some() => {
+                    PromoteOutcome::Refused(format!(
+                        "`{name}` refused to be promoted: {}",
+                        crate::database::describe(&error)
+                    ))
                 }
-                .await;
-                Some((chosen, outcome))
-            };
-            run.into_actor(actor).map(move |outcome, actor, ctx| {
-                actor.promoting = false;
-                match outcome {
-                    None => {}
-                    Some((chosen, Ok(true))) => {
-                        actor.promote_backoff.reset();
-                        actor.probe(&chosen, ctx);
-                    }
-                    Some((chosen, Ok(false))) => actor.promotion_failed(
-                        &cluster,
-                        format!("`{chosen}` did not finish its promotion within {seconds} s"),
-                    ),
-                    Some((chosen, Err(error))) => actor.promotion_failed(
-                        &cluster,
-                        format!(
-                            "promoting `{chosen}` failed: {}",
-                            crate::database::describe(&error)
-                        ),
-                    ),
-                }
-            })
+                Ok(Err(error)) => PromoteOutcome::Unknown(format!(
+                    "the answer of `{name}` to pg_promote was lost: {}",
+                    crate::database::describe(&error)
+                )),
+                Err(_) => PromoteOutcome::Unknown(format!(
+                    "`{name}` did not answer pg_promote within {}",
+                    humantime::format_duration(promote_timeout + connect_timeout)
+                )),
+            }
+        };
+        let cluster = Arc::clone(cluster);
+        let endpoint = Arc::clone(endpoint);
+        ctx.spawn(run.into_actor(self).map(move |outcome, actor, ctx| {
+            actor.promotion_ended(&cluster, &outcome);
+            // Probe it at once: accepted as soon as it is out of recovery.
+            actor.probe(&endpoint, ctx);
         }));
     }
 
-    fn promotion_failed(&mut self, cluster: &Arc<str>, why: String) {
-        self.promoting = false;
-        let wait = self.promote_backoff.fail();
-        self.promote_not_before = Some(Instant::now() + wait);
-        let why = format!(
-            "{why}; the next attempt in {}",
-            humantime::format_duration(wait)
-        );
-        if let Some(state) = self.clusters().get_mut(cluster) {
-            state.promotion_failed();
-        }
-        tracing::error!(%cluster, %why, "promotion failed");
+    fn promotion_ended(&mut self, cluster: &Arc<str>, outcome: &PromoteOutcome) {
+        let retry = self
+            .clusters()
+            .get_mut(cluster)
+            .and_then(|state| state.promotion_ended(outcome, Instant::now()));
+        let message = match (outcome, retry) {
+            (PromoteOutcome::Promoted, _) => return,
+            (PromoteOutcome::NotSent(why) | PromoteOutcome::Refused(why), Some(wait)) => format!(
+                "{why}; the next attempt in {}",
+                humantime::format_duration(wait)
+            ),
+            (PromoteOutcome::NotSent(why) | PromoteOutcome::Refused(why), None) => format!(
+                "{why}; the promotion requested earlier may still complete: it is asked again \
+                 after failover.promote_timeout"
+            ),
+            (PromoteOutcome::Unknown(why), _) => format!(
+                "{why}; no other standby is promoted while it may complete: it is asked again \
+                 after failover.promote_timeout if it stays in recovery"
+            ),
+        };
+        tracing::error!(%cluster, %message, "promotion did not complete");
         self.publish_failover(FailoverEvent::Warning {
             cluster: Arc::clone(cluster),
-            message: why,
+            message,
             at: SystemTime::now(),
         });
     }
@@ -1067,9 +1114,14 @@ impl HealthActor {
                 )
             })
             .collect();
+        let lineages = clusters
+            .iter()
+            .filter_map(|(cluster, state)| Some((Arc::clone(cluster), state.lineage()?)))
+            .collect();
         HealthView {
             endpoints,
             primaries,
+            lineages,
         }
     }
 

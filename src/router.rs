@@ -112,6 +112,14 @@ impl Routing {
         }
     }
 
+    /// The health of `endpoint` in the last view, if there was one: a restarted health actor
+    /// starts from it rather than from nothing.
+    pub(crate) fn last_health(&self, endpoint: &str) -> Option<HealthState> {
+        read(&self.view)
+            .as_ref()
+            .and_then(|view| view.endpoints.get(endpoint).map(|f| f.state))
+    }
+
     /// Takes the health actor's latest view; wakes every message waiting for a target.
     pub(crate) fn apply_view(&self, view: HealthView) {
         let previous = write(&self.view).replace(Arc::new(view.clone()));
@@ -285,18 +293,18 @@ impl Routing {
                     .primaries
                     .get(endpoint.cluster())
                     .and_then(Option::as_ref);
-                let primary_facts = accepted.and_then(|p| view.endpoints.get(p));
                 let standby = facts.is_some_and(|f| f.writable == Some(false));
-                // A standby serves reads while it follows the accepted primary: the same system
-                // and timeline (when known). With no primary accepted (failing over), any
-                // standby may serve reads.
-                let follows = match (facts, primary_facts) {
-                    (Some(f), Some(p)) => {
+                // A standby serves reads while it follows the cluster's lineage: the accepted
+                // primary's system and newest timeline, or, while failing over, the old
+                // primary's. A standby left behind on an older timeline (or another system)
+                // serves none.
+                let follows = match (facts, view.lineages.get(endpoint.cluster())) {
+                    (Some(f), Some(lineage)) => {
                         f.system_id.is_some()
-                            && f.system_id == p.system_id
+                            && f.system_id == lineage.system_id
                             && (f.timeline.is_none()
-                                || p.timeline.is_none()
-                                || f.timeline == p.timeline)
+                                || lineage.timeline.is_none()
+                                || f.timeline == lineage.timeline)
                     }
                     (Some(_), None) => true,
                     _ => false,

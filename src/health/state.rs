@@ -92,6 +92,19 @@ impl Tracker {
         }
     }
 
+    /// A tracker that continues from `state`, as judged before a restart: a down (or
+    /// recovering) endpoint stays down until `successes_to_up` probes succeed; one that was
+    /// serving is up.
+    pub(crate) fn resume(thresholds: Thresholds, state: Option<HealthState>) -> Tracker {
+        let mut tracker = Tracker::new(thresholds);
+        tracker.state = match state {
+            Some(HealthState::Down | HealthState::Recovering) => HealthState::Down,
+            Some(HealthState::Up | HealthState::Suspect) => HealthState::Up,
+            Some(HealthState::Unknown) | None => HealthState::Unknown,
+        };
+        tracker
+    }
+
     pub(crate) fn state(&self) -> HealthState {
         self.state
     }
