@@ -165,6 +165,15 @@ impl Routing {
         }
     }
 
+    /// Whether `endpoint` is its cluster's accepted primary now (or nothing is known yet).
+    fn is_accepted(&self, endpoint: &Endpoint) -> bool {
+        read(&self.view).as_ref().is_none_or(|view| {
+            view.primaries
+                .get(endpoint.cluster())
+                .is_some_and(|p| p.as_deref() == Some(&**endpoint.name()))
+        })
+    }
+
     /// The furthest position a write was acknowledged at in `cluster`.
     pub(crate) fn acked(&self, cluster: &str) -> Option<Position> {
         self.acked
@@ -492,7 +501,15 @@ impl<J: Job> Attempts<'_, J> {
                         )
                         .await
                     {
-                        Ok(outcome) => return Ok(outcome),
+                        Ok(outcome) => {
+                            if self.intent == Intent::Write
+                                && !explicit
+                                && !self.routing.is_accepted(&endpoint)
+                            {
+                                return Err(withdrawn_while_committing(&endpoint));
+                            }
+                            return Ok(outcome);
+                        }
                         Err(failure) => failure,
                     };
                     if failure.stale {
@@ -565,6 +582,21 @@ impl<J: Job> Attempts<'_, J> {
             }
         }
     }
+}
+
+/// A write committed on `endpoint` after it stopped being the accepted primary (declared down,
+/// or superseded by a newer one) while the write ran: a hung primary that resumes finishes its
+/// writes, and they are not on the new primary unless they were replicated there.
+fn withdrawn_while_committing(endpoint: &Endpoint) -> Error {
+    Error::new(ErrorKind::CommitUnknown)
+        .with_endpoint(endpoint.name())
+        .with_detail(format!(
+            "the write committed on `{}`, but `{}` stopped being the primary while it ran (it \
+             was declared down or superseded): it may be missing from the new primary; check \
+             before doing it again",
+            endpoint.name(),
+            endpoint.name()
+        ))
 }
 
 /// The actor applications may send query messages to: [`Routed`], [`Read`], [`Write`],

@@ -191,3 +191,38 @@ async fn an_expired_deadline_is_answered_at_once() {
     assert_eq!(error.kind(), ErrorKind::Timeout);
     herd.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_write_whose_wait_for_synchronous_replication_is_cancelled_is_commit_unknown() {
+    // The only synchronous standby hangs: commits wait for it. A cancel ends that wait and
+    // PostgreSQL answers success ("committed locally, but might not have been replicated"):
+    // the write must not be reported acknowledged.
+    let topology = start(Topology::builder().standbys(1).synchronous(1)).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.wait_ready(Duration::from_secs(10))
+        .await
+        .expect("ready");
+    herd.send(Write::new("CREATE TABLE synced (v int)"))
+        .await
+        .expect("create");
+    topology.standby(0).hang().expect("hang the standby");
+    let error = herd
+        .send(Write::new("INSERT INTO synced VALUES (1)").timeout(Duration::from_millis(500)))
+        .await
+        .expect_err("the commit cannot be replicated in time");
+    topology.standby(0).resume().expect("resume the standby");
+    assert_eq!(error.kind(), ErrorKind::CommitUnknown, "{error}");
+    assert!(
+        error.to_string().contains("synchronous replication"),
+        "{error}"
+    );
+    // It did commit on the primary: "unknown" was the honest answer, "failed" would be a lie.
+    let client = topology.primary().connect().await.expect("connect");
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM synced", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 1);
+    herd.shutdown().await;
+}

@@ -384,3 +384,76 @@ async fn backup_mode_moves_writes_to_the_backup() {
     assert_eq!(ids_on(topology.primary()).await, BTreeSet::from([1, 3]));
     herd.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_hung_primary_that_resumes_after_the_failover_loses_no_acknowledged_write() {
+    // The primary hangs (SIGSTOP) with writes in flight, a standby is promoted, and then the old
+    // primary resumes and finishes those writes: the other standby still streams from it and
+    // acknowledges them as the synchronous one. They are not on the new primary, so they must
+    // not be reported acknowledged.
+    let log = Log::<FailoverEvent>::default();
+    let (topology, herd) = promote_setup(&log).await;
+    let stop = Rc::new(Cell::new(false));
+    let writes = Rc::new(RefCell::new(Writes::default()));
+    let tasks: Vec<_> = (0..4_i64)
+        .map(|w| {
+            actix_rt::spawn(writer(
+                herd.clone(),
+                w * 1_000_000,
+                Rc::clone(&stop),
+                Rc::clone(&writes),
+            ))
+        })
+        .collect();
+    eventually("writes to flow", ROOMY, || async {
+        writes.borrow().acked.len() >= 100
+    })
+    .await;
+    topology.primary().hang().expect("hang the primary");
+    eventually("a standby to be accepted as the primary", ROOMY, || async {
+        accepted(&herd).is_some_and(|p| p != "primary")
+    })
+    .await;
+    topology.primary().resume().expect("resume the old primary");
+    let acked_at_resume = writes.borrow().acked.len();
+    eventually("writes to go on on the new primary", ROOMY, || async {
+        writes.borrow().acked.len() >= acked_at_resume + 100
+    })
+    .await;
+    stop.set(true);
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let new_primary = accepted(&herd).expect("accepted");
+    let present = ids_on(topology.node(&new_primary)).await;
+    let on_old = ids_on(topology.primary()).await;
+    let writes = writes.take();
+    let lost: Vec<i64> = writes
+        .acked
+        .iter()
+        .copied()
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // The late commits happened, on the old primary only, and were reported commit-unknown.
+    let late: Vec<i64> = writes
+        .unknown
+        .iter()
+        .copied()
+        .filter(|id| on_old.contains(id) && !present.contains(id))
+        .collect();
+    eprintln!(
+        "acked {}, commit-unknown {} (committed only on the old primary: {}), failed {}",
+        writes.acked.len(),
+        writes.unknown.len(),
+        late.len(),
+        writes.failed.len()
+    );
+    for (id, error) in &writes.failed {
+        assert!(
+            !present.contains(id),
+            "write {id} reported failed ({error}) but committed"
+        );
+    }
+    herd.shutdown().await;
+}

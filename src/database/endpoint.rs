@@ -350,15 +350,30 @@ impl Endpoint {
                 progress.stage(),
             ));
         }
+        let committing_at_cancel = progress.stage() >= Stage::Committing;
         in_flight.cancel();
         let outcome = tokio::time::timeout(CANCEL_GRACE, in_flight.attempt()).await;
         let stage = progress.stage();
         match outcome {
-            // The write finished while the cancel was on its way: its outcome is known, and it
-            // is reported, if slightly after the deadline.
-            Ok(Ok(Ok(output))) => {
+            // The write finished while the cancel was on its way. Before its commit, that is a
+            // plain success, if slightly after the deadline.
+            Ok(Ok(Ok(output))) if !committing_at_cancel => {
                 in_flight.finished();
                 Ok((output, progress.position()))
+            }
+            // But a cancel that reaches a commit waiting for synchronous replication ends the
+            // wait and the server reports success: committed locally, perhaps on no standby.
+            Ok(Ok(Ok(_))) => {
+                in_flight.finished();
+                Err(Failure::new(
+                    self.tag(Error::new(ErrorKind::CommitUnknown).with_detail(format!(
+                        "the deadline of {} passed while the write was committing; it committed \
+                         after the cancel was sent, and a cancel ends a wait for synchronous \
+                         replication with success: it may not have reached any standby",
+                        crate::error::show(budget)
+                    ))),
+                    Stage::Committed,
+                ))
             }
             Ok(Ok(Err(error))) if error.code() == Some(&SqlState::QUERY_CANCELED) => {
                 in_flight.finished();
