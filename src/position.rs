@@ -34,6 +34,34 @@ impl fmt::Display for Position {
     }
 }
 
+/// The size of a WAL page header on a page that starts a segment, and on any other page
+/// (`SizeOfXLogLongPHD`, `SizeOfXLogShortPHD` on 64-bit builds).
+const LONG_PAGE_HEADER: u64 = 40;
+const SHORT_PAGE_HEADER: u64 = 24;
+
+impl Position {
+    /// The end of everything inserted so far, from `pg_current_wal_insert_lsn()`.
+    ///
+    /// When the last record ended exactly at a page boundary, the insert position points past
+    /// the next page's header, where the next record will go, while a standby's replayed
+    /// position stops at the boundary itself: it would never reach the insert position until
+    /// more WAL is written. Such a position is mapped back to the boundary. (No record can end
+    /// inside a page header, so nothing is lost by it.)
+    pub(crate) fn from_insert(lsn: u64, block_size: u64, segment_size: u64) -> Position {
+        if block_size == 0 || segment_size == 0 {
+            return Position(lsn);
+        }
+        let in_page = lsn % block_size;
+        let page = lsn - in_page;
+        let header = if page % segment_size == 0 {
+            LONG_PAGE_HEADER
+        } else {
+            SHORT_PAGE_HEADER
+        };
+        Position(if in_page == header { page } else { lsn })
+    }
+}
+
 /// A position could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{0}` is not a WAL position: expected two hexadecimal numbers like `16/B374D848`")]
@@ -101,5 +129,40 @@ mod tests {
         assert_eq!(timeline_of_walfile("000000020000000000000003"), Some(2));
         assert_eq!(timeline_of_walfile("0000000A0000000000000003"), Some(10));
         assert_eq!(timeline_of_walfile("bogus"), None);
+    }
+
+    #[test]
+    fn an_insert_position_past_a_page_header_is_the_page_boundary() {
+        const BLOCK: u64 = 8192;
+        const SEGMENT: u64 = 16 * 1024 * 1024;
+        // Past the short header of a page inside a segment: the boundary.
+        let page = 5 * SEGMENT + 3 * BLOCK;
+        assert_eq!(
+            Position::from_insert(page + 24, BLOCK, SEGMENT),
+            Position::new(page)
+        );
+        // Past the long header of a segment's first page.
+        let segment = 6 * SEGMENT;
+        assert_eq!(
+            Position::from_insert(segment + 40, BLOCK, SEGMENT),
+            Position::new(segment)
+        );
+        // Anything else is a record's end, kept as it is.
+        for lsn in [
+            page + 48,
+            page + 40,
+            segment + 24,
+            segment + 48,
+            page + 8000,
+        ] {
+            assert_eq!(
+                Position::from_insert(lsn, BLOCK, SEGMENT),
+                Position::new(lsn)
+            );
+        }
+        assert_eq!(
+            Position::from_insert(page + 24, 0, 0),
+            Position::new(page + 24)
+        );
     }
 }

@@ -245,8 +245,25 @@ impl<Q: Query> Job for Routed<Q> {
     }
 }
 
-/// The position a write reached: read right after its commit, on its connection.
-pub(crate) const POSITION_SQL: &str = "SELECT pg_current_wal_insert_lsn()";
+/// The position a write reached: read right after its commit, on its connection, with the WAL
+/// page and segment sizes that [`Position::from_insert`] needs.
+///
+/// [`Position::from_insert`]: crate::position::Position::from_insert
+pub(crate) const POSITION_SQL: &str = "SELECT pg_current_wal_insert_lsn(), \
+     current_setting('wal_block_size')::bigint, \
+     pg_size_bytes(current_setting('wal_segment_size'))";
+
+/// The position in a row of [`POSITION_SQL`].
+fn position_of(row: &tokio_postgres::Row) -> Option<crate::position::Position> {
+    let lsn: tokio_postgres::types::PgLsn = row.try_get(0).ok()?;
+    let block: i64 = row.try_get(1).ok()?;
+    let segment: i64 = row.try_get(2).ok()?;
+    Some(crate::position::Position::from_insert(
+        u64::from(lsn),
+        u64::try_from(block).unwrap_or(0),
+        u64::try_from(segment).unwrap_or(0),
+    ))
+}
 
 /// Prepares (through the connection's statement cache) and runs one statement outside any
 /// explicit transaction, collecting its rows.
@@ -278,20 +295,22 @@ pub(crate) async fn statement(
     let (result, position) = futures_util::join!(run, position);
     let result = result?;
     progress.reach(Stage::Committed);
-    if let Ok(row) = position {
-        if let Ok(lsn) = row.try_get::<_, tokio_postgres::types::PgLsn>(0) {
-            progress.committed_at(crate::position::Position::from(lsn));
-        }
+    if let Some(position) = position.ok().as_ref().and_then(position_of) {
+        progress.committed_at(position);
     }
     Ok(result)
 }
 
 /// Reads the position after an explicit transaction's commit.
 pub(crate) async fn record_position(client: &tokio_postgres::Client, progress: &Progress) {
-    if let Ok(row) = client.query_one(POSITION_SQL, &[]).await {
-        if let Ok(lsn) = row.try_get::<_, tokio_postgres::types::PgLsn>(0) {
-            progress.committed_at(crate::position::Position::from(lsn));
-        }
+    if let Some(position) = client
+        .query_one(POSITION_SQL, &[])
+        .await
+        .ok()
+        .as_ref()
+        .and_then(position_of)
+    {
+        progress.committed_at(position);
     }
 }
 
