@@ -15,7 +15,7 @@ use crate::{
     },
     position::Position,
     query::Request,
-    router::{Directory, RouteEntry, RouterActor, RoutingRule},
+    router::{Directory, RouteEntry, RouterActor, RoutingRule, SessionPositions},
     session::Session,
     settings::Settings,
     supervisor::{Shared, Shutdown, Subscribe, SupervisorActor, SupervisorEvent, SupervisorParts},
@@ -123,9 +123,21 @@ impl Herd {
     /// As [`send`](Self::send).
     pub async fn send_tracked<M: Request>(&self, message: M) -> Result<Tracked<M::Output>, Error> {
         let (value, position) = Arc::clone(&self.shared.routing)
-            .dispatch_tracked(message)
+            .dispatch_tracked(message, None)
             .await?;
         Ok(Tracked { value, position })
+    }
+
+    /// Sends `message` within a session: see [`Session::send`].
+    pub(crate) async fn send_in_session<M: Request>(
+        &self,
+        message: M,
+        session: &SessionPositions,
+    ) -> Result<M::Output, Error> {
+        Arc::clone(&self.shared.routing)
+            .dispatch_tracked(message, Some(session))
+            .await
+            .map(|(output, _)| output)
     }
 
     /// A session: it remembers the position of its last write and sends its reads after it, so

@@ -15,6 +15,7 @@
 //!   commit may have happened, never silently retried.
 
 use std::{
+    cell::RefCell,
     collections::BTreeMap,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -350,15 +351,18 @@ impl Routing {
         self: Arc<Self>,
         message: J,
     ) -> Result<J::Output, Error> {
-        self.dispatch_tracked(message)
+        self.dispatch_tracked(message, None)
             .await
             .map(|(output, _)| output)
     }
 
-    /// Like [`dispatch`](Self::dispatch), also returning the position a write reached.
+    /// Like [`dispatch`](Self::dispatch), also returning the position a write reached. With a
+    /// session's positions, a read without its own `after` goes after the session's last write
+    /// in the read's cluster, and a write's position is remembered for its cluster.
     pub(crate) async fn dispatch_tracked<J: Job + Request>(
         self: Arc<Self>,
         mut message: J,
+        session: Option<&SessionPositions>,
     ) -> Result<(J::Output, Option<Position>), Error> {
         let received = Instant::now();
         if let Some(reason) = read(&self.halted).as_ref() {
@@ -407,17 +411,19 @@ impl Routing {
             Some(own) => own.min(self.settings.max_lag),
             None => self.settings.max_lag,
         };
-        let cluster = match &scope {
-            Scope::Cluster(cluster) => Some(Arc::clone(cluster)),
-            Scope::Endpoint(_) => None,
+        let cluster = self.directory.cluster_of(&scope).cloned();
+        let after = match (options.after, session, &cluster) {
+            (None, Some(session), Some(cluster)) if intent == Intent::Read => session.get(cluster),
+            (after, _, _) => after,
         };
+        let routed_to_primary = matches!(scope, Scope::Cluster(_));
         let outcome = Attempts {
             routing: &self,
             job: std::rc::Rc::new(message),
             scope,
             intent,
             idempotent: options.idempotent,
-            after: options.after,
+            after,
             max_lag,
             strict_lag: options.max_lag.is_some(),
             deadline,
@@ -426,9 +432,39 @@ impl Routing {
         .run()
         .await;
         if let (Ok((_, Some(position))), Some(cluster)) = (&outcome, cluster) {
-            self.record_acked(&cluster, *position);
+            if routed_to_primary {
+                self.record_acked(&cluster, *position);
+            }
+            if let Some(session) = session {
+                session.advance(&cluster, *position);
+            }
         }
         outcome
+    }
+}
+
+/// The positions of a session's last writes, per cluster (positions of different clusters do
+/// not compare).
+#[derive(Debug, Default)]
+pub(crate) struct SessionPositions(RefCell<BTreeMap<Arc<str>, Position>>);
+
+impl SessionPositions {
+    pub(crate) fn get(&self, cluster: &str) -> Option<Position> {
+        self.0.borrow().get(cluster).copied()
+    }
+
+    pub(crate) fn advance(&self, cluster: &Arc<str>, position: Position) {
+        let mut positions = self.0.borrow_mut();
+        let entry = positions.entry(Arc::clone(cluster)).or_insert(position);
+        *entry = (*entry).max(position);
+    }
+
+    pub(crate) fn all(&self) -> Vec<(Arc<str>, Position)> {
+        self.0
+            .borrow()
+            .iter()
+            .map(|(cluster, position)| (Arc::clone(cluster), *position))
+            .collect()
     }
 }
 

@@ -1,21 +1,23 @@
 //! Read-your-writes for one logical session (a user, a request, a job), by position.
 
-use std::{cell::Cell, fmt};
+use std::{fmt, sync::Arc};
 
 use crate::{
-    error::Error,
-    herd::Herd,
-    position::Position,
-    query::{Intent, Request},
+    error::Error, herd::Herd, position::Position, query::Request, router::SessionPositions,
 };
 
-/// Remembers the position of its last write and sends its reads [`after`](Routable::after) it,
-/// so that it reads its own writes wherever the reads run. No time window is guessed: a standby
-/// serves the read only once it has replayed the write, else the primary does.
+/// Remembers the position of its last write in each cluster and sends its reads
+/// [`after`](crate::Routable::after) it, so that it reads its own writes wherever the reads run.
+/// No time window is guessed: a standby serves the read only once it has replayed the write,
+/// else the primary does.
+///
+/// Positions are kept per cluster, because positions of different clusters do not compare: a
+/// write in cluster `a` does not hold up reads in cluster `b`. A read that names its own
+/// `after` keeps it.
 ///
 /// A session lives on one task (it is not `Send`). To carry read-your-writes across requests,
-/// keep [`position`](Self::position) (e.g. in a cookie) and start the next session with
-/// [`resume_after`](Self::resume_after).
+/// keep [`positions`](Self::positions) (e.g. in a cookie; a [`Position`] displays as `0/16B3748`
+/// and parses back) and give them to the next session with [`resume_after`](Self::resume_after).
 ///
 /// ```no_run
 /// # async fn demo(herd: pgherd::Herd) -> Result<(), pgherd::Error> {
@@ -28,13 +30,13 @@ use crate::{
 /// ```
 pub struct Session {
     herd: Herd,
-    last: Cell<Option<Position>>,
+    positions: SessionPositions,
 }
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
-            .field("last", &self.last.get())
+            .field("positions", &self.positions.all())
             .finish_non_exhaustive()
     }
 }
@@ -43,35 +45,33 @@ impl Session {
     pub(crate) fn new(herd: Herd) -> Session {
         Session {
             herd,
-            last: Cell::new(None),
+            positions: SessionPositions::default(),
         }
     }
 
-    /// Reads after `position` from now on too (a position kept from an earlier session).
-    pub fn resume_after(&self, position: Position) {
-        self.last.set(self.last.get().max(Some(position)));
+    /// Reads in `cluster` go after `position` from now on too (a position kept from an earlier
+    /// session).
+    pub fn resume_after(&self, cluster: &str, position: Position) {
+        self.positions.advance(&Arc::from(cluster), position);
     }
 
-    /// The position of the session's last write, if it made one.
-    pub fn position(&self) -> Option<Position> {
-        self.last.get()
+    /// The position of the session's last write in `cluster`, if it wrote there.
+    pub fn position(&self, cluster: &str) -> Option<Position> {
+        self.positions.get(cluster)
     }
 
-    /// Sends `message`: a read goes after the session's last write; a write's position is
-    /// remembered.
+    /// The position of the session's last write in every cluster it wrote to.
+    pub fn positions(&self) -> Vec<(Arc<str>, Position)> {
+        self.positions.all()
+    }
+
+    /// Sends `message`: a read goes after the session's last write in its cluster; a write's
+    /// position is remembered for its cluster.
     ///
     /// # Errors
     ///
     /// As [`Herd::send`].
     pub async fn send<M: Request>(&self, message: M) -> Result<M::Output, Error> {
-        let message = match (message.intent(), self.last.get()) {
-            (Intent::Read, Some(position)) => message.after(position),
-            _ => message,
-        };
-        let tracked = self.herd.send_tracked(message).await?;
-        if let Some(position) = tracked.position {
-            self.resume_after(position);
-        }
-        Ok(tracked.value)
+        self.herd.send_in_session(message, &self.positions).await
     }
 }

@@ -106,7 +106,7 @@ async fn a_session_reads_its_writes_and_standbys_serve_once_they_caught_up() {
             "the session missed its write {id}"
         );
     }
-    let position = session.position().expect("the session wrote");
+    let position = session.position("main").expect("the session wrote");
     // Once a standby has replayed the position, reads after it go to the standbys again.
     eventually(
         "a standby to report the position",
@@ -177,5 +177,72 @@ async fn without_fallback_to_the_primary_a_read_waits_for_a_standby_to_replay() 
         on_primary, 0,
         "fallback_to_primary is off: no read on the primary"
     );
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_session_keeps_its_positions_per_cluster() {
+    // A second cluster whose WAL is far ahead of the first: a session's write there must not
+    // make its reads in the first cluster wait for a position that cluster will never reach.
+    let topology = start(
+        Topology::builder()
+            .standbys(1)
+            .independent("tenant_db", pgherd::Role::Primary),
+    )
+    .await;
+    let mut settings = topology.settings();
+    settings
+        .endpoints
+        .get_mut("tenant_db")
+        .expect("tenant endpoint")
+        .cluster = "tenant".into();
+    settings.router.fallback_to_primary = false;
+    let herd = Herd::start(settings).expect("start");
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
+    let session = herd.session();
+    let main_standby = herd
+        .routes()
+        .into_iter()
+        .find(|r| &*r.name == "standby_1")
+        .and_then(|r| r.position)
+        .expect("the main standby's position");
+    session
+        .send(Write::new("CREATE TABLE padding (v text)").cluster("tenant"))
+        .await
+        .expect("create in the tenant cluster");
+    let mut rows_written = 0_i64;
+    while session.position("tenant").is_none_or(|p| p <= main_standby) && rows_written < 200_000 {
+        session
+            .send(
+                Write::new(
+                    "INSERT INTO padding SELECT repeat('x', 1000) FROM generate_series(1, 10000)",
+                )
+                .cluster("tenant")
+                .timeout(Duration::from_secs(20)),
+            )
+            .await
+            .expect("a big write in the tenant cluster");
+        rows_written += 10_000;
+    }
+    let tenant = session.position("tenant").expect("a tenant position");
+    assert!(
+        tenant > main_standby,
+        "the test needs the tenant's WAL ahead of main's ({tenant} against {main_standby})"
+    );
+    assert_eq!(session.position("main"), None);
+    // A read in `main` is not held to the tenant's position: the standby serves it at once.
+    let rows = session
+        .send(Read::new("SELECT 1").timeout(Duration::from_secs(2)))
+        .await
+        .expect("a read in main, served by its standby");
+    assert_eq!(rows.len(), 1);
+    // And a read in the tenant cluster goes after the tenant write.
+    let rows = session
+        .send(Read::new("SELECT count(*) FROM padding").cluster("tenant"))
+        .await
+        .expect("the tenant read sees the write");
+    assert_eq!(rows[0].get::<_, i64>(0), rows_written);
     herd.shutdown().await;
 }

@@ -38,6 +38,14 @@ impl Directory {
         directory
     }
 
+    /// The cluster a scope belongs to.
+    pub(crate) fn cluster_of<'a>(&'a self, scope: &'a Scope) -> Option<&'a Arc<str>> {
+        match scope {
+            Scope::Cluster(cluster) => Some(cluster),
+            Scope::Endpoint(name) => self.endpoints.get(name),
+        }
+    }
+
     fn endpoint(&self, name: &str) -> Option<&Arc<str>> {
         self.endpoints.get_key_value(name).map(|(name, _)| name)
     }
