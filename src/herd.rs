@@ -46,6 +46,17 @@ pub struct Herd {
     shared: Arc<Shared>,
     endpoints: Arc<[Arc<str>]>,
     clusters: Arc<[Arc<str>]>,
+    _last: Arc<LastHandle>,
+}
+
+/// Shuts the herd down when the last handle is dropped without [`Herd::shutdown`]: its actors,
+/// pools, probes and health thread would otherwise run on with nobody to use them.
+struct LastHandle(Addr<SupervisorActor>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        self.0.do_send(Shutdown);
+    }
 }
 
 /// An answer with the position its write reached.
@@ -352,6 +363,7 @@ impl HerdBuilder {
             failover_subscribers: self.failover_subscribers,
         })?;
         Ok(Herd {
+            _last: Arc::new(LastHandle(supervisor.clone())),
             supervisor,
             shared,
             endpoints,

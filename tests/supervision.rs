@@ -193,3 +193,39 @@ async fn herd_start_outside_an_actix_system_is_a_clear_error() {
     assert_eq!(error.kind(), ErrorKind::Config);
     assert!(error.to_string().contains("actix_web::main"), "{error}");
 }
+
+/// How many connections pgherd holds to `node` (application and probes).
+async fn herd_connections(node: &pgherd::testkit::Node) -> i64 {
+    let admin = node.connect_admin().await.expect("admin");
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgherd'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+#[actix_rt::test]
+async fn dropping_the_last_handle_shuts_the_herd_down() {
+    let topology = start(Topology::builder()).await;
+    let herd = Herd::start(topology.settings()).expect("start");
+    herd.wait_ready(Duration::from_secs(10))
+        .await
+        .expect("ready");
+    let clone = herd.clone();
+    clone.send(Read::new("SELECT 1")).await.expect("read");
+    drop(herd);
+    assert!(
+        herd_connections(topology.primary()).await >= 2,
+        "a clone keeps the herd running (pool and probe connections)"
+    );
+    drop(clone);
+    eventually(
+        "every pgherd connection to close",
+        Duration::from_secs(10),
+        || async { herd_connections(topology.primary()).await == 0 },
+    )
+    .await;
+}
