@@ -16,7 +16,7 @@ mod pool;
 mod tls;
 
 pub use endpoint::CANCEL_GRACE;
-pub(crate) use endpoint::{Endpoint, EndpointParts};
+pub(crate) use endpoint::{Endpoint, EndpointParts, Failure};
 pub(crate) use pool::Connector;
 pub use pool::APPLICATION_NAME;
 pub(crate) use tls::Tls;

@@ -200,6 +200,8 @@ pub(crate) struct Completed {
     /// Where the new primary's history starts: what it had received while still a standby, or
     /// its position when accepted if it was never seen in recovery during the failover.
     pub(crate) new_position: Option<Position>,
+    /// Whether the new primary is of the old one's system (positions compare only then).
+    pub(crate) same_system: bool,
 }
 
 /// Which servers may serve a cluster's reads: those of this system on this timeline.
@@ -326,11 +328,13 @@ impl ClusterFailover {
         self.retry_not_before = None;
         if let Some(failing) = self.failing.take() {
             let new_position = failing.starts.get(&o.name).copied().or(o.position);
+            let same_system = failing.system_id.is_some() && failing.system_id == o.system_id;
             self.completed = Some(Completed {
                 failing,
                 new: Arc::clone(&o.name),
                 reason: reason.clone(),
                 new_position,
+                same_system,
             });
         }
         actions.push(Action::Accept {
@@ -469,9 +473,13 @@ impl ClusterFailover {
 
     fn elect(&mut self, observed: &[Observed], now: Instant, actions: &mut Vec<Action>) {
         let Some(failing) = self.failing.as_ref() else {
-            // The first decision waits for every endpoint's first probe: a stale primary that
+            // The first decision waits for every endpoint's first probe (by this actor: one
+            // restarted before the first decision starts from nothing): a stale primary that
             // answers first must not be taken while a newer one exists.
-            if observed.iter().all(|o| o.state != HealthState::Unknown) {
+            if observed
+                .iter()
+                .all(|o| o.writable.is_some() || o.first_failure.is_some())
+            {
                 self.first_election(observed, actions);
             }
             return;
@@ -708,23 +716,32 @@ impl ClusterFailover {
             .collect()
     }
 
-    /// The standby chosen for the promotion under way, with the positions read from it.
+    /// The standby chosen for the promotion being chosen, with the positions read from it.
+    /// Returns whether that promotion is still wanted: not when the failover ended meanwhile
+    /// (an operator accepted a primary) or the choice was dropped; then nothing is sent.
     pub(crate) fn promotion_chosen(
         &mut self,
         endpoint: &Arc<str>,
         reason: String,
         received: Option<Position>,
-    ) {
-        if let Some(failing) = self.failing.as_mut() {
-            if let Some(at) = received {
-                let start = failing.starts.entry(Arc::clone(endpoint)).or_insert(at);
-                *start = (*start).max(at);
-            }
-            if let Some(promotion) = failing.promotion.as_mut() {
-                promotion.endpoint = Some(Arc::clone(endpoint));
-                promotion.reason = reason;
-            }
+    ) -> bool {
+        let Some(failing) = self.failing.as_mut() else {
+            return false;
+        };
+        let Some(promotion) = failing
+            .promotion
+            .as_mut()
+            .filter(|p| p.in_flight && p.requests == 0)
+        else {
+            return false;
+        };
+        promotion.endpoint = Some(Arc::clone(endpoint));
+        promotion.reason = reason;
+        if let Some(at) = received {
+            let start = failing.starts.entry(Arc::clone(endpoint)).or_insert(at);
+            *start = (*start).max(at);
         }
+        true
     }
 
     /// `pg_promote` is about to be sent to `endpoint`: from now on, the failover is committed to
@@ -806,6 +823,16 @@ impl ClusterFailover {
             return Err(format!(
                 "`{endpoint}` cannot be the primary: it is {}",
                 if o.up() { "in recovery" } else { "not up" }
+            ));
+        }
+        if self.stale(o) {
+            return Err(format!(
+                "`{endpoint}` cannot be the primary: it is on timeline {}, older than timeline {} \
+                 seen on another server of its cluster, so it lacks what was written there \
+                 (rebuild it as a standby of the newer primary, or accept that one)",
+                o.timeline.map_or_else(|| "?".to_owned(), |t| t.to_string()),
+                self.newest_timeline(o.system_id)
+                    .map_or_else(|| "?".to_owned(), |t| t.to_string())
             ));
         }
         let mut actions = Vec::new();
@@ -1441,6 +1468,58 @@ mod tests {
             Some(100),
             "the 100 bytes it never received may be lost"
         );
+    }
+
+    #[test]
+    fn an_operator_cannot_accept_a_stale_server_and_a_choice_made_meanwhile_is_dropped() {
+        let mut c = cluster(FailoverMode::Promote);
+        let mut nodes = herd();
+        let now = Instant::now();
+        c.step(&nodes, None, now);
+        down(&mut nodes, "primary", now);
+        c.step(&nodes, None, now);
+        // standby_2 was promoted by someone else meanwhile; the old primary is back writable.
+        set(&mut nodes, "standby_2", |n| {
+            n.writable = Some(true);
+            n.timeline = Some(2);
+            n.state = HealthState::Down;
+        });
+        set(&mut nodes, "primary", |n| {
+            n.state = HealthState::Up;
+            n.first_failure = None;
+        });
+        c.step(&nodes, None, now);
+        let refused = c
+            .accept_manually("primary", &nodes)
+            .expect_err("timeline 1 is older than 2");
+        assert!(
+            refused.contains("timeline 1, older than timeline 2"),
+            "{refused}"
+        );
+        // An operator accepts standby_2 (up again) while a choice is being read: the choice
+        // is dropped, and no pg_promote follows.
+        set(&mut nodes, "standby_2", |n| n.state = HealthState::Up);
+        c.accept_manually("standby_2", &nodes)
+            .expect("the newest primary");
+        assert!(!c.promotion_chosen(&Arc::from("standby_1"), "late".into(), None));
+    }
+
+    #[test]
+    fn a_restarted_actor_waits_for_its_own_first_probes_before_the_first_choice() {
+        let mut c = cluster(FailoverMode::Follow);
+        let mut nodes = herd();
+        // Health judgements carried over (up), but no probe answered this actor yet.
+        for n in &mut nodes {
+            n.writable = None;
+        }
+        set(&mut nodes, "primary", |n| n.writable = Some(true));
+        let now = Instant::now();
+        assert_eq!(names(&c.step(&nodes, None, now)), Vec::<String>::new());
+        for n in &mut nodes {
+            let writable = n.role != Role::Standby;
+            n.writable = Some(writable);
+        }
+        assert_eq!(names(&c.step(&nodes, None, now)), ["accept primary"]);
     }
 
     /// A tiny deterministic generator for the model test below.

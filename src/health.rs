@@ -178,10 +178,13 @@ pub struct FailoverReport {
     /// The furthest position known on the old primary: its last probe, or the last write
     /// acknowledged by this herd, whichever is further.
     pub old_position: Option<Position>,
-    /// The new primary's position when it was accepted.
+    /// Where the new primary's history starts: what it had received while still a standby
+    /// during the failover, else its position when it was accepted.
     pub new_position: Option<Position>,
     /// How many bytes of WAL the old primary had beyond what the new one started from: writes
-    /// in that window may be lost. `Some(0)` means nothing this herd knew of was lost.
+    /// in that window may be lost. `Some(0)` means nothing this herd knew of was lost; `None`
+    /// that it cannot be told (a position is unknown, or the new primary is another database,
+    /// such as a backup, whose positions do not compare).
     pub possible_loss_bytes: Option<u64>,
 }
 
@@ -525,6 +528,20 @@ impl std::fmt::Debug for HealthActor {
     }
 }
 
+/// Whether `pg_promote` failed before it signalled the promotion, so that nothing was started:
+/// not in recovery (55000), no privilege (42501), a bad wait (22023), or the signal file could
+/// not be written (class 58, 53100). Any other error (a cancel or a statement timeout while it
+/// waited, say) may come after the signal: the promotion may go on.
+fn refused_before_signal(error: &tokio_postgres::Error) -> bool {
+    error
+        .as_db_error()
+        .is_some_and(|db| refused_code(db.code().code()))
+}
+
+fn refused_code(sqlstate: &str) -> bool {
+    matches!(sqlstate, "55000" | "42501" | "22023" | "53100") || sqlstate.starts_with("58")
+}
+
 /// An `Instant` as wall-clock time, for events.
 fn wall(at: Instant) -> SystemTime {
     SystemTime::now()
@@ -853,6 +870,7 @@ impl HealthActor {
             new,
             reason,
             new_position,
+            same_system,
         } = completed;
         let promoted = failing.promoted_at().map(wall);
         FailoverReport {
@@ -866,9 +884,11 @@ impl HealthActor {
             accepted: SystemTime::now(),
             old_position: failing.old_position,
             new_position,
+            // Positions of two systems (a move to the backup) do not compare.
             possible_loss_bytes: failing
                 .old_position
                 .zip(new_position)
+                .filter(|_| same_system)
                 .map(|(old, new)| old.bytes_after(new)),
         }
     }
@@ -951,8 +971,16 @@ impl HealthActor {
                     Ok((chosen, reason, received)) => {
                         let at = Instant::now();
                         tracing::warn!(%cluster, endpoint = %chosen, %reason, "promoting");
-                        if let Some(state) = actor.clusters().get_mut(&cluster) {
-                            state.promotion_chosen(&chosen, reason.clone(), received);
+                        let wanted = actor
+                            .clusters()
+                            .get_mut(&cluster)
+                            .is_some_and(|state| {
+                                state.promotion_chosen(&chosen, reason.clone(), received)
+                            });
+                        if !wanted {
+                            // Decided otherwise meanwhile (an operator accepted a primary).
+                            tracing::info!(%cluster, endpoint = %chosen, "promotion no longer wanted");
+                            return;
                         }
                         actor.publish_failover(FailoverEvent::Promoting {
                             cluster: Arc::clone(&cluster),
@@ -1012,7 +1040,7 @@ impl HealthActor {
                     "`{name}` did not finish its promotion within {seconds} s; it goes on in the \
                      server"
                 )),
-                Ok(Err(error)) if error.as_db_error().is_some() => {
+                Ok(Err(error)) if refused_before_signal(&error) => {
                     PromoteOutcome::Refused(format!(
                         "`{name}` refused to be promoted: {}",
                         crate::database::describe(&error)
@@ -1323,5 +1351,22 @@ impl Handler<Stop> for HealthActor {
 
     fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_code;
+
+    #[test]
+    fn only_errors_raised_before_the_promotion_signal_count_as_refused() {
+        for before in ["55000", "42501", "22023", "53100", "58P01", "58030"] {
+            assert!(refused_code(before), "{before}");
+        }
+        // A cancel or statement timeout while pg_promote waited, a terminated backend, an
+        // administrator shutdown: the promotion may go on.
+        for after in ["57014", "57P01", "57P02", "25P03", "XX000"] {
+            assert!(!refused_code(after), "{after}");
+        }
     }
 }

@@ -40,11 +40,11 @@ use self::{
 };
 use crate::{
     child::{ExitGuard, Stop},
-    database::Endpoint,
+    database::{Endpoint, Failure},
     error::{Error, ErrorKind},
     health::{HealthState, HealthView},
     position::Position,
-    query::{Batch, Intent, Job, Query, Read, Request, Routed, Transact, Write, Written},
+    query::{Batch, Intent, Job, Query, Read, Request, Routed, Stage, Transact, Write, Written},
     settings::{Role, RouterSettings},
 };
 
@@ -537,15 +537,14 @@ impl<J: Job> Attempts<'_, J> {
                         )
                         .await
                     {
-                        Ok(outcome) => {
+                        Ok(_)
                             if self.intent == Intent::Write
                                 && !explicit
-                                && !self.routing.is_accepted(&endpoint)
-                            {
-                                return Err(withdrawn_while_committing(&endpoint));
-                            }
-                            return Ok(outcome);
+                                && !self.routing.is_accepted(&endpoint) =>
+                        {
+                            Failure::new(withdrawn_while_committing(&endpoint), Stage::Committing)
                         }
+                        Ok(outcome) => return Ok(outcome),
                         Err(failure) => failure,
                     };
                     if failure.stale {

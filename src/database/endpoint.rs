@@ -114,7 +114,7 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
-    fn new(error: Error, stage: Stage) -> Failure {
+    pub(crate) fn new(error: Error, stage: Stage) -> Failure {
         Failure {
             error,
             stage,
@@ -350,19 +350,22 @@ impl Endpoint {
                 progress.stage(),
             ));
         }
-        let committing_at_cancel = progress.stage() >= Stage::Committing;
+        // Whether the commit was already confirmed when the cancel went out: then nothing the
+        // cancel does can change the write's outcome.
+        let committed_at_cancel = progress.stage() == Stage::Committed;
         in_flight.cancel();
         let outcome = tokio::time::timeout(CANCEL_GRACE, in_flight.attempt()).await;
         let stage = progress.stage();
         match outcome {
-            // The write finished while the cancel was on its way. Before its commit, that is a
-            // plain success, if slightly after the deadline.
-            Ok(Ok(Ok(output))) if !committing_at_cancel => {
+            // The commit was confirmed before the cancel: a plain success, if slightly after
+            // the deadline.
+            Ok(Ok(Ok(output))) if committed_at_cancel => {
                 in_flight.finished();
                 Ok((output, progress.position()))
             }
-            // But a cancel that reaches a commit waiting for synchronous replication ends the
-            // wait and the server reports success: committed locally, perhaps on no standby.
+            // Otherwise the commit ran while the cancel was on its way, and a cancel that reaches
+            // a commit waiting for synchronous replication ends the wait with success:
+            // committed locally, perhaps on no standby.
             Ok(Ok(Ok(_))) => {
                 in_flight.finished();
                 Err(Failure::new(
@@ -397,7 +400,17 @@ impl Endpoint {
             // on), which closes its connection and rolls back anything not yet committed.
             Err(_) => {
                 in_flight.forget();
-                if stage == Stage::Committing {
+                if stage == Stage::Committed {
+                    Err(Failure::new(
+                        self.tag(Error::new(ErrorKind::CommitUnknown).with_detail(format!(
+                            "the write was committed (the server confirmed it), but the server \
+                             stopped answering before the write's position was read, and the \
+                             deadline of {} passed: do not do it again",
+                            crate::error::show(budget)
+                        ))),
+                        stage,
+                    ))
+                } else if stage == Stage::Committing {
                     Err(Failure::new(
                         self.tag(Error::new(ErrorKind::CommitUnknown).with_detail(format!(
                             "the deadline of {} passed while the write was committing, and the \
