@@ -119,11 +119,8 @@ async fn a_write_in_flight_when_the_primary_dies_is_commit_unknown() {
                 .await
         })
     };
-    eventually("the write to run", ROOMY, || async {
-        herd.routes().iter().any(|r| r.outstanding > 0)
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // On the server, past its send: the kill can only cut it while it commits.
+    support::wait_active(topology.primary(), "INSERT INTO doomed").await;
     topology.primary().kill().expect("kill the primary");
     let error = write
         .await
