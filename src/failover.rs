@@ -944,6 +944,17 @@ mod tests {
         assert_eq!(c.promotion_ended(&PromoteOutcome::Promoted, at), None);
     }
 
+    /// A cluster in `mode` whose accepted primary was just declared down (and withdrawn).
+    fn primary_lost(mode: FailoverMode) -> (ClusterFailover, Vec<Observed>, Instant) {
+        let mut c = cluster(mode);
+        let mut nodes = herd();
+        let now = Instant::now();
+        c.step(&nodes, None, now);
+        down(&mut nodes, "primary", now);
+        c.step(&nodes, None, now);
+        (c, nodes, now)
+    }
+
     fn accepted(c: &ClusterFailover) -> Option<String> {
         c.accepted().map(|a| a.name.to_string())
     }
@@ -1063,12 +1074,7 @@ mod tests {
             assert_eq!(names(&c.step(&nodes, None, now)), ["accept primary"]);
         }
         // But a primary that fails again after answering once is failed over.
-        let mut c = cluster(FailoverMode::Promote);
-        let mut nodes = herd();
-        let now = Instant::now();
-        c.step(&nodes, None, now);
-        down(&mut nodes, "primary", now);
-        c.step(&nodes, None, now);
+        let (mut c, mut nodes, now) = primary_lost(FailoverMode::Promote);
         let retry = c.promotion_ended(
             &PromoteOutcome::NotSent("the old primary answered".into()),
             now,
@@ -1138,12 +1144,7 @@ mod tests {
 
     #[test]
     fn a_primary_back_before_anything_else_happened_is_accepted_again() {
-        let mut c = cluster(FailoverMode::Follow);
-        let mut nodes = herd();
-        let now = Instant::now();
-        c.step(&nodes, None, now);
-        down(&mut nodes, "primary", now);
-        c.step(&nodes, None, now);
+        let (mut c, mut nodes, now) = primary_lost(FailoverMode::Follow);
         set(&mut nodes, "primary", |n| n.state = HealthState::Up);
         assert_eq!(names(&c.step(&nodes, None, now)), ["accept primary"]);
     }
@@ -1222,12 +1223,7 @@ mod tests {
 
     #[test]
     fn a_fenced_server_that_comes_back_as_a_standby_is_let_in_and_readmit_works() {
-        let mut c = cluster(FailoverMode::Promote);
-        let mut nodes = herd();
-        let now = Instant::now();
-        c.step(&nodes, None, now);
-        down(&mut nodes, "primary", now);
-        c.step(&nodes, None, now);
+        let (mut c, mut nodes, now) = primary_lost(FailoverMode::Promote);
         promoted(&mut c, "standby_1", now);
         set(&mut nodes, "standby_1", |n| {
             n.writable = Some(true);
@@ -1313,12 +1309,7 @@ mod tests {
 
     #[test]
     fn a_refused_or_unsent_promotion_lets_the_next_attempt_choose_again() {
-        let mut c = cluster(FailoverMode::Promote);
-        let mut nodes = herd();
-        let now = Instant::now();
-        c.step(&nodes, None, now);
-        down(&mut nodes, "primary", now);
-        c.step(&nodes, None, now);
+        let (mut c, nodes, now) = primary_lost(FailoverMode::Promote);
         let chosen: Arc<str> = Arc::from("standby_1");
         c.promotion_chosen(&chosen, "the most advanced".into(), None);
         c.promotion_requested(&chosen, now);
@@ -1335,12 +1326,7 @@ mod tests {
 
     #[test]
     fn a_restarted_health_actor_forgets_a_choice_but_not_a_request() {
-        let mut c = cluster(FailoverMode::Promote);
-        let mut nodes = herd();
-        let now = Instant::now();
-        c.step(&nodes, None, now);
-        down(&mut nodes, "primary", now);
-        c.step(&nodes, None, now);
+        let (mut c, nodes, now) = primary_lost(FailoverMode::Promote);
         // The actor died while reading the standbys' positions: the next one chooses again.
         c.restarted(now);
         assert_eq!(
@@ -1361,12 +1347,7 @@ mod tests {
 
     #[test]
     fn a_standby_left_on_an_older_timeline_is_neither_promoted_nor_a_reader() {
-        let mut c = cluster(FailoverMode::Promote);
-        let mut nodes = herd();
-        let now = Instant::now();
-        c.step(&nodes, None, now);
-        down(&mut nodes, "primary", now);
-        c.step(&nodes, None, now);
+        let (mut c, mut nodes, now) = primary_lost(FailoverMode::Promote);
         promoted(&mut c, "standby_1", now);
         set(&mut nodes, "standby_1", |n| {
             n.writable = Some(true);
@@ -1472,12 +1453,7 @@ mod tests {
 
     #[test]
     fn an_operator_cannot_accept_a_stale_server_and_a_choice_made_meanwhile_is_dropped() {
-        let mut c = cluster(FailoverMode::Promote);
-        let mut nodes = herd();
-        let now = Instant::now();
-        c.step(&nodes, None, now);
-        down(&mut nodes, "primary", now);
-        c.step(&nodes, None, now);
+        let (mut c, mut nodes, now) = primary_lost(FailoverMode::Promote);
         // standby_2 was promoted by someone else meanwhile; the old primary is back writable.
         set(&mut nodes, "standby_2", |n| {
             n.writable = Some(true);
