@@ -15,6 +15,8 @@ pub enum ChildId {
     Health,
     /// The router.
     Router,
+    /// The replicator of the target endpoint with this name.
+    Replicator(Arc<str>),
 }
 
 impl fmt::Display for ChildId {
@@ -23,6 +25,7 @@ impl fmt::Display for ChildId {
             ChildId::Database(name) => write!(f, "database `{name}`"),
             ChildId::Health => f.write_str("health"),
             ChildId::Router => f.write_str("router"),
+            ChildId::Replicator(name) => write!(f, "replicator of `{name}`"),
         }
     }
 }

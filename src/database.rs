@@ -12,7 +12,7 @@ use std::sync::Arc;
 use actix::{Actor, Addr, AsyncContext as _, Context, Handler, Message, Recipient};
 
 mod endpoint;
-mod pool;
+pub(crate) mod pool;
 mod tls;
 
 pub use endpoint::CANCEL_GRACE;

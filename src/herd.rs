@@ -207,6 +207,16 @@ impl Herd {
         self.supervisor.do_send(SubscribeFailover(recipient));
     }
 
+    /// The status of replication to each target (empty when the replicator is off): state,
+    /// applied position, lag. See [`ReplicationStatus`](crate::ReplicationStatus).
+    pub fn replication(&self) -> Vec<crate::ReplicationStatus> {
+        self.shared
+            .replication
+            .values()
+            .map(|status| status.status())
+            .collect()
+    }
+
     /// Why the herd stopped (shut down, or its supervisor gave up), once it did.
     pub fn failure(&self) -> Option<String> {
         self.shared.failure()
@@ -357,6 +367,13 @@ impl HerdBuilder {
             supervisor: self.settings.supervisor.clone(),
             health: self.settings.health.clone(),
             failover: self.settings.failover.clone(),
+            replicator: self.settings.replicator.clone(),
+            targets: self
+                .settings
+                .replication_targets()
+                .into_iter()
+                .map(|(name, _)| Arc::from(name))
+                .collect(),
             rules: self.rules.into(),
             subscribers: self.subscribers,
             state_subscribers: self.state_subscribers,

@@ -21,6 +21,7 @@ mod sql;
 // Actors.
 pub mod database;
 pub mod health;
+pub mod replicator;
 pub mod router;
 pub mod supervisor;
 
@@ -43,6 +44,7 @@ pub use query::{
     column, Batch, FromRow, Intent, Params, Query, QueryResult, Read, Request, Routable,
     RouteOptions, Routed, Transact, TxFuture, Write, Written,
 };
+pub use replicator::{ReplicationState, ReplicationStatus, ReplicatorActor};
 pub use router::{GetRoutes, Route, RouteEntry, RouteRequest, RouterActor, RoutingRule};
 pub use session::Session;
 pub use settings::{EndpointSettings, Role, Settings, SettingsError, SettingsProblem};

@@ -254,7 +254,7 @@ pub(crate) const POSITION_SQL: &str = "SELECT pg_current_wal_insert_lsn(), \
      pg_size_bytes(current_setting('wal_segment_size'))";
 
 /// The position in a row of [`POSITION_SQL`].
-fn position_of(row: &tokio_postgres::Row) -> Option<crate::position::Position> {
+pub(crate) fn position_of(row: &tokio_postgres::Row) -> Option<crate::position::Position> {
     let lsn: tokio_postgres::types::PgLsn = row.try_get(0).ok()?;
     let block: i64 = row.try_get(1).ok()?;
     let segment: i64 = row.try_get(2).ok()?;

@@ -72,6 +72,8 @@ pub(crate) struct Routing {
     view: RwLock<Option<Arc<HealthView>>>,
     /// The furthest position a write was acknowledged at, per cluster.
     acked: Mutex<BTreeMap<Arc<str>, Position>>,
+    /// The source position each replica holds everything up to, reported by the replicator.
+    replicated: Mutex<BTreeMap<Arc<str>, Position>>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -110,6 +112,7 @@ impl Routing {
             halted: RwLock::new(None),
             view: RwLock::new(None),
             acked: Mutex::new(BTreeMap::new()),
+            replicated: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -257,6 +260,34 @@ impl Routing {
     }
 
     /// The view of every running endpoint.
+    /// Records that replica `endpoint` holds every write of its cluster up to `position`.
+    pub(crate) fn replicated(&self, endpoint: &Arc<str>, position: Position) {
+        let mut replicated = self
+            .replicated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = replicated.entry(Arc::clone(endpoint)).or_default();
+        *entry = position;
+        drop(replicated);
+        self.changed.notify_waiters();
+    }
+
+    /// The position replica `endpoint` holds everything up to, once the replicator said.
+    pub(crate) fn replicated_position(&self, endpoint: &str) -> Option<Position> {
+        self.replicated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(endpoint)
+            .copied()
+    }
+
+    /// The accepted primary of `cluster`, once there is one.
+    pub(crate) fn primary_of(&self, cluster: &str) -> Option<Arc<str>> {
+        read(&self.view)
+            .as_ref()
+            .and_then(|view| view.primaries.get(cluster).cloned().flatten())
+    }
+
     pub(crate) fn routes(&self) -> Vec<RouteEntry> {
         let view = read(&self.view).clone();
         self.snapshot()
@@ -319,14 +350,22 @@ impl Routing {
                     (Some(_), None) => true,
                     _ => false,
                 };
+                let replica = endpoint.role() == crate::settings::Role::Replica;
                 Candidate {
                     name: endpoint.name(),
                     cluster: endpoint.cluster(),
+                    replica,
                     serving: !state.is_retired() && facts.is_some_and(|f| f.state.is_serving()),
                     fenced: facts.is_some_and(|f| f.fenced),
                     primary: accepted.is_some_and(|p| p == endpoint.name()),
                     reader: standby && follows,
-                    position: facts.and_then(|f| f.position),
+                    // A replica's own WAL says nothing of its source: its position is the one
+                    // the replicator applied.
+                    position: if replica {
+                        self.replicated_position(endpoint.name())
+                    } else {
+                        facts.and_then(|f| f.position)
+                    },
                     lag: facts.and_then(|f| f.lag),
                     outstanding: state.outstanding(),
                     latency: state.latency(),

@@ -26,6 +26,7 @@ mod endpoint;
 mod error;
 mod health;
 mod pool;
+mod replicator;
 mod router;
 mod supervisor;
 mod validate;
@@ -37,6 +38,8 @@ pub use pool::{
     PoolOverrides, PoolSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_SIZE,
     DEFAULT_RECYCLE_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MAX_POOL_SIZE,
 };
+pub(crate) use replicator::split_table;
+pub use replicator::{CaptureMode, ReplicatorSettings, ResyncPolicy};
 pub use router::{ReadPolicy, RouterSettings, DEFAULT_QUEUE_CAPACITY, DEFAULT_TIMEOUT};
 pub use supervisor::SupervisorSettings;
 pub use validate::{MAX_DURATION, MAX_ENDPOINT_NAME_LEN, MAX_QUEUE_CAPACITY, MAX_WEIGHT};
@@ -80,6 +83,11 @@ pub struct Settings {
     /// Default: see [`FailoverSettings`].
     #[serde(default)]
     pub failover: FailoverSettings,
+    /// Which tables are kept equal on the `replica` endpoints, and how.
+    ///
+    /// Default: see [`ReplicatorSettings`] (off).
+    #[serde(default)]
+    pub replicator: ReplicatorSettings,
 }
 
 impl Settings {
@@ -172,6 +180,23 @@ impl Settings {
             .iter()
             .filter(move |(_, endpoint)| endpoint.role == role)
             .map(|(name, endpoint)| (name.as_str(), endpoint))
+    }
+
+    /// The replicator's targets: the endpoints named in `replicator.targets`, or every endpoint
+    /// with `role = "replica"`. Empty when the replicator is off.
+    pub fn replication_targets(&self) -> Vec<(&str, &EndpointSettings)> {
+        if !self.replicator.enabled() {
+            return Vec::new();
+        }
+        if self.replicator.targets.is_empty() {
+            return self.endpoints_with_role(Role::Replica).collect();
+        }
+        self.replicator
+            .targets
+            .iter()
+            .filter_map(|name| self.endpoints.get_key_value(name.as_str()))
+            .map(|(name, endpoint)| (name.as_str(), endpoint))
+            .collect()
     }
 
     /// The pool settings of endpoint `name`: `[pool]` with the endpoint's overrides applied.

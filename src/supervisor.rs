@@ -29,8 +29,12 @@ use crate::{
         failover_state, FailoverEvent, FailoverState, HealthActor, HealthArbiter, HealthParts,
         ProbeRequests, StateChanged, SubscribeFailover, SubscribeState,
     },
+    replicator::{run as replication, ReplicationStatus, ReplicatorActor},
     router::{Directory, RouterActor, Routing, RoutingRule},
-    settings::{FailoverSettings, HealthSettings, RouterSettings, SupervisorSettings},
+    settings::{
+        FailoverSettings, HealthSettings, ReplicatorSettings, Role, RouterSettings,
+        SupervisorSettings,
+    },
 };
 
 /// Something that happened to the supervisor's children. Subscribe with [`Subscribe`] (or
@@ -97,6 +101,8 @@ pub(crate) struct Shared {
     pub(crate) health: RwLock<Addr<HealthActor>>,
     /// Why the herd stopped, once it did.
     pub(crate) failure: Mutex<Option<String>>,
+    /// The status of each replication target, by target name.
+    pub(crate) replication: BTreeMap<Arc<str>, Arc<replication::Shared>>,
 }
 
 impl Shared {
@@ -137,6 +143,9 @@ pub(crate) struct SupervisorParts {
     pub(crate) supervisor: SupervisorSettings,
     pub(crate) health: HealthSettings,
     pub(crate) failover: FailoverSettings,
+    pub(crate) replicator: ReplicatorSettings,
+    /// The endpoints the replicator writes to.
+    pub(crate) targets: Vec<Arc<str>>,
     pub(crate) rules: Arc<[Box<dyn RoutingRule>]>,
     pub(crate) subscribers: Vec<Recipient<SupervisorEvent>>,
     pub(crate) state_subscribers: Vec<Recipient<StateChanged>>,
@@ -155,6 +164,7 @@ enum Running {
     Database(Addr<DatabaseActor>),
     Health(Addr<HealthActor>),
     Router(Addr<RouterActor>),
+    Replicator(Addr<ReplicatorActor>),
 }
 
 #[derive(Debug)]
@@ -185,6 +195,8 @@ pub struct SupervisorActor {
     subscribers: Vec<Recipient<SupervisorEvent>>,
     phase: Phase,
     shared: Arc<Shared>,
+    /// What each replicator is started with.
+    replication: BTreeMap<Arc<str>, replication::TargetSpec>,
 }
 
 impl std::fmt::Debug for SupervisorActor {
@@ -267,18 +279,38 @@ impl SupervisorActor {
             );
             let router = RouterActor::new(
                 Arc::clone(&routing),
-                ExitGuard::new(supervisor, ChildId::Router, generation),
+                ExitGuard::new(supervisor.clone(), ChildId::Router, generation),
             )
             .start();
             children.insert(
                 ChildId::Router,
                 child(generation, Running::Router(router.clone())),
             );
+            let replication =
+                target_specs(&parts.specs, &parts.targets, &parts.replicator, &routing);
+            let mut statuses = BTreeMap::new();
+            for (name, spec) in &replication {
+                let status = Arc::new(replication::Shared::new(ReplicationStatus::new(
+                    Arc::clone(name),
+                    Arc::clone(&spec.cluster),
+                    spec.settings.mode,
+                )));
+                let child_id = ChildId::Replicator(Arc::clone(name));
+                let address = ReplicatorActor::new(
+                    spec.clone(),
+                    Arc::clone(&status),
+                    ExitGuard::new(supervisor.clone(), child_id.clone(), generation),
+                )
+                .start();
+                statuses.insert(Arc::clone(name), status);
+                children.insert(child_id, child(generation, Running::Replicator(address)));
+            }
             let shared = Arc::new(Shared {
                 routing: Arc::clone(&routing),
                 router: RwLock::new(router),
                 health: RwLock::new(health),
                 failure: Mutex::new(None),
+                replication: statuses,
             });
             outcome = match failed {
                 Some(error) => Err(error),
@@ -306,6 +338,7 @@ impl SupervisorActor {
                 subscribers: parts.subscribers,
                 phase: Phase::Running,
                 shared,
+                replication,
             }
         });
         match outcome {
@@ -406,6 +439,22 @@ impl SupervisorActor {
                     .unwrap_or_else(PoisonError::into_inner) = address.clone();
                 Running::Health(address)
             }
+            ChildId::Replicator(name) => {
+                let (Some(spec), Some(status)) = (
+                    self.replication.get(name),
+                    self.shared.replication.get(name),
+                ) else {
+                    return;
+                };
+                Running::Replicator(
+                    ReplicatorActor::new(
+                        spec.clone(),
+                        Arc::clone(status),
+                        ExitGuard::new(supervisor, child.clone(), generation),
+                    )
+                    .start(),
+                )
+            }
             ChildId::Router => {
                 let address = RouterActor::new(
                     Arc::clone(&self.routing),
@@ -477,11 +526,51 @@ impl SupervisorActor {
                 Some(Running::Database(address)) => address.do_send(Stop),
                 // No failover decision may follow a give-up.
                 Some(Running::Health(address)) => address.do_send(Stop),
+                Some(Running::Replicator(address)) => address.do_send(Stop),
                 other => state.running = other,
             }
         }
         self.emit(SupervisorEvent::GaveUp { reason });
     }
+}
+
+/// What each replication target's loop is started with.
+fn target_specs(
+    databases: &[DatabaseSpec],
+    targets: &[Arc<str>],
+    settings: &ReplicatorSettings,
+    routing: &Arc<Routing>,
+) -> BTreeMap<Arc<str>, replication::TargetSpec> {
+    let mut specs = BTreeMap::new();
+    for name in targets {
+        let Some(target) = databases.iter().find(|spec| spec.name == *name) else {
+            continue;
+        };
+        let cluster: Arc<str> = Arc::from(target.settings.cluster.as_str());
+        let sources = databases
+            .iter()
+            .filter(|spec| {
+                spec.settings.cluster == target.settings.cluster
+                    && matches!(
+                        spec.settings.role,
+                        Role::Primary | Role::Standby | Role::Backup
+                    )
+            })
+            .map(|spec| (Arc::clone(&spec.name), spec.connector()))
+            .collect();
+        specs.insert(
+            Arc::clone(name),
+            replication::TargetSpec {
+                target: Arc::clone(name),
+                cluster,
+                connector: target.connector(),
+                sources,
+                settings: settings.clone(),
+                routing: Arc::clone(routing),
+            },
+        );
+    }
+    specs
 }
 
 impl Actor for SupervisorActor {
@@ -590,6 +679,11 @@ impl Handler<Shutdown> for SupervisorActor {
         };
         Box::pin(drain.into_actor(self).map(|unfinished, supervisor, ctx| {
             // Reverse start order: the databases were started first, so they stop last.
+            for state in supervisor.children.values_mut() {
+                if let Some(Running::Replicator(address)) = state.running.take() {
+                    address.do_send(Stop);
+                }
+            }
             for child in [ChildId::Router, ChildId::Health] {
                 match supervisor
                     .children

@@ -115,6 +115,36 @@ impl Connector {
         Ok(client)
     }
 
+    /// Opens a connection that listens on `channel` and calls `wake` on every notification
+    /// (a pooled connection drops notifications). The listening stops when the client is
+    /// dropped.
+    pub(crate) async fn listen(
+        &self,
+        channel: &str,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let mut config = self.config.clone();
+        if let Some(password) = self.password() {
+            config.password(password.expose_secret());
+        }
+        let client = match &self.tls {
+            Tls::Plain => {
+                let (client, connection) = config.connect(NoTls).await?;
+                tokio::spawn(forward(connection, wake));
+                client
+            }
+            Tls::Rustls(connector) => {
+                let (client, connection) = config.connect(connector.clone()).await?;
+                tokio::spawn(forward(connection, wake));
+                client
+            }
+        };
+        client
+            .batch_execute(&format!("LISTEN {}", crate::sql::quote_ident(channel)))
+            .await?;
+        Ok(client)
+    }
+
     fn open(
         &self,
         pg_config: &Config,
@@ -169,6 +199,30 @@ impl Connect for SharedConnector {
     ) -> BoxFuture<'_, Result<(Client, JoinHandle<()>), tokio_postgres::Error>> {
         self.0.open(pg_config)
     }
+}
+
+/// Drives a listening connection, waking the listener on each notification.
+async fn forward<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    wake: Arc<tokio::sync::Notify>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt as _;
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(tokio_postgres::AsyncMessage::Notification(_)) => wake.notify_one(),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(%error, "listening connection ended");
+                break;
+            }
+        }
+    }
+    // Wake the listener so that it notices the loss and falls back to polling.
+    wake.notify_one();
 }
 
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)

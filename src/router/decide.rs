@@ -146,6 +146,9 @@ pub(crate) fn resolve(
 pub(crate) struct Candidate<'a> {
     pub(crate) name: &'a Arc<str>,
     pub(crate) cluster: &'a str,
+    /// Written by the replicator (`role = "replica"`): its position is the source position the
+    /// replicator applied, and cannot be checked on the endpoint itself.
+    pub(crate) replica: bool,
     /// May get traffic: not retired, not declared down.
     pub(crate) serving: bool,
     /// Writable but not the accepted primary: no traffic at all.
@@ -217,6 +220,17 @@ pub(crate) fn decide(
                 "endpoint `{name}` is fenced (writable, but not the accepted primary): re-admit it \
                  with Herd::readmit first"
             )),
+            Some(index)
+                if candidates[index].replica
+                    && ask.intent == Intent::Read
+                    && ask.after.is_some_and(|after| {
+                        candidates[index].position.is_none_or(|p| p < after)
+                    }) =>
+            {
+                Decision::Wait(format!(
+                    "replica `{name}` has not applied the position asked for yet"
+                ))
+            }
             Some(index) if candidates[index].serving && !tried(&candidates[index]) => {
                 match ask.after {
                     Some(after)
@@ -434,6 +448,7 @@ mod tests {
             .map(|n| Candidate {
                 name: &n.name,
                 cluster: n.cluster,
+                replica: n.name.starts_with("replica"),
                 serving: n.serving,
                 fenced: n.fenced,
                 primary: n.primary,
@@ -477,6 +492,34 @@ mod tests {
             nodes,
             &decide(ask, &candidates(nodes), &mut Balancer::default()),
         )
+    }
+
+    #[test]
+    fn a_read_named_at_a_replica_waits_until_the_replicator_applied_its_position() {
+        let mut nodes = herd();
+        let mut replica = node("replica", "main", false, false);
+        replica.position = Some(Position::new(100));
+        nodes.push(replica);
+        let scope = Scope::Endpoint(Arc::from("replica"));
+        let candidates = candidates(&nodes);
+        let mut balancer = Balancer::default();
+        let index = candidates.len() - 1;
+        let mut read = ask(Intent::Read, &scope, &[]);
+        read.after = Some(Position::new(100));
+        assert_eq!(
+            decide(read, &candidates, &mut balancer),
+            Decision::Use(index)
+        );
+        read.after = Some(Position::new(101));
+        assert!(matches!(
+            decide(read, &candidates, &mut balancer),
+            Decision::Wait(_)
+        ));
+        read.after = None;
+        assert_eq!(
+            decide(read, &candidates, &mut balancer),
+            Decision::Use(index)
+        );
     }
 
     #[test]

@@ -105,7 +105,91 @@ pub(crate) fn problems(settings: &Settings) -> Vec<SettingsProblem> {
     check_roles(settings, &mut problems);
     check_duplicates(settings, &mut problems);
     check_failover(settings, &mut problems);
+    check_replicator(settings, &mut problems);
     problems
+}
+
+fn check_replicator(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
+    let replicator = &settings.replicator;
+    for (index, table) in replicator.tables.iter().enumerate() {
+        if super::split_table(table).is_none() {
+            problems.push(SettingsProblem::new(
+                format!("replicator.tables[{index}]"),
+                format!(
+                    "`{table}` is not a table name: expected \"schema.table\" or \"table\" \
+                     (schema public)"
+                ),
+            ));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for table in &replicator.tables {
+        let qualified = super::split_table(table);
+        if qualified.is_some() && !seen.insert(qualified) {
+            problems.push(SettingsProblem::new(
+                "replicator.tables",
+                format!("`{table}` is listed twice: list each table once"),
+            ));
+        }
+    }
+    for (index, name) in replicator.targets.iter().enumerate() {
+        let key = format!("replicator.targets[{index}]");
+        match settings.endpoints.get(name) {
+            None => problems.push(SettingsProblem::new(
+                key,
+                format!("`{name}` is not an endpoint: name an endpoint with role = \"replica\""),
+            )),
+            Some(endpoint) if endpoint.role != Role::Replica => {
+                problems.push(SettingsProblem::new(
+                    key,
+                    format!(
+                        "`{name}` has role = \"{}\", but only endpoints with role = \"replica\" \
+                         are written by the replicator",
+                        endpoint.role
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if !is_identifier(&replicator.schema) {
+        problems.push(SettingsProblem::new(
+            "replicator.schema",
+            format!(
+                "`{}` is not a usable schema name: expected lowercase letters, digits and `_`, \
+                 starting with a letter",
+                replicator.schema
+            ),
+        ));
+    }
+    for (key, value) in [
+        ("replicator.batch_rows", replicator.batch_rows),
+        ("replicator.batch_bytes", replicator.batch_bytes),
+    ] {
+        if value == 0 {
+            problems.push(SettingsProblem::new(
+                key,
+                "0 would never move a row: expected at least 1",
+            ));
+        }
+    }
+    check_timeout(
+        "replicator.poll_interval",
+        replicator.poll_interval,
+        problems,
+    );
+    check_timeout(
+        "replicator.retry_interval",
+        replicator.retry_interval,
+        problems,
+    );
+    if replicator.enabled() && settings.replication_targets().is_empty() {
+        problems.push(SettingsProblem::new(
+            "replicator.tables",
+            "tables are listed, but there is no endpoint with role = \"replica\" to replicate \
+             to: add one, or remove the tables",
+        ));
+    }
 }
 
 /// Lowercase letters, digits and `_`, starting with a letter.

@@ -1,0 +1,321 @@
+//! Applying changes to a target: set-based statements over arrays of text values, one target
+//! transaction per batch, and the progress row that makes a batch apply exactly once.
+//!
+//! Values travel as text (each column's output form) and are cast back to the target column's
+//! type on the target, which works for every type PostgreSQL has (arrays, ranges, composites,
+//! `jsonb`, user types), since every type reads its own output.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::{types::ToSql, Client};
+
+use super::catalog::TableInfo;
+use crate::sql::quote_ident;
+
+/// A row's values as text, in the table's column order (`None` is SQL NULL).
+pub(crate) type Row = Vec<Option<String>>;
+
+/// The net changes to one table within one step of a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TableChanges {
+    /// Empty the table first (a TRUNCATE on the source).
+    pub(crate) truncate: bool,
+    /// Keys of rows to delete, in key-column order.
+    pub(crate) deletes: Vec<Vec<String>>,
+    /// Whole rows to insert or overwrite.
+    pub(crate) upserts: Vec<Row>,
+    /// Rows of which only some columns are known (the others are unchanged TOAST values in
+    /// `logical` mode), grouped by which columns are present.
+    pub(crate) updates: BTreeMap<Vec<bool>, Vec<Row>>,
+}
+
+impl TableChanges {
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.truncate
+            && self.deletes.is_empty()
+            && self.upserts.is_empty()
+            && self.updates.is_empty()
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.deletes.len() + self.upserts.len() + self.updates.values().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// The statements that apply changes to one table, built once per table.
+#[derive(Debug, Clone)]
+pub(crate) struct TableSql {
+    pub(crate) truncate: String,
+    pub(crate) delete: String,
+    pub(crate) upsert: String,
+    table: TableInfo,
+}
+
+impl TableSql {
+    /// `table` as read on the source; `target_types` the type of each of its columns on the
+    /// target (the cast applied to the text values).
+    pub(crate) fn new(table: &TableInfo, target_types: &[String]) -> TableSql {
+        let mut table = table.clone();
+        for (column, type_name) in table.columns.iter_mut().zip(target_types) {
+            column.type_name.clone_from(type_name);
+        }
+        let name = table.qualified();
+        let keys: Vec<String> = table.key_columns().map(|c| quote_ident(&c.name)).collect();
+        let key_casts: Vec<String> = table
+            .key_columns()
+            .enumerate()
+            .map(|(i, c)| format!("t.{} = d.k{i}::{}", quote_ident(&c.name), c.type_name))
+            .collect();
+        let delete = format!(
+            "DELETE FROM {name} AS t USING unnest({}) AS d({}) WHERE {}",
+            params(1, table.key.len()),
+            (0..table.key.len())
+                .map(|i| format!("k{i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            key_casts.join(" AND "),
+        );
+        let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let values: Vec<String> = table
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("u.c{i}::{}", c.type_name))
+            .collect();
+        let others: Vec<&String> = columns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !table.key.contains(i))
+            .map(|(_, c)| c)
+            .collect();
+        let on_conflict = if others.is_empty() {
+            "DO NOTHING".to_owned()
+        } else {
+            format!(
+                "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+                others
+                    .iter()
+                    .map(|c| format!("{c} = EXCLUDED.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                others
+                    .iter()
+                    .map(|c| format!("t.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                others
+                    .iter()
+                    .map(|c| format!("EXCLUDED.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        };
+        let upsert = format!(
+            "INSERT INTO {name} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) \
+             ON CONFLICT ({}) {on_conflict}",
+            columns.join(", "),
+            values.join(", "),
+            params(1, columns.len()),
+            (0..columns.len()).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", "),
+            keys.join(", "),
+        );
+        TableSql {
+            truncate: format!("TRUNCATE {name}"),
+            delete,
+            upsert,
+            table,
+        }
+    }
+
+    /// The statement that sets the `present` columns of existing rows (matched by key; every
+    /// key column is present).
+    pub(crate) fn update(&self, present: &[bool]) -> String {
+        let table = &self.table;
+        let chosen: Vec<usize> = (0..table.columns.len()).filter(|&i| present[i]).collect();
+        let set: Vec<String> = chosen
+            .iter()
+            .filter(|i| !table.key.contains(i))
+            .map(|&i| {
+                let column = &table.columns[i];
+                format!(
+                    "{} = u.c{i}::{}",
+                    quote_ident(&column.name),
+                    column.type_name
+                )
+            })
+            .collect();
+        let matches: Vec<String> = table
+            .key
+            .iter()
+            .map(|&i| {
+                let column = &table.columns[i];
+                format!(
+                    "t.{} = u.c{i}::{}",
+                    quote_ident(&column.name),
+                    column.type_name
+                )
+            })
+            .collect();
+        format!(
+            "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
+            table.qualified(),
+            set.join(", "),
+            params(1, chosen.len()),
+            chosen
+                .iter()
+                .map(|i| format!("c{i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            matches.join(" AND "),
+        )
+    }
+
+    /// Applies `changes` within `transaction`: truncate, then deletes, then upserts, then
+    /// partial updates. Returns the rows written.
+    pub(crate) async fn apply(
+        &self,
+        transaction: &Client,
+        changes: &TableChanges,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let mut written = 0;
+        if changes.truncate {
+            transaction.batch_execute(&self.truncate).await?;
+        }
+        if !changes.deletes.is_empty() {
+            let columns = transpose(
+                changes
+                    .deletes
+                    .iter()
+                    .map(|key| key.iter().map(|v| Some(v.as_str()))),
+                self.table.key.len(),
+            );
+            written += transaction
+                .execute(&self.delete, &as_params(&columns))
+                .await?;
+        }
+        if !changes.upserts.is_empty() {
+            let columns = transpose(
+                changes
+                    .upserts
+                    .iter()
+                    .map(|row| row.iter().map(Option::as_deref)),
+                self.table.columns.len(),
+            );
+            written += transaction
+                .execute(&self.upsert, &as_params(&columns))
+                .await?;
+        }
+        for (present, rows) in &changes.updates {
+            let width = present.iter().filter(|p| **p).count();
+            let columns = transpose(
+                rows.iter().map(|row| {
+                    row.iter()
+                        .zip(present)
+                        .filter(|(_, p)| **p)
+                        .map(|(v, _)| v.as_deref())
+                }),
+                width,
+            );
+            written += transaction
+                .execute(&self.update(present), &as_params(&columns))
+                .await?;
+        }
+        Ok(written)
+    }
+}
+
+/// `$1::text[], $2::text[], ...` for `count` parameters starting at `first`.
+fn params(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}::text[]"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rows of values into one array per column.
+fn transpose<'a, R, V>(rows: R, width: usize) -> Vec<Vec<Option<&'a str>>>
+where
+    R: Iterator<Item = V>,
+    V: Iterator<Item = Option<&'a str>>,
+{
+    let mut columns: Vec<Vec<Option<&str>>> = vec![Vec::new(); width];
+    for row in rows {
+        for (column, value) in columns.iter_mut().zip(row) {
+            column.push(value);
+        }
+    }
+    columns
+}
+
+fn as_params<'a>(columns: &'a [Vec<Option<&'a str>>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicator::catalog::ColumnInfo;
+
+    fn orders() -> TableInfo {
+        let column = |name: &str, type_name: &str| ColumnInfo {
+            name: name.to_owned(),
+            type_name: type_name.to_owned(),
+        };
+        TableInfo {
+            schema: "shop".to_owned(),
+            name: "Or\"ders".to_owned(),
+            columns: vec![
+                column("region", "text"),
+                column("amount", "numeric(12,2)"),
+                column("no", "integer"),
+            ],
+            key: vec![0, 2],
+        }
+    }
+
+    #[test]
+    fn statements_are_set_based_and_quote_every_name() {
+        let table = orders();
+        let types: Vec<String> = table.columns.iter().map(|c| c.type_name.clone()).collect();
+        let sql = TableSql::new(&table, &types);
+        assert_eq!(
+            sql.delete,
+            "DELETE FROM \"shop\".\"Or\"\"ders\" AS t USING unnest($1::text[], $2::text[]) AS d(k0, k1) \
+             WHERE t.\"region\" = d.k0::text AND t.\"no\" = d.k1::integer"
+        );
+        assert_eq!(
+            sql.upsert,
+            "INSERT INTO \"shop\".\"Or\"\"ders\" AS t (\"region\", \"amount\", \"no\") OVERRIDING SYSTEM VALUE \
+             SELECT u.c0::text, u.c1::numeric(12,2), u.c2::integer FROM unnest($1::text[], $2::text[], $3::text[]) \
+             AS u(c0, c1, c2) ON CONFLICT (\"region\", \"no\") DO UPDATE SET \"amount\" = EXCLUDED.\"amount\" \
+             WHERE (t.\"amount\") IS DISTINCT FROM (EXCLUDED.\"amount\")"
+        );
+        assert_eq!(sql.truncate, "TRUNCATE \"shop\".\"Or\"\"ders\"");
+    }
+
+    #[test]
+    fn partial_updates_set_only_the_present_columns() {
+        let table = orders();
+        let types: Vec<String> = table.columns.iter().map(|c| c.type_name.clone()).collect();
+        let sql = TableSql::new(&table, &types);
+        assert_eq!(
+            sql.update(&[true, true, true]),
+            "UPDATE \"shop\".\"Or\"\"ders\" AS t SET \"amount\" = u.c1::numeric(12,2) FROM \
+             unnest($1::text[], $2::text[], $3::text[]) AS u(c0, c1, c2) WHERE t.\"region\" = u.c0::text \
+             AND t.\"no\" = u.c2::integer"
+        );
+    }
+
+    #[test]
+    fn a_table_of_keys_only_ignores_conflicts() {
+        let mut table = orders();
+        table.columns.truncate(1);
+        table.key = vec![0];
+        let sql = TableSql::new(&table, &["text".to_owned()]);
+        assert!(
+            sql.upsert.ends_with("ON CONFLICT (\"region\") DO NOTHING"),
+            "{}",
+            sql.upsert
+        );
+    }
+}

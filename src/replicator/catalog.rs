@@ -1,0 +1,93 @@
+//! What the replicator knows of a table: its columns, their types and its primary key, read
+//! from the catalogs. A table without a primary key is refused: rows could not be matched.
+
+use tokio_postgres::Client;
+
+use crate::sql::quote_ident;
+
+/// A column the replicator moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ColumnInfo {
+    pub(crate) name: String,
+    /// The type as SQL writes it (`format_type`), e.g. `numeric(12,2)` or `text[]`.
+    pub(crate) type_name: String,
+}
+
+/// A replicated table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TableInfo {
+    pub(crate) schema: String,
+    pub(crate) name: String,
+    /// Every stored column, in table order (generated and dropped columns are left out).
+    pub(crate) columns: Vec<ColumnInfo>,
+    /// The positions in `columns` of the primary key's columns, in key order.
+    pub(crate) key: Vec<usize>,
+}
+
+impl TableInfo {
+    /// `"schema"."table"`.
+    pub(crate) fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// `schema.table`, for people.
+    pub(crate) fn display(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    pub(crate) fn key_columns(&self) -> impl Iterator<Item = &ColumnInfo> {
+        self.key.iter().map(|&index| &self.columns[index])
+    }
+}
+
+/// Why a table cannot be replicated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CatalogProblem {
+    Missing,
+    NoPrimaryKey,
+}
+
+const COLUMNS_SQL: &str = "\
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+       coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) \
+                 WHERE k.att = a.attnum), 0)::int4 \
+FROM pg_catalog.pg_class c \
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary \
+WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') AND a.attgenerated = '' \
+ORDER BY a.attnum";
+
+/// Reads a table's columns and primary key.
+pub(crate) async fn load(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<Result<TableInfo, CatalogProblem>, tokio_postgres::Error> {
+    let rows = client.query(COLUMNS_SQL, &[&schema, &name]).await?;
+    if rows.is_empty() {
+        return Ok(Err(CatalogProblem::Missing));
+    }
+    let mut columns = Vec::with_capacity(rows.len());
+    let mut key: Vec<(i32, usize)> = Vec::new();
+    for row in &rows {
+        let position: i32 = row.get(2);
+        if position > 0 {
+            key.push((position, columns.len()));
+        }
+        columns.push(ColumnInfo {
+            name: row.get(0),
+            type_name: row.get(1),
+        });
+    }
+    if key.is_empty() {
+        return Ok(Err(CatalogProblem::NoPrimaryKey));
+    }
+    key.sort_unstable();
+    Ok(Ok(TableInfo {
+        schema: schema.to_owned(),
+        name: name.to_owned(),
+        columns,
+        key: key.into_iter().map(|(_, index)| index).collect(),
+    }))
+}

@@ -1,0 +1,312 @@
+//! The objects the replicator keeps: on the primary, a change table and capture triggers per
+//! replicated table (`trigger` mode) or a publication per target (`logical` mode); on each
+//! target, the progress table. Every step is idempotent: installing again changes nothing.
+
+use tokio_postgres::Client;
+
+use super::catalog::{self, CatalogProblem, TableInfo};
+use crate::{
+    error::{Error, ErrorKind},
+    settings::{split_table, ReplicatorSettings},
+    sql::{quote_ident, quote_literal},
+};
+
+/// Reads every configured table from the catalogs of `client`'s database; a missing table or
+/// one without a primary key is a configuration error that says what to do.
+pub(crate) async fn tables(
+    client: &Client,
+    settings: &ReplicatorSettings,
+    endpoint: &str,
+) -> Result<Vec<TableInfo>, Error> {
+    let mut tables = Vec::with_capacity(settings.tables.len());
+    for name in &settings.tables {
+        let Some((schema, table)) = split_table(name) else {
+            return Err(config(format!(
+                "replicator.tables: `{name}` is not a table name"
+            )));
+        };
+        match catalog::load(client, schema, table)
+            .await
+            .map_err(Error::from_postgres)?
+        {
+            Ok(info) => tables.push(info),
+            Err(CatalogProblem::Missing) => {
+                return Err(config(format!(
+                    "table {schema}.{table} (replicator.tables) does not exist on `{endpoint}`: \
+                     create it there, or remove it from replicator.tables"
+                )))
+            }
+            Err(CatalogProblem::NoPrimaryKey) => {
+                return Err(config(format!(
+                    "table {schema}.{table} has no primary key on `{endpoint}`: the replicator \
+                     matches rows by primary key; add one (ALTER TABLE {} ADD PRIMARY KEY (...)) or \
+                     remove the table from replicator.tables",
+                    quote_ident(schema) + "." + &quote_ident(table)
+                )))
+            }
+        }
+    }
+    Ok(tables)
+}
+
+/// The types of `table`'s columns on a target, checking that the target has every column.
+pub(crate) async fn target_types(
+    client: &Client,
+    table: &TableInfo,
+    endpoint: &str,
+) -> Result<Vec<String>, Error> {
+    let fix = "create it there (schema changes go to the replicas first)";
+    let on_target = match catalog::load(client, &table.schema, &table.name)
+        .await
+        .map_err(Error::from_postgres)?
+    {
+        Ok(info) => info,
+        Err(CatalogProblem::Missing) => {
+            return Err(config(format!(
+                "table {} does not exist on target `{endpoint}`: {fix}",
+                table.display()
+            )))
+        }
+        Err(CatalogProblem::NoPrimaryKey) => {
+            return Err(config(format!(
+                "table {} has no primary key on target `{endpoint}`: give it the primary key it \
+                 has on the primary",
+                table.display()
+            )))
+        }
+    };
+    let same_key = on_target
+        .key_columns()
+        .map(|c| &c.name)
+        .eq(table.key_columns().map(|c| &c.name));
+    if !same_key {
+        return Err(config(format!(
+            "table {} has another primary key on target `{endpoint}`: give it the primary key it \
+             has on the primary",
+            table.display()
+        )));
+    }
+    table
+        .columns
+        .iter()
+        .map(|column| {
+            on_target
+                .columns
+                .iter()
+                .find(|c| c.name == column.name)
+                .map(|c| c.type_name.clone())
+                .ok_or_else(|| {
+                    config(format!(
+                        "column {}.{} does not exist on target `{endpoint}`: {fix}",
+                        table.display(),
+                        column.name
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// The change table of `table` in `schema` (quoted), named after the table.
+pub(crate) fn change_table(schema: &str, table: &TableInfo) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(schema),
+        quote_ident(&object_name(table, ""))
+    )
+}
+
+/// The name of a per-table object: `schema.table` with a suffix, shortened with a hash when it
+/// would pass PostgreSQL's 63-byte limit.
+fn object_name(table: &TableInfo, suffix: &str) -> String {
+    let full = format!("{}.{}", table.schema, table.name);
+    if full.len() + suffix.len() <= 63 {
+        return format!("{full}{suffix}");
+    }
+    // FNV-1a: stable across builds and platforms.
+    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut cut = 63 - suffix.len() - 17;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}_{hash:016x}{suffix}", &full[..cut])
+}
+
+/// The notification channel the capture triggers signal.
+pub(crate) fn channel(schema: &str) -> String {
+    format!("{schema}_changes")
+}
+
+/// The SQL that installs trigger capture for `tables` (one transaction).
+pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -> String {
+    let schema = quote_ident(&settings.schema);
+    let mut sql = format!(
+        "BEGIN;\n\
+         CREATE SCHEMA IF NOT EXISTS {schema};\n\
+         CREATE TABLE IF NOT EXISTS {schema}.truncations (tbl text NOT NULL, \
+           txid xid8 NOT NULL DEFAULT pg_current_xact_id());\n\
+         CREATE INDEX IF NOT EXISTS truncations_txid ON {schema}.truncations (txid);\n\
+         CREATE TABLE IF NOT EXISTS {schema}.consumers (target text PRIMARY KEY, \
+           snapshot pg_snapshot NOT NULL, updated_at timestamptz NOT NULL DEFAULT now());\n"
+    );
+    let notify = if settings.notify {
+        format!(
+            "PERFORM pg_notify({}, '');",
+            quote_literal(&channel(&settings.schema))
+        )
+    } else {
+        String::new()
+    };
+    for table in tables {
+        let log = change_table(&settings.schema, table);
+        let function = format!("{schema}.{}", quote_ident(&object_name(table, "/capture")));
+        let keys: Vec<String> = table.key_columns().map(|c| quote_ident(&c.name)).collect();
+        let keys = keys.join(", ");
+        let key_defs: Vec<String> = table
+            .key_columns()
+            .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
+            .collect();
+        let index = quote_ident(&object_name(table, "/txid"));
+        let name = table.qualified();
+        let display = quote_literal(&table.display());
+        let trigger = |event: &str| quote_ident(&format!("{}_capture_{event}", settings.schema));
+        sql.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), {});\n\
+             CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
+             CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $pgherd$\n\
+             BEGIN\n\
+               IF TG_OP = 'INSERT' THEN\n\
+                 INSERT INTO {log} ({keys}) SELECT {keys} FROM new_rows;\n\
+               ELSIF TG_OP = 'DELETE' THEN\n\
+                 INSERT INTO {log} ({keys}) SELECT {keys} FROM old_rows;\n\
+               ELSIF TG_OP = 'UPDATE' THEN\n\
+                 INSERT INTO {log} ({keys}) SELECT {keys} FROM new_rows UNION SELECT {keys} FROM old_rows;\n\
+               ELSE\n\
+                 INSERT INTO {schema}.truncations (tbl) VALUES ({display});\n\
+               END IF;\n\
+               {notify}\n\
+               RETURN NULL;\n\
+             END\n\
+             $pgherd$;\n\
+             CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {name} REFERENCING NEW TABLE AS new_rows \
+               FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+             CREATE OR REPLACE TRIGGER {} AFTER UPDATE ON {name} REFERENCING OLD TABLE AS old_rows \
+               NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+             CREATE OR REPLACE TRIGGER {} AFTER DELETE ON {name} REFERENCING OLD TABLE AS old_rows \
+               FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+             CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {name} \
+               FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
+            key_defs.join(", "),
+            trigger("insert"),
+            trigger("update"),
+            trigger("delete"),
+            trigger("truncate"),
+        ));
+    }
+    sql.push_str("COMMIT;");
+    sql
+}
+
+/// The publication of `target` in `logical` mode.
+pub(crate) fn publication(settings: &ReplicatorSettings, target: &str) -> String {
+    format!("{}_{target}", settings.schema)
+}
+
+/// Creates the target's publication on the primary for `tables`, or sets its table list.
+pub(crate) async fn install_publication(
+    client: &Client,
+    settings: &ReplicatorSettings,
+    target: &str,
+    tables: &[TableInfo],
+) -> Result<(), tokio_postgres::Error> {
+    let name = publication(settings, target);
+    let list: Vec<String> = tables.iter().map(TableInfo::qualified).collect();
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+        .is_some();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    let set = if exists { "SET TABLE" } else { "FOR TABLE" };
+    client
+        .batch_execute(&format!(
+            "{verb} PUBLICATION {} {set} {}",
+            quote_ident(&name),
+            list.join(", ")
+        ))
+        .await
+}
+
+/// The SQL that creates the progress table on a target.
+pub(crate) fn progress_sql(schema: &str) -> String {
+    let schema = quote_ident(schema);
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};\n\
+         CREATE TABLE IF NOT EXISTS {schema}.progress (\n\
+           source text PRIMARY KEY,\n\
+           mode text NOT NULL,\n\
+           batch bigint NOT NULL,\n\
+           snapshot pg_snapshot,\n\
+           lsn pg_lsn,\n\
+           copy_snapshot pg_snapshot,\n\
+           system_id text,\n\
+           timeline integer,\n\
+           tables text[] NOT NULL DEFAULT '{{}}',\n\
+           source_time timestamptz,\n\
+           applied_at timestamptz NOT NULL DEFAULT now());"
+    )
+}
+
+fn config(detail: String) -> Error {
+    Error::new(ErrorKind::Config).with_detail(detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicator::catalog::ColumnInfo;
+
+    fn table(schema: &str, name: &str) -> TableInfo {
+        TableInfo {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+            columns: vec![ColumnInfo {
+                name: "id".to_owned(),
+                type_name: "bigint".to_owned(),
+            }],
+            key: vec![0],
+        }
+    }
+
+    #[test]
+    fn object_names_fit_postgres_limit() {
+        assert_eq!(
+            object_name(&table("public", "orders"), "/txid"),
+            "public.orders/txid"
+        );
+        let long = table("public", &"x".repeat(70));
+        let name = object_name(&long, "/capture");
+        assert!(name.len() <= 63, "{name}");
+        assert!(name.ends_with("/capture"));
+        assert_ne!(
+            name,
+            object_name(&table("public", &"x".repeat(71)), "/capture")
+        );
+    }
+
+    #[test]
+    fn trigger_sql_quotes_names_and_logs_both_keys_of_an_update() {
+        let settings = ReplicatorSettings::default();
+        let sql = trigger_sql(&settings, &[table("shop", "Or\"ders")]);
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS \"pgherd\".\"shop.Or\"\"ders\""),
+            "{sql}"
+        );
+        assert!(sql.contains("SELECT \"id\" FROM new_rows UNION SELECT \"id\" FROM old_rows"));
+        assert!(sql.contains("AFTER TRUNCATE ON \"shop\".\"Or\"\"ders\""));
+        assert!(sql.contains("pg_notify('pgherd_changes', '')"));
+    }
+}

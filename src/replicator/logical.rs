@@ -1,0 +1,567 @@
+//! `logical` capture: a `pgoutput` slot and publication per target, read over an ordinary
+//! connection with `pg_logical_slot_peek_binary_changes`, applied, and only then advanced
+//! (`get_changes` would consume the changes even when the apply fails).
+//!
+//! Transactions come in commit order; the changes of one step are folded per key (the last
+//! change of a key wins) and applied set-based in one target transaction, with the end of the
+//! last applied commit as the target's watermark. After a crash between the target's commit and
+//! the slot's advance, commits at or below the watermark are skipped.
+
+use std::collections::HashMap;
+
+use futures_util::TryStreamExt as _;
+use tokio_postgres::{types::ToSql, IsolationLevel};
+
+use super::{
+    apply::{Row, TableChanges, TableSql},
+    catalog::TableInfo,
+    install,
+    pgoutput::{self, Message, Value},
+    run::{claim, copy_table, target_error, Identity, Progress, Session, Step},
+    snapshot::{Snapshot, SnapshotParseError},
+};
+use crate::{
+    error::{Error, ErrorKind},
+    position::Position,
+    settings::ResyncPolicy,
+};
+
+/// The net change of one key within a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Upsert(Row),
+    Delete,
+    /// Only the columns marked present are known (the others are unchanged TOAST values).
+    Partial(Vec<bool>, Row),
+}
+
+/// The net changes of one table, folded in commit order.
+#[derive(Debug, Default)]
+struct Pending {
+    truncate: bool,
+    entries: HashMap<Vec<String>, Entry>,
+    bytes: usize,
+}
+
+impl Pending {
+    fn into_changes(self) -> TableChanges {
+        let mut changes = TableChanges {
+            truncate: self.truncate,
+            ..TableChanges::default()
+        };
+        for (key, entry) in self.entries {
+            match entry {
+                Entry::Upsert(row) => changes.upserts.push(row),
+                Entry::Delete => changes.deletes.push(key),
+                Entry::Partial(present, row) => {
+                    changes.updates.entry(present).or_default().push(row)
+                }
+            }
+        }
+        changes
+    }
+}
+
+/// How a relation of the stream maps onto a replicated table.
+#[derive(Debug)]
+struct Mapping {
+    table: usize,
+    /// For each column of the stream, its position in the table's columns.
+    columns: Vec<Option<usize>>,
+}
+
+/// Folds decoded changes, table by table.
+#[derive(Debug)]
+struct Folder<'a> {
+    tables: &'a [TableInfo],
+    relations: HashMap<u32, Mapping>,
+    pending: Vec<Pending>,
+    rows: usize,
+    bytes: usize,
+}
+
+impl<'a> Folder<'a> {
+    fn new(tables: &'a [TableInfo]) -> Folder<'a> {
+        Folder {
+            tables,
+            relations: HashMap::new(),
+            pending: tables.iter().map(|_| Pending::default()).collect(),
+            rows: 0,
+            bytes: 0,
+        }
+    }
+
+    /// A row of the stream in the table's column order, with which columns are present.
+    fn row(&self, mapping: &Mapping, tuple: &[Value]) -> Result<(Row, Vec<bool>), Error> {
+        let width = self.tables[mapping.table].columns.len();
+        let mut row = vec![None; width];
+        let mut present = vec![false; width];
+        for (value, column) in tuple.iter().zip(&mapping.columns) {
+            let Some(column) = *column else { continue };
+            match value {
+                Value::Null => present[column] = true,
+                Value::Text(text) => {
+                    row[column] = Some(text.clone());
+                    present[column] = true;
+                }
+                Value::UnchangedToast => {}
+                Value::Binary(_) => {
+                    return Err(Error::mapping(
+                        "pgoutput sent a binary value without being asked to",
+                    ))
+                }
+            }
+        }
+        Ok((row, present))
+    }
+
+    fn key(&self, table: usize, row: &Row) -> Result<Vec<String>, Error> {
+        self.tables[table]
+            .key
+            .iter()
+            .map(|&i| {
+                row[i].clone().ok_or_else(|| {
+                    Error::mapping(format!(
+                        "a change of {} came without its primary key column `{}`: its replica \
+                         identity must be the primary key (the default) or FULL",
+                        self.tables[table].display(),
+                        self.tables[table].columns[i].name
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    fn set(&mut self, table: usize, key: Vec<String>, entry: Entry) {
+        let size = key.iter().map(String::len).sum::<usize>()
+            + match &entry {
+                Entry::Upsert(row) | Entry::Partial(_, row) => {
+                    row.iter().flatten().map(String::len).sum()
+                }
+                Entry::Delete => 0,
+            };
+        self.bytes += size;
+        let pending = &mut self.pending[table];
+        pending.bytes += size;
+        if pending.entries.insert(key, entry).is_none() {
+            self.rows += 1;
+        }
+    }
+
+    /// Folds one decoded message of a transaction that is applied.
+    fn fold(&mut self, message: Message) -> Result<(), Error> {
+        match message {
+            Message::Relation(relation) => {
+                let table = self
+                    .tables
+                    .iter()
+                    .position(|t| t.schema == relation.namespace && t.name == relation.name);
+                match table {
+                    Some(table) => {
+                        let columns = relation
+                            .columns
+                            .iter()
+                            .map(|c| {
+                                self.tables[table]
+                                    .columns
+                                    .iter()
+                                    .position(|t| t.name == c.name)
+                            })
+                            .collect();
+                        self.relations
+                            .insert(relation.id, Mapping { table, columns });
+                    }
+                    None => {
+                        self.relations.remove(&relation.id);
+                    }
+                }
+            }
+            Message::Insert { relation, new } => {
+                let Some(mapping) = self.relations.get(&relation) else {
+                    return Ok(());
+                };
+                let table = mapping.table;
+                let (row, _) = self.row(mapping, &new)?;
+                let key = self.key(table, &row)?;
+                self.set(table, key, Entry::Upsert(row));
+            }
+            Message::Update {
+                relation, old, new, ..
+            } => {
+                let Some(mapping) = self.relations.get(&relation) else {
+                    return Ok(());
+                };
+                let table = mapping.table;
+                let (mut row, mut present) = self.row(mapping, &new)?;
+                let old = match &old {
+                    Some(old) => Some(self.row(mapping, old)?),
+                    None => None,
+                };
+                let key = self.key(table, &row)?;
+                let old_key = match &old {
+                    Some((old_row, _)) => Some(self.key(table, old_row)?).filter(|k| *k != key),
+                    None => None,
+                };
+                // Unchanged TOAST values: take them from the old image when it has them
+                // (REPLICA IDENTITY FULL), or from an earlier change of this step.
+                if let Some((old_row, old_present)) = &old {
+                    for i in 0..row.len() {
+                        if !present[i] && old_present[i] && !self.tables[table].key.contains(&i) {
+                            row[i].clone_from(&old_row[i]);
+                            present[i] = true;
+                        }
+                    }
+                }
+                let earlier = self.pending[table]
+                    .entries
+                    .get(old_key.as_ref().unwrap_or(&key))
+                    .cloned();
+                if present.iter().any(|p| !p) {
+                    match earlier {
+                        Some(Entry::Upsert(previous)) => {
+                            for i in 0..row.len() {
+                                if !present[i] {
+                                    row[i].clone_from(&previous[i]);
+                                    present[i] = true;
+                                }
+                            }
+                        }
+                        Some(Entry::Partial(previous_present, previous)) => {
+                            for i in 0..row.len() {
+                                if !present[i] && previous_present[i] {
+                                    row[i].clone_from(&previous[i]);
+                                    present[i] = true;
+                                }
+                            }
+                        }
+                        Some(Entry::Delete) | None => {}
+                    }
+                }
+                let complete = present.iter().all(|p| *p);
+                if let Some(old_key) = old_key {
+                    if !complete {
+                        return Err(Error::new(ErrorKind::Config).with_detail(format!(
+                            "a primary-key change in {} left a large (TOAST) value unchanged, and \
+                             the stream does not carry it: set REPLICA IDENTITY FULL on that table \
+                             on the primary, or use replicator.mode = \"trigger\"",
+                            self.tables[table].display()
+                        )));
+                    }
+                    self.set(table, old_key, Entry::Delete);
+                }
+                let entry = if complete {
+                    Entry::Upsert(row)
+                } else {
+                    Entry::Partial(present, row)
+                };
+                self.set(table, key, entry);
+            }
+            Message::Delete { relation, old, .. } => {
+                let Some(mapping) = self.relations.get(&relation) else {
+                    return Ok(());
+                };
+                let table = mapping.table;
+                let (row, _) = self.row(mapping, &old)?;
+                let key = self.key(table, &row)?;
+                self.set(table, key, Entry::Delete);
+            }
+            Message::Truncate { relations, .. } => {
+                for relation in relations {
+                    if let Some(mapping) = self.relations.get(&relation) {
+                        let pending = &mut self.pending[mapping.table];
+                        self.rows -= pending.entries.len();
+                        self.bytes -= pending.bytes;
+                        *pending = Pending {
+                            truncate: true,
+                            ..Pending::default()
+                        };
+                    }
+                }
+            }
+            Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::Origin { .. }
+            | Message::Type { .. }
+            | Message::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows == 0 && self.pending.iter().all(|p| !p.truncate)
+    }
+
+    /// Takes everything folded so far.
+    fn take(&mut self) -> Vec<TableChanges> {
+        self.rows = 0;
+        self.bytes = 0;
+        self.pending
+            .iter_mut()
+            .map(|p| std::mem::take(p).into_changes())
+            .collect()
+    }
+}
+
+/// Applies folded changes within the target transaction.
+async fn apply_all(
+    target: &tokio_postgres::Client,
+    plans: &[TableSql],
+    changes: Vec<TableChanges>,
+) -> Result<u64, Error> {
+    let mut rows = 0;
+    for (plan, changes) in plans.iter().zip(changes) {
+        if !changes.is_empty() {
+            rows += plan.apply(target, &changes).await.map_err(target_error)?;
+        }
+    }
+    Ok(rows)
+}
+
+/// One step: peek what the slot holds (up to the flushed position), apply it in one target
+/// transaction, then advance the slot.
+pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
+    let settings = s.spec.settings.clone();
+    let slot = install::publication(&settings, &s.spec.target);
+    let source_name = s.source_name.clone();
+    let source_error =
+        |e: tokio_postgres::Error| Error::from_postgres(e).with_endpoint(&source_name);
+    let row = s
+        .source
+        .query_one(
+            &format!(
+                "SELECT pg_current_wal_flush_lsn()::text, now()::text, {}, \
+                 (SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = $1), \
+                 EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+                Identity::SQL
+            ),
+            &[&slot],
+        )
+        .await
+        .map_err(source_error)?;
+    let flushed: Position = row
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
+    let source_time: String = row.get(1);
+    let identity = Identity {
+        system_id: row.get(2),
+        timeline: row.get(3),
+    };
+    let wal_status: Option<String> = row.get(4);
+    let exists: bool = row.get(5);
+    let configured: Vec<String> = s.tables.iter().map(TableInfo::display).collect();
+    let mut fresh = s.progress.mode != "logical"
+        || s.progress.lsn.is_none()
+        || configured.iter().any(|t| !s.progress.tables.contains(t));
+    if !fresh {
+        let slot_problem = if !exists {
+            Some(format!(
+                "the replication slot `{slot}` is gone (a failover, or it was dropped)"
+            ))
+        } else if wal_status.as_deref() == Some("lost") {
+            Some(format!(
+                "the replication slot `{slot}` is invalidated: the WAL it needed was removed \
+                 (max_slot_wal_keep_size)"
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = identity.changed_from(&s.progress).or(slot_problem) {
+            match settings.on_source_change {
+                ResyncPolicy::Stop => {
+                    return Ok(Step::Stop(format!(
+                        "{problem}; replicator.on_source_change = \"stop\": check the target, \
+                         then set it to \"resync\" to copy again"
+                    )))
+                }
+                ResyncPolicy::Resync => {
+                    tracing::warn!(target = %s.spec.target, %problem, "copying every table again");
+                    s.shared
+                        .update(|status| status.warnings.push(format!("{problem}: copied again")));
+                    fresh = true;
+                }
+            }
+        }
+    }
+    if fresh {
+        return copy(s, &slot, exists, identity).await;
+    }
+    let watermark = s.progress.lsn.unwrap_or_default();
+    let copy_snapshot = s.progress.copy_snapshot.clone();
+    let limit = i32::try_from(settings.batch_rows).unwrap_or(i32::MAX);
+    let publication = slot.clone();
+    let flushed_text = flushed.to_string();
+    let params: [&(dyn ToSql + Sync); 4] = [&slot, &flushed_text, &limit, &publication];
+    let stream = s
+        .source
+        .query_raw(
+            "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes(\
+             $1, $2::text::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)",
+            params,
+        )
+        .await
+        .map_err(source_error)?;
+    futures_util::pin_mut!(stream);
+    let mut folder = Folder::new(&s.tables);
+    let mut claimed = false;
+    let mut skip = false;
+    let mut last_commit: Option<Position> = None;
+    let mut changes = 0usize;
+    let mut rows = 0;
+    let schema = s.schema();
+    let expected = s.progress.batch;
+    while let Some(row) = stream.try_next().await.map_err(source_error)? {
+        changes += 1;
+        let data: &[u8] = row.get(2);
+        let message = pgoutput::parse(data).map_err(|e| Error::mapping(e.to_string()))?;
+        match &message {
+            Message::Begin { final_lsn, xid, .. } => {
+                let seen = *final_lsn < watermark.lsn();
+                let copied = copy_snapshot
+                    .as_ref()
+                    .is_some_and(|snapshot| snapshot.visible(snapshot.widen(*xid)));
+                skip = seen || copied;
+            }
+            Message::Commit { end_lsn, .. } => {
+                last_commit = Some(Position::new(*end_lsn));
+                if folder.rows >= settings.batch_rows || folder.bytes >= settings.batch_bytes {
+                    if !claimed {
+                        claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+                        claimed = true;
+                    }
+                    rows += apply_all(&s.target, &s.plans, folder.take()).await?;
+                }
+            }
+            // Relations are needed even for skipped transactions: they are sent once.
+            Message::Relation(_) => folder.fold(message)?,
+            _ if skip => {}
+            _ => folder.fold(message)?,
+        }
+    }
+    let drained = changes < usize::try_from(limit).unwrap_or(usize::MAX);
+    if !folder.is_empty() {
+        if !claimed {
+            claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+            claimed = true;
+        }
+        rows += apply_all(&s.target, &s.plans, folder.take()).await?;
+    }
+    let applied = claimed;
+    let mut progress = s.progress.clone();
+    if let Some(end) = last_commit {
+        progress.lsn = Some(end.max(watermark));
+        if claimed {
+            progress.batch += 1;
+            Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
+        }
+        s.source
+            .query_one(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
+                &[&slot, &end.to_string()],
+            )
+            .await
+            .map_err(source_error)?;
+    }
+    s.progress = progress;
+    let reached = if drained {
+        flushed.max(s.progress.lsn.unwrap_or_default())
+    } else {
+        s.progress.lsn.unwrap_or_default()
+    };
+    s.shared.update(|status| {
+        status.applied = Some(reached);
+        status.lag_bytes = Some(flushed.bytes_after(reached));
+    });
+    s.spec.routing_feed(reached);
+    Ok(if applied {
+        Step::Applied {
+            rows,
+            more: !drained,
+        }
+    } else if !drained {
+        Step::Applied {
+            rows: 0,
+            more: true,
+        }
+    } else {
+        Step::Idle
+    })
+}
+
+/// Creates the slot afresh and copies every table under a snapshot taken after it: decoded
+/// transactions visible in that snapshot came with the copy and are skipped.
+async fn copy(
+    s: &mut Session,
+    slot: &str,
+    exists: bool,
+    identity: Identity,
+) -> Result<Step, Error> {
+    s.shared
+        .update(|status| status.state = super::ReplicationState::Copying);
+    let source_name = s.source_name.clone();
+    let source_error =
+        |e: tokio_postgres::Error| Error::from_postgres(e).with_endpoint(&source_name);
+    let schema = s.schema();
+    if exists {
+        s.source
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(source_error)?;
+    }
+    let created: String = s
+        .source
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| {
+            let error = source_error(e);
+            let detail = format!(
+                "cannot create the replication slot `{slot}`: logical mode needs wal_level = \
+                 logical, a free slot (max_replication_slots) and a login with the REPLICATION \
+                 attribute"
+            );
+            error.with_detail(detail)
+        })?
+        .get(0);
+    let consistent: Position = created
+        .parse()
+        .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
+    let transaction = s
+        .source
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(source_error)?;
+    let row = transaction
+        .query_one("SELECT pg_current_snapshot()::text, now()::text", &[])
+        .await
+        .map_err(source_error)?;
+    let snapshot: Snapshot = row
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e: SnapshotParseError| Error::mapping(e.to_string()))?;
+    let source_time: String = row.get(1);
+    claim(&s.target, &schema, &s.spec.cluster, s.progress.batch).await?;
+    let mut rows = 0;
+    for (table, plan) in s.tables.iter().zip(&s.plans) {
+        rows += copy_table(&transaction, &s.target, table, plan).await?;
+    }
+    let progress = Progress {
+        batch: s.progress.batch + 1,
+        mode: "logical".to_owned(),
+        snapshot: None,
+        lsn: Some(consistent),
+        copy_snapshot: Some(snapshot),
+        system_id: Some(identity.system_id),
+        timeline: Some(identity.timeline),
+        tables: s.tables.iter().map(TableInfo::display).collect(),
+    };
+    Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
+    transaction.commit().await.map_err(source_error)?;
+    s.progress = progress;
+    Ok(Step::Applied { rows, more: true })
+}

@@ -1,0 +1,490 @@
+//! One target's replication loop: leadership, the connection to the cluster's accepted primary,
+//! the progress row, and the steps of the capture mode.
+//!
+//! A session lasts as long as both connections and the same primary: any error ends it, and the
+//! loop starts a new one after `retry_interval`. Everything a session knows is re-read from the
+//! target's progress row, so a new session (or another process) continues exactly where the last
+//! committed batch ended.
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::Notify;
+use tokio_postgres::{Client, Transaction};
+
+use super::{
+    apply::TableSql, catalog::TableInfo, install, logical, snapshot::Snapshot, trigger,
+    ReplicationState, ReplicationStatus,
+};
+use crate::{
+    database::pool::Connector,
+    error::{Error, ErrorKind},
+    position::Position,
+    router::Routing,
+    settings::{CaptureMode, ReplicatorSettings},
+    sql::quote_ident,
+};
+
+/// What one target's loop is started with.
+#[derive(Clone)]
+pub(crate) struct TargetSpec {
+    pub(crate) target: Arc<str>,
+    pub(crate) cluster: Arc<str>,
+    pub(crate) connector: Arc<Connector>,
+    /// Every endpoint of the cluster that may become its primary.
+    pub(crate) sources: Vec<(Arc<str>, Arc<Connector>)>,
+    pub(crate) settings: ReplicatorSettings,
+    pub(crate) routing: Arc<Routing>,
+}
+
+impl std::fmt::Debug for TargetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetSpec")
+            .field("target", &self.target)
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TargetSpec {
+    /// Tells the router how far the target got, for reads sent after a position.
+    pub(crate) fn routing_feed(&self, applied: Position) {
+        self.routing.replicated(&self.target, applied);
+    }
+}
+
+/// The target's progress row: what the target holds, committed with the rows themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// Batches applied; each apply moves it by one, and only from the value it read.
+    pub(crate) batch: i64,
+    pub(crate) mode: String,
+    /// `trigger` mode: the snapshot the target is equal to.
+    pub(crate) snapshot: Option<Snapshot>,
+    /// `logical` mode: the end of the last applied commit.
+    pub(crate) lsn: Option<Position>,
+    /// `logical` mode: transactions visible here came with the initial copy.
+    pub(crate) copy_snapshot: Option<Snapshot>,
+    pub(crate) system_id: Option<String>,
+    pub(crate) timeline: Option<i32>,
+    pub(crate) tables: Vec<String>,
+}
+
+/// Where the source is, read at every batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub(crate) system_id: String,
+    pub(crate) timeline: i32,
+}
+
+impl Identity {
+    pub(crate) const SQL: &'static str = "(pg_control_system()).system_identifier::text, \
+        ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int4";
+
+    /// What changed between the source the target was filled from and this one, if anything.
+    pub(crate) fn changed_from(&self, progress: &Progress) -> Option<String> {
+        match (&progress.system_id, progress.timeline) {
+            (Some(system), _) if *system != self.system_id => Some(format!(
+                "the primary is another system (identifier {} instead of {system})",
+                self.system_id
+            )),
+            (_, Some(timeline)) if timeline != self.timeline => Some(format!(
+                "the primary is on timeline {} instead of {timeline} (a failover): transactions \
+                 the target holds may be missing on the new primary",
+                self.timeline
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of one step.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// A batch was applied.
+    Applied { rows: u64, more: bool },
+    /// Nothing new.
+    Idle,
+    /// The target must stop (the policy said so).
+    Stop(String),
+}
+
+/// An open session: both connections, the plan for every table, and the progress.
+pub(crate) struct Session {
+    pub(crate) spec: TargetSpec,
+    pub(crate) target: Client,
+    pub(crate) source: Client,
+    pub(crate) source_name: Arc<str>,
+    pub(crate) tables: Vec<TableInfo>,
+    pub(crate) plans: Vec<TableSql>,
+    pub(crate) progress: Progress,
+    pub(crate) shared: Arc<Shared>,
+    /// When the source was last read by trigger mode's cleanup and acknowledgement.
+    pub(crate) last_ack: Option<Instant>,
+    pub(crate) last_cleanup: Option<Instant>,
+}
+
+impl Session {
+    pub(crate) fn schema(&self) -> String {
+        quote_ident(&self.spec.settings.schema)
+    }
+
+    /// Records the new progress in the batch's transaction and commits it.
+    pub(crate) async fn commit(
+        schema: &str,
+        source: &str,
+        transaction: &Client,
+        progress: &Progress,
+        source_time: &str,
+    ) -> Result<(), Error> {
+        let sql = format!(
+            "UPDATE {schema}.progress SET mode = $2, snapshot = $3::text::pg_snapshot, \
+             lsn = $4::text::pg_lsn, copy_snapshot = $5::text::pg_snapshot, system_id = $6, \
+             timeline = $7, tables = $8, source_time = $9::text::timestamptz, applied_at = now() \
+             WHERE source = $1"
+        );
+        let snapshot = progress.snapshot.as_ref().map(Snapshot::to_string);
+        let lsn = progress.lsn.map(|p| p.to_string());
+        let copy = progress.copy_snapshot.as_ref().map(Snapshot::to_string);
+        transaction
+            .execute(
+                &sql,
+                &[
+                    &source,
+                    &progress.mode,
+                    &snapshot,
+                    &lsn,
+                    &copy,
+                    &progress.system_id,
+                    &progress.timeline,
+                    &progress.tables,
+                    &source_time,
+                ],
+            )
+            .await
+            .map_err(target_error)?;
+        transaction
+            .batch_execute("COMMIT")
+            .await
+            .map_err(target_error)
+    }
+}
+
+/// Opens the target transaction of a batch and claims the batch: the progress row moves from
+/// the batch this session read (`expected`) to the next, or another replicator got there first
+/// and nothing is applied. The transaction stays open on `target` until [`Session::commit`]; if
+/// anything fails before, the session ends and the connection's end rolls it back.
+pub(crate) async fn claim(
+    target: &Client,
+    schema: &str,
+    source: &str,
+    expected: i64,
+) -> Result<(), Error> {
+    let sql =
+        format!("UPDATE {schema}.progress SET batch = batch + 1 WHERE source = $1 AND batch = $2");
+    target.batch_execute("BEGIN").await.map_err(target_error)?;
+    let claimed = target
+        .execute(&sql, &[&source, &expected])
+        .await
+        .map_err(target_error)?;
+    if claimed != 1 {
+        return Err(Error::new(ErrorKind::Sql).with_detail(format!(
+            "another replicator applied batch {expected} to this target first; continuing from \
+             what it applied"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the progress row, creating it (batch 0, nothing copied) for a new target.
+pub(crate) async fn load_progress(
+    target: &Client,
+    schema: &str,
+    source: &str,
+) -> Result<Progress, Error> {
+    let schema = quote_ident(schema);
+    target
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.progress (source, mode, batch) VALUES ($1, '', 0) \
+                 ON CONFLICT (source) DO NOTHING"
+            ),
+            &[&source],
+        )
+        .await
+        .map_err(target_error)?;
+    let row = target
+        .query_one(
+            &format!(
+                "SELECT batch, mode, snapshot::text, lsn::text, copy_snapshot::text, system_id, \
+                 timeline, tables FROM {schema}.progress WHERE source = $1"
+            ),
+            &[&source],
+        )
+        .await
+        .map_err(target_error)?;
+    let snapshot = |text: Option<String>| -> Result<Option<Snapshot>, Error> {
+        text.map(|t| {
+            t.parse()
+                .map_err(|e: super::snapshot::SnapshotParseError| Error::mapping(e.to_string()))
+        })
+        .transpose()
+    };
+    Ok(Progress {
+        batch: row.get(0),
+        mode: row.get(1),
+        snapshot: snapshot(row.get(2))?,
+        lsn: row
+            .get::<_, Option<String>>(3)
+            .map(|t| {
+                t.parse::<Position>()
+                    .map_err(|e| Error::mapping(e.to_string()))
+            })
+            .transpose()?,
+        copy_snapshot: snapshot(row.get(4))?,
+        system_id: row.get(5),
+        timeline: row.get(6),
+        tables: row.get(7),
+    })
+}
+
+/// What the loop shares with the actor: the status it reports.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    status: Mutex<ReplicationStatus>,
+    /// When the target last reflected the source as it was (the start of the last batch that
+    /// left nothing behind).
+    pub(crate) reflects: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    pub(crate) fn new(status: ReplicationStatus) -> Shared {
+        Shared {
+            status: Mutex::new(status),
+            reflects: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn update(&self, change: impl FnOnce(&mut ReplicationStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    pub(crate) fn status(&self) -> ReplicationStatus {
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        status.lag = self
+            .reflects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|at| at.elapsed());
+        status
+    }
+
+    pub(crate) fn reflects_from(&self, at: Instant) {
+        *self.reflects.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+    }
+}
+
+/// Runs the target's loop until it is stopped by the policy (the actor's task is aborted to
+/// stop it otherwise).
+pub(crate) async fn run(spec: TargetSpec, shared: Arc<Shared>) {
+    let wake = Arc::new(Notify::new());
+    loop {
+        let outcome = session(&spec, &shared, &wake).await;
+        match outcome {
+            Ok(Ended::Stopped(reason)) => {
+                tracing::error!(target = %spec.target, %reason, "replication to this target stopped");
+                shared.update(|s| s.state = ReplicationState::Stopped(reason));
+                return;
+            }
+            Ok(Ended::SourceMoved) => continue,
+            Ok(Ended::NoPrimary) => {
+                shared.update(|s| s.state = ReplicationState::WaitingForPrimary);
+                tokio::time::sleep(spec.settings.poll_interval.max(Duration::from_millis(100)))
+                    .await;
+            }
+            Err(error) => {
+                tracing::warn!(target = %spec.target, %error, "replication step failed; retrying");
+                shared.update(|s| {
+                    s.state = ReplicationState::Retrying;
+                    s.last_error = Some(error.to_string());
+                    s.errors += 1;
+                });
+                tokio::time::sleep(spec.settings.retry_interval).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Ended {
+    Stopped(String),
+    SourceMoved,
+    NoPrimary,
+}
+
+async fn session(
+    spec: &TargetSpec,
+    shared: &Arc<Shared>,
+    wake: &Arc<Notify>,
+) -> Result<Ended, Error> {
+    let settings = &spec.settings;
+    let target = spec.connector.connect().await.map_err(target_error)?;
+    target
+        .batch_execute(&install::progress_sql(&settings.schema))
+        .await
+        .map_err(target_error)?;
+    // One active replicator per target: the holder of this session lock, released when its
+    // connection ends.
+    loop {
+        let locked: bool = target
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+                &[
+                    &format!("{} replicator", settings.schema),
+                    &spec.cluster.as_ref(),
+                ],
+            )
+            .await
+            .map_err(target_error)?
+            .get(0);
+        if locked {
+            break;
+        }
+        shared.update(|s| s.state = ReplicationState::Standby);
+        tokio::time::sleep(settings.retry_interval).await;
+    }
+    let Some(source_name) = spec.routing.primary_of(&spec.cluster) else {
+        return Ok(Ended::NoPrimary);
+    };
+    let Some((_, connector)) = spec.sources.iter().find(|(name, _)| *name == source_name) else {
+        return Ok(Ended::NoPrimary);
+    };
+    let source = connector
+        .connect()
+        .await
+        .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
+    let tables = install::tables(&source, settings, &source_name).await?;
+    match settings.mode {
+        CaptureMode::Trigger => trigger::ensure_installed(&source, settings, &tables)
+            .await
+            .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?,
+        CaptureMode::Logical => {
+            install::install_publication(&source, settings, &spec.target, &tables)
+                .await
+                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?
+        }
+    }
+    let mut plans = Vec::with_capacity(tables.len());
+    for table in &tables {
+        let types = install::target_types(&target, table, &spec.target).await?;
+        plans.push(TableSql::new(table, &types));
+    }
+    let progress = load_progress(&target, &settings.schema, &spec.cluster).await?;
+    let _listener = match (settings.mode, settings.notify) {
+        (CaptureMode::Trigger, true) => connector
+            .listen(&install::channel(&settings.schema), Arc::clone(wake))
+            .await
+            .ok(),
+        _ => None,
+    };
+    shared.update(|s| {
+        s.source = Some(Arc::clone(&source_name));
+        s.last_error = None;
+    });
+    let mut session = Session {
+        spec: spec.clone(),
+        target,
+        source,
+        source_name: Arc::clone(&source_name),
+        tables,
+        plans,
+        progress,
+        shared: Arc::clone(shared),
+        last_ack: None,
+        last_cleanup: None,
+    };
+    loop {
+        if spec.routing.primary_of(&spec.cluster).as_ref() != Some(&source_name) {
+            tracing::info!(target = %spec.target, "the primary changed; following it");
+            return Ok(Ended::SourceMoved);
+        }
+        let started = Instant::now();
+        let step = match settings.mode {
+            CaptureMode::Trigger => trigger::step(&mut session).await,
+            CaptureMode::Logical => logical::step(&mut session).await,
+        };
+        // On an error the session ends: a new one re-reads the progress row (another replicator
+        // may have applied the batch first) and the dropped connection rolls back what was begun.
+        match step? {
+            Step::Stop(reason) => return Ok(Ended::Stopped(reason)),
+            Step::Applied { rows, more } => {
+                shared.update(|s| {
+                    s.state = ReplicationState::Streaming;
+                    s.batches += 1;
+                    s.rows += rows;
+                    s.batch = session.progress.batch;
+                });
+                if !more {
+                    shared.reflects_from(started);
+                }
+                if more {
+                    continue;
+                }
+            }
+            Step::Idle => {
+                shared.update(|s| s.state = ReplicationState::Streaming);
+                shared.reflects_from(started);
+            }
+        }
+        let _ = tokio::time::timeout(settings.poll_interval, wake.notified()).await;
+    }
+}
+
+/// A failure on the target connection.
+pub(crate) fn target_error(error: tokio_postgres::Error) -> Error {
+    Error::from_postgres(error)
+}
+
+/// `COPY`s every row of `table` from the source transaction into the target transaction (after
+/// emptying it there).
+pub(crate) async fn copy_table(
+    source: &Transaction<'_>,
+    target: &Client,
+    table: &TableInfo,
+    plan: &TableSql,
+) -> Result<u64, Error> {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let columns = columns.join(", ");
+    target
+        .batch_execute(&plan.truncate)
+        .await
+        .map_err(target_error)?;
+    let out = source
+        .copy_out(&format!(
+            "COPY (SELECT {columns} FROM ONLY {}) TO STDOUT",
+            table.qualified()
+        ))
+        .await
+        .map_err(Error::from_postgres)?;
+    let sink = target
+        .copy_in(&format!(
+            "COPY {} ({columns}) FROM STDIN",
+            table.qualified()
+        ))
+        .await
+        .map_err(target_error)?;
+    futures_util::pin_mut!(out);
+    futures_util::pin_mut!(sink);
+    while let Some(chunk) = out.next().await {
+        let chunk = chunk.map_err(Error::from_postgres)?;
+        sink.send(chunk).await.map_err(target_error)?;
+    }
+    sink.as_mut().finish().await.map_err(target_error)
+}

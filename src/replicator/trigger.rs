@@ -1,0 +1,364 @@
+//! `trigger` capture: statement-level triggers log the keys of changed rows, with their
+//! transaction id, into a change table per replicated table; a batch is every key logged by a
+//! transaction visible in the new snapshot and not in the previous one (PgQ's method), and the
+//! rows are read again in the new snapshot, so that after the batch each table on the target is
+//! exactly the primary's table as of that snapshot. A key whose row is gone becomes a delete.
+
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt as _;
+use tokio_postgres::{Client, IsolationLevel};
+
+use super::{
+    apply::TableChanges,
+    catalog::TableInfo,
+    install,
+    run::{claim, copy_table, target_error, Identity, Progress, Session, Step},
+    snapshot::{Snapshot, SnapshotParseError},
+};
+use crate::{
+    error::Error,
+    position::Position,
+    query::{position_of, POSITION_SQL},
+    settings::{ReplicatorSettings, ResyncPolicy},
+    sql::quote_ident,
+};
+
+/// How often a target tells the primary how far it got (what cleanup may delete).
+const ACK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a target deletes change rows every target has applied.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Installs the change tables and triggers when some are missing.
+pub(crate) async fn ensure_installed(
+    source: &Client,
+    settings: &ReplicatorSettings,
+    tables: &[TableInfo],
+) -> Result<(), tokio_postgres::Error> {
+    let names: Vec<String> = tables.iter().map(TableInfo::display).collect();
+    let triggers: Vec<String> = ["insert", "update", "delete", "truncate"]
+        .iter()
+        .map(|event| format!("{}_capture_{event}", settings.schema))
+        .collect();
+    let logs: Vec<String> = tables
+        .iter()
+        .map(|table| install::change_table(&settings.schema, table))
+        .collect();
+    let row = source
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_catalog.pg_trigger t \
+               JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+               WHERE t.tgname = ANY($1) AND n.nspname || '.' || c.relname = ANY($2)), \
+             (SELECT count(to_regclass(log)) FROM unnest($3::text[]) AS log)",
+            &[&triggers, &names, &logs],
+        )
+        .await?;
+    let (found_triggers, found_logs): (i64, i64) = (row.get(0), row.get(1));
+    let complete = usize::try_from(found_triggers).ok() == Some(4 * tables.len())
+        && usize::try_from(found_logs).ok() == Some(tables.len());
+    if !complete {
+        tracing::info!(tables = ?names, "installing the capture triggers");
+        source
+            .batch_execute(&install::trigger_sql(settings, tables))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The query that reads one table's changed keys and their rows as of the batch's snapshot:
+/// parameters are the previous snapshot's xmin and the previous snapshot.
+fn dirty_sql(schema: &str, table: &TableInfo) -> String {
+    let log = install::change_table(schema, table);
+    let keys: Vec<String> = table.key_columns().map(|c| quote_ident(&c.name)).collect();
+    let join: Vec<String> = keys.iter().map(|k| format!("t.{k} = k.{k}")).collect();
+    let key_text: Vec<String> = keys.iter().map(|k| format!("k.{k}::text")).collect();
+    let row_text: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+        .collect();
+    format!(
+        "SELECT t.{first} IS NULL, {}, {} FROM (SELECT DISTINCT {} FROM {log} \
+         WHERE txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(txid, $2::text::pg_snapshot)) AS k \
+         LEFT JOIN ONLY {} AS t ON {}",
+        key_text.join(", "),
+        row_text.join(", "),
+        keys.join(", "),
+        table.qualified(),
+        join.join(" AND "),
+        first = keys[0],
+    )
+}
+
+/// One step: read what changed since the target's snapshot and apply it in one target
+/// transaction (or copy the tables the target does not have yet).
+pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
+    let source_name = s.source_name.clone();
+    let source_error =
+        |e: tokio_postgres::Error| Error::from_postgres(e).with_endpoint(&source_name);
+    let position = s
+        .source
+        .query_one(POSITION_SQL, &[])
+        .await
+        .map_err(source_error)?;
+    let position = position_of(&position);
+    let schema = s.schema();
+    let transaction = s
+        .source
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(source_error)?;
+    let row = transaction
+        .query_one(
+            &format!(
+                "SELECT pg_current_snapshot()::text, now()::text, {}",
+                Identity::SQL
+            ),
+            &[],
+        )
+        .await
+        .map_err(source_error)?;
+    let current: Snapshot = row
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e: SnapshotParseError| Error::mapping(e.to_string()))?;
+    let source_time: String = row.get(1);
+    let identity = Identity {
+        system_id: row.get(2),
+        timeline: row.get(3),
+    };
+    let settings = &s.spec.settings;
+    let mut fresh = s.progress.mode != "trigger" || s.progress.snapshot.is_none();
+    if !fresh {
+        if let Some(change) = identity.changed_from(&s.progress) {
+            match settings.on_source_change {
+                ResyncPolicy::Stop => {
+                    return Ok(Step::Stop(format!(
+                        "{change}; replicator.on_source_change = \"stop\": check the target, then \
+                         set it to \"resync\" (or empty the target's progress row) to copy again"
+                    )))
+                }
+                ResyncPolicy::Resync => {
+                    tracing::warn!(target = %s.spec.target, %change, "copying every table again");
+                    s.shared
+                        .update(|status| status.warnings.push(format!("{change}: copied again")));
+                    fresh = true;
+                }
+            }
+        }
+    }
+    let copy: Vec<usize> = (0..s.tables.len())
+        .filter(|&i| fresh || !s.progress.tables.contains(&s.tables[i].display()))
+        .collect();
+    let previous = if fresh {
+        None
+    } else {
+        s.progress.snapshot.clone()
+    };
+    if copy.is_empty() && previous.as_ref() == Some(&current) {
+        transaction.commit().await.map_err(source_error)?;
+        caught_up(s, position);
+        acknowledge(s).await?;
+        return Ok(Step::Idle);
+    }
+    if !copy.is_empty() {
+        s.shared
+            .update(|status| status.state = super::ReplicationState::Copying);
+    }
+    let truncated: Vec<String> = match &previous {
+        Some(previous) => transaction
+            .query(
+                &format!(
+                    "SELECT DISTINCT tbl FROM {schema}.truncations WHERE txid >= $1::text::xid8 \
+                     AND NOT pg_visible_in_snapshot(txid, $2::text::pg_snapshot)"
+                ),
+                &[&previous.xmin().to_string(), &previous.to_string()],
+            )
+            .await
+            .map_err(source_error)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut claimed = false;
+    let mut rows = 0;
+    let expected = s.progress.batch;
+    for (index, table) in s.tables.iter().enumerate() {
+        let plan = &s.plans[index];
+        if copy.contains(&index) {
+            if !claimed {
+                claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+                claimed = true;
+            }
+            rows += copy_table(&transaction, &s.target, table, plan).await?;
+            continue;
+        }
+        let Some(previous) = &previous else { continue };
+        let mut changes = TableChanges {
+            truncate: truncated.contains(&table.display()),
+            ..TableChanges::default()
+        };
+        let mut bytes = 0;
+        let statement = dirty_sql(&settings.schema, table);
+        let stream = transaction
+            .query_raw(
+                &statement,
+                [previous.xmin().to_string(), previous.to_string()],
+            )
+            .await
+            .map_err(source_error)?;
+        futures_util::pin_mut!(stream);
+        let width = table.key.len();
+        loop {
+            let next = stream.try_next().await.map_err(source_error)?;
+            if let Some(row) = &next {
+                let gone: bool = row.get(0);
+                if gone {
+                    let key: Vec<String> = (1..=width).map(|i| row.get(i)).collect();
+                    bytes += key.iter().map(String::len).sum::<usize>();
+                    changes.deletes.push(key);
+                } else {
+                    let values: Vec<Option<String>> =
+                        (1 + width..row.len()).map(|i| row.get(i)).collect();
+                    bytes += values.iter().flatten().map(String::len).sum::<usize>();
+                    changes.upserts.push(values);
+                }
+            }
+            let full = changes.rows() >= settings.batch_rows || bytes >= settings.batch_bytes;
+            if (full || next.is_none()) && !changes.is_empty() {
+                if !claimed {
+                    claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+                    claimed = true;
+                }
+                rows += plan
+                    .apply(&s.target, &changes)
+                    .await
+                    .map_err(target_error)?;
+                changes = TableChanges::default();
+                bytes = 0;
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+    }
+    let progress = Progress {
+        batch: expected + i64::from(claimed),
+        mode: "trigger".to_owned(),
+        snapshot: Some(current),
+        lsn: None,
+        copy_snapshot: None,
+        system_id: Some(identity.system_id),
+        timeline: Some(identity.timeline),
+        tables: s.tables.iter().map(TableInfo::display).collect(),
+    };
+    if claimed {
+        Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
+    }
+    transaction.commit().await.map_err(source_error)?;
+    // Nothing changed in the window: the target already equals the source at the new snapshot.
+    s.progress = progress;
+    caught_up(s, position);
+    acknowledge(s).await?;
+    Ok(if claimed {
+        Step::Applied { rows, more: false }
+    } else {
+        Step::Idle
+    })
+}
+
+/// The target now holds every commit that was visible before `position` was read.
+fn caught_up(s: &Session, position: Option<Position>) {
+    if let Some(position) = position {
+        // A write that read exactly this position may have become visible just after the
+        // batch's snapshot: claim one byte less.
+        let applied = Position::new(position.lsn().saturating_sub(1));
+        s.shared.update(|status| {
+            status.applied = Some(applied);
+            status.lag_bytes = Some(0);
+        });
+        s.spec.routing_feed(applied);
+    }
+}
+
+/// Tells the primary how far this target got, and deletes change rows every target has
+/// applied (each at most every few seconds).
+async fn acknowledge(s: &mut Session) -> Result<(), Error> {
+    let Some(snapshot) = s.progress.snapshot.as_ref().map(Snapshot::to_string) else {
+        return Ok(());
+    };
+    if s.last_ack.is_some_and(|at| at.elapsed() < ACK_INTERVAL) {
+        return Ok(());
+    }
+    let schema = s.schema();
+    let source_name = s.source_name.clone();
+    let source_error =
+        |e: tokio_postgres::Error| Error::from_postgres(e).with_endpoint(&source_name);
+    s.source
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.consumers (target, snapshot) VALUES ($1, $2::text::pg_snapshot) \
+                 ON CONFLICT (target) DO UPDATE SET snapshot = EXCLUDED.snapshot, updated_at = now()"
+            ),
+            &[&s.spec.target.as_ref(), &snapshot],
+        )
+        .await
+        .map_err(source_error)?;
+    s.last_ack = Some(Instant::now());
+    if s.last_cleanup
+        .is_some_and(|at| at.elapsed() < CLEANUP_INTERVAL)
+    {
+        return Ok(());
+    }
+    let horizon = format!("(SELECT min(pg_snapshot_xmin(snapshot)) FROM {schema}.consumers)");
+    let mut sql = format!("DELETE FROM {schema}.truncations WHERE txid < {horizon};");
+    for table in &s.tables {
+        let log = install::change_table(&s.spec.settings.schema, table);
+        sql.push_str(&format!("DELETE FROM {log} WHERE txid < {horizon};"));
+    }
+    s.source.batch_execute(&sql).await.map_err(source_error)?;
+    s.last_cleanup = Some(Instant::now());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicator::catalog::ColumnInfo;
+
+    #[test]
+    fn dirty_rows_are_read_by_key_in_the_batch_snapshot() {
+        let table = TableInfo {
+            schema: "public".to_owned(),
+            name: "orders".to_owned(),
+            columns: vec![
+                ColumnInfo {
+                    name: "region".to_owned(),
+                    type_name: "text".to_owned(),
+                },
+                ColumnInfo {
+                    name: "no".to_owned(),
+                    type_name: "integer".to_owned(),
+                },
+                ColumnInfo {
+                    name: "note".to_owned(),
+                    type_name: "text".to_owned(),
+                },
+            ],
+            key: vec![0, 1],
+        };
+        assert_eq!(
+            dirty_sql("pgherd", &table),
+            "SELECT t.\"region\" IS NULL, k.\"region\"::text, k.\"no\"::text, t.\"region\"::text, \
+             t.\"no\"::text, t.\"note\"::text FROM (SELECT DISTINCT \"region\", \"no\" FROM \
+             \"pgherd\".\"public.orders\" WHERE txid >= $1::text::xid8 AND NOT \
+             pg_visible_in_snapshot(txid, $2::text::pg_snapshot)) AS k LEFT JOIN ONLY \
+             \"public\".\"orders\" AS t ON t.\"region\" = k.\"region\" AND t.\"no\" = k.\"no\""
+        );
+    }
+}

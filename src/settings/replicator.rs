@@ -1,0 +1,179 @@
+//! The replicator (`[replicator]`): which tables are kept equal on the `replica` endpoints, and
+//! how changes are captured on the primary.
+
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer};
+
+use super::duration;
+
+/// How changes are captured on the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CaptureMode {
+    /// Statement-level triggers log the keys of changed rows into a change table; batches are
+    /// cut at transaction snapshots and rows are re-read in the batch's snapshot (`"trigger"`).
+    /// Needs no `wal_level` change and no REPLICATION role; works on managed PostgreSQL.
+    Trigger,
+    /// A `pgoutput` slot and publication per target, read with
+    /// `pg_logical_slot_peek_binary_changes` (`"logical"`). Needs `wal_level = logical` and a
+    /// login with the REPLICATION attribute; no trigger on the application's tables.
+    Logical,
+}
+
+impl CaptureMode {
+    /// The name used in settings files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMode::Trigger => "trigger",
+            CaptureMode::Logical => "logical",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CaptureMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "trigger" => Ok(CaptureMode::Trigger),
+            "logical" => Ok(CaptureMode::Logical),
+            _ => Err(de::Error::custom(format!(
+                "unknown capture mode `{name}`: expected \"trigger\" (change table filled by \
+                 triggers; no wal_level change) or \"logical\" (a pgoutput slot; needs \
+                 wal_level = logical and a REPLICATION login)"
+            ))),
+        }
+    }
+}
+
+/// What a target does when what it replicates from can no longer be trusted: a different source
+/// system or timeline (a failover to a standby that may have lost transactions), or, in
+/// `logical` mode, a slot that is gone or invalidated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ResyncPolicy {
+    /// Copy every table again under a fresh snapshot, then stream from there (`"resync"`).
+    Resync,
+    /// Stop replicating to that target and report why; an operator decides (`"stop"`).
+    Stop,
+}
+
+impl<'de> Deserialize<'de> for ResyncPolicy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "resync" => Ok(ResyncPolicy::Resync),
+            "stop" => Ok(ResyncPolicy::Stop),
+            _ => Err(de::Error::custom(format!(
+                "unknown policy `{name}`: expected \"resync\" (copy every table again) or \
+                 \"stop\" (stop that target and report)"
+            ))),
+        }
+    }
+}
+
+/// The replicator (`[replicator]` in `Settings.toml`). It is on when `tables` is not empty: every
+/// endpoint with `role = "replica"` (or those named in `targets`) is then kept equal to its
+/// cluster's primary, table by table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ReplicatorSettings {
+    /// How changes are captured: `"trigger"` or `"logical"`.
+    ///
+    /// Default: `"trigger"`.
+    pub mode: CaptureMode,
+    /// The tables to replicate, as `"schema.table"` or `"table"` (schema `public`). Each needs a
+    /// primary key. The same tables must exist on every target (extra columns on a target are
+    /// fine: schema changes go to the replicas first). A list: it can only be set in the file.
+    ///
+    /// Default: none (the replicator is off).
+    pub tables: Vec<String>,
+    /// The endpoints to replicate to, by name; each must have `role = "replica"`.
+    ///
+    /// Default: every endpoint with `role = "replica"`.
+    pub targets: Vec<String>,
+    /// The schema pgherd keeps its own objects in, on the primary (change tables, triggers) and
+    /// on the targets (the progress table).
+    ///
+    /// Default: `"pgherd"`.
+    pub schema: String,
+    /// The most rows moved in one step of a batch; a larger batch is applied in steps within the
+    /// same target transaction, so memory stays bounded.
+    ///
+    /// Default: `10000`.
+    pub batch_rows: usize,
+    /// The most bytes of row data held in one step of a batch.
+    ///
+    /// Default: `8388608` (8 MiB).
+    pub batch_bytes: usize,
+    /// How often the primary is checked for changes when no notification arrives.
+    ///
+    /// Default: `"50ms"`.
+    #[serde(deserialize_with = "duration::required")]
+    pub poll_interval: Duration,
+    /// Whether the capture triggers send a notification that wakes the replicator at once
+    /// (`trigger` mode; polling remains the fallback).
+    ///
+    /// Default: `true`.
+    pub notify: bool,
+    /// How long a target waits before trying again after an error (an unreachable target or
+    /// primary, a failed batch).
+    ///
+    /// Default: `"1s"`.
+    #[serde(deserialize_with = "duration::required")]
+    pub retry_interval: Duration,
+    /// What a target does when its source changed (another system or timeline) or its slot is
+    /// lost: `"resync"` or `"stop"`.
+    ///
+    /// Default: `"resync"`.
+    pub on_source_change: ResyncPolicy,
+}
+
+impl Default for ReplicatorSettings {
+    fn default() -> Self {
+        Self {
+            mode: CaptureMode::Trigger,
+            tables: Vec::new(),
+            targets: Vec::new(),
+            schema: "pgherd".to_owned(),
+            batch_rows: 10_000,
+            batch_bytes: 8 << 20,
+            poll_interval: Duration::from_millis(50),
+            notify: true,
+            retry_interval: Duration::from_secs(1),
+            on_source_change: ResyncPolicy::Resync,
+        }
+    }
+}
+
+impl ReplicatorSettings {
+    /// Whether the replicator runs (some table is configured).
+    pub fn enabled(&self) -> bool {
+        !self.tables.is_empty()
+    }
+}
+
+/// A configured table name split into schema and table (`"orders"` is `public.orders`).
+///
+/// Returns `None` for an empty part or more than one dot; quotes are not interpreted (names are
+/// taken literally and always quoted in SQL).
+pub(crate) fn split_table(name: &str) -> Option<(&str, &str)> {
+    let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+    let valid = |part: &str| !part.is_empty() && !part.contains('.') && !part.contains('\0');
+    (valid(schema) && valid(table)).then_some((schema, table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_default_to_public() {
+        assert_eq!(split_table("orders"), Some(("public", "orders")));
+        assert_eq!(split_table("shop.Orders"), Some(("shop", "Orders")));
+        assert_eq!(split_table("a.b.c"), None);
+        assert_eq!(split_table(".b"), None);
+        assert_eq!(split_table(""), None);
+    }
+}
