@@ -37,7 +37,7 @@ pub(crate) mod run;
 mod snapshot;
 mod trigger;
 
-pub use self::setup::{install, InstallReport};
+pub use self::setup::{install, survey, InstallReport, TargetLag};
 use crate::{
     child::{ExitGuard, ExitReason, Stop},
     position::Position,
@@ -95,6 +95,10 @@ pub struct ReplicationStatus {
     pub applied: Option<Position>,
     /// How many bytes of the source's WAL the target was behind at the last step.
     pub lag_bytes: Option<u64>,
+    /// Changed rows read from the source and not yet committed on the target (those of the
+    /// batch being applied; 0 when caught up). `pgherd status` (and
+    /// [`survey`]) also counts, in `trigger` mode, what a target that is down has not read.
+    pub lag_rows: Option<u64>,
     /// How long ago the target last reflected the source completely (0 to `poll_interval`
     /// when it keeps up; growing while it is down or behind).
     pub lag: Option<Duration>,
@@ -119,6 +123,7 @@ impl ReplicationStatus {
             errors: 0,
             applied: None,
             lag_bytes: None,
+            lag_rows: None,
             lag: None,
             last_error: None,
             warnings: Vec::new(),

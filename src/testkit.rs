@@ -31,6 +31,7 @@ mod reaper;
 mod server_user;
 mod tls;
 mod topology;
+pub mod workload;
 
 pub use binaries::Binaries;
 pub use error::TestkitError;

@@ -108,3 +108,156 @@ async fn trigger_mode_keeps_the_replica_equal() {
 async fn logical_mode_keeps_the_replica_equal() {
     basic_changes(CaptureMode::Logical).await;
 }
+
+mod convergence {
+    //! A randomized concurrent workload over several tables, with faults injected mid-stream;
+    //! then every table of the replica must equal the primary's.
+
+    use std::time::Duration;
+
+    use pgherd::{
+        settings::CaptureMode,
+        testkit::{workload, FaultMode, Topology},
+        Herd, ReplicationState, Settings,
+    };
+
+    use super::support::{eventually, start};
+
+    async fn topology(logical: bool) -> Topology {
+        let topology = start(
+            Topology::builder()
+                .replica("replica")
+                .proxied("replica")
+                .logical(logical)
+                .server_setting("deadlock_timeout", "'20ms'"),
+        )
+        .await;
+        for node in [topology.primary(), topology.node("replica")] {
+            let client = node.connect().await.expect("connect");
+            workload::create_schema(&client).await.expect("schema");
+        }
+        topology
+    }
+
+    fn settings(topology: &Topology, mode: CaptureMode) -> Settings {
+        let mut settings = topology.settings();
+        settings.replicator.mode = mode;
+        settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        settings.replicator.step_timeout = Duration::from_secs(3);
+        // Small steps, so that batches are applied in several steps within one transaction.
+        settings.replicator.batch_rows = 50;
+        settings
+    }
+
+    async fn converged(topology: &Topology) {
+        let primary = topology.primary().connect().await.expect("connect");
+        let replica = topology.node("replica").connect().await.expect("connect");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let compared = workload::compare(&primary, &replica, workload::TABLES)
+                .await
+                .expect("compare");
+            let Err(difference) = compared else { return };
+            if tokio::time::Instant::now() > deadline {
+                panic!("the replica did not converge within 30 s:\n{difference}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn seeds(mode: CaptureMode) {
+        let topology = topology(mode == CaptureMode::Logical).await;
+        let herd = Herd::start(settings(&topology, mode)).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        for seed in [11, 12, 13] {
+            let spec = workload::WorkloadSpec::new(seed);
+            let report = workload::run(&topology.primary().config(), &spec)
+                .await
+                .expect("workload");
+            assert!(report.committed > 400, "{report:?}");
+            converged(&topology).await;
+        }
+        herd.shutdown().await;
+    }
+
+    #[actix_rt::test]
+    async fn trigger_mode_converges_over_several_seeds() {
+        seeds(CaptureMode::Trigger).await;
+    }
+
+    #[actix_rt::test]
+    async fn logical_mode_converges_over_several_seeds() {
+        seeds(CaptureMode::Logical).await;
+    }
+
+    /// While the workload runs: the target cut off by the proxy, then killed and restarted; a
+    /// second herd started (it waits as a standby); the first herd shut down mid-stream, so that
+    /// the second takes over.
+    async fn faults(mode: CaptureMode) {
+        let topology = topology(mode == CaptureMode::Logical).await;
+        let first = Herd::start(settings(&topology, mode)).expect("start");
+        first
+            .wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        let config = topology.primary().config();
+        let mut spec = workload::WorkloadSpec::new(21);
+        spec.transactions = 400;
+        let writes = tokio::spawn(async move { workload::run(&config, &spec).await });
+        let proxy = topology.proxy("replica").expect("proxied");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        proxy.set_mode(FaultMode::Blackhole);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        proxy.set_mode(FaultMode::Pass);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let replica = topology.node("replica");
+        replica.kill().expect("kill the target");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        replica.start().await.expect("restart the target");
+        let second = Herd::start(settings(&topology, mode)).expect("start a second herd");
+        // Exactly one of the two replicates; the other waits for the target's lock.
+        let standby = |herd: &Herd| {
+            herd.replication()
+                .iter()
+                .all(|s| s.state == ReplicationState::Standby)
+        };
+        eventually(
+            "one herd replicates, the other waits",
+            Duration::from_secs(15),
+            || {
+                let one = standby(&first) != standby(&second);
+                async move { one }
+            },
+        )
+        .await;
+        let (leader, follower) = if standby(&second) {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let before = follower.replication()[0].batches;
+        leader.shutdown().await;
+        let report = writes.await.expect("join").expect("workload");
+        assert!(report.committed > 1000, "{report:?}");
+        converged(&topology).await;
+        let status = follower.replication();
+        assert!(
+            status[0].batches > before,
+            "the waiting herd took over: {status:?}"
+        );
+        follower.shutdown().await;
+    }
+
+    #[actix_rt::test]
+    async fn trigger_mode_converges_through_faults_and_a_hand_over() {
+        faults(CaptureMode::Trigger).await;
+    }
+
+    #[actix_rt::test]
+    async fn logical_mode_converges_through_faults_and_a_hand_over() {
+        faults(CaptureMode::Logical).await;
+    }
+}

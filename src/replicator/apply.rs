@@ -170,6 +170,53 @@ impl TableSql {
         )
     }
 
+    /// Moves one row to another key on the target, setting only the `present` columns (the
+    /// others keep the values the row has there): a primary-key change that left a TOASTed
+    /// value out of the stream.
+    pub(crate) async fn move_row(
+        &self,
+        client: &Client,
+        old_key: &[String],
+        present: &[bool],
+        row: &Row,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let table = &self.table;
+        let mut params: Vec<Option<&str>> = old_key.iter().map(|k| Some(k.as_str())).collect();
+        let mut set = Vec::new();
+        for (i, column) in table.columns.iter().enumerate() {
+            if present[i] {
+                params.push(row[i].as_deref());
+                set.push(format!(
+                    "{} = ${}::text::{}",
+                    quote_ident(&column.name),
+                    params.len(),
+                    column.type_name
+                ));
+            }
+        }
+        let matches: Vec<String> = table
+            .key_columns()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "{} = ${}::text::{}",
+                    quote_ident(&c.name),
+                    i + 1,
+                    c.type_name
+                )
+            })
+            .collect();
+        let sql = format!(
+            "UPDATE {} SET {} WHERE {}",
+            table.qualified(),
+            set.join(", "),
+            matches.join(" AND ")
+        );
+        let params: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        client.execute(&sql, &params).await
+    }
+
     /// Applies `changes` within `transaction`: truncate, then deletes, then upserts, then
     /// partial updates. Returns the rows written.
     pub(crate) async fn apply(

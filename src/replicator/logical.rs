@@ -20,11 +20,7 @@ use super::{
     run::{claim, copy_table, target_error, Identity, Progress, Session, Step},
     snapshot::{Snapshot, SnapshotParseError},
 };
-use crate::{
-    error::{Error, ErrorKind},
-    position::Position,
-    settings::ResyncPolicy,
-};
+use crate::{error::Error, position::Position, settings::ResyncPolicy};
 
 /// The net change of one key within a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +56,16 @@ impl Pending {
         }
         changes
     }
+}
+
+/// A primary-key change whose new row misses an unchanged TOAST value: applied on its own, on
+/// the row as the target has it, after everything folded before it.
+#[derive(Debug)]
+struct Move {
+    table: usize,
+    old_key: Vec<String>,
+    present: Vec<bool>,
+    row: Row,
 }
 
 /// How a relation of the stream maps onto a replicated table.
@@ -148,8 +154,9 @@ impl<'a> Folder<'a> {
         }
     }
 
-    /// Folds one decoded message of a transaction that is applied.
-    fn fold(&mut self, message: Message) -> Result<(), Error> {
+    /// Folds one decoded message of a transaction that is applied. A key change that cannot be
+    /// folded is returned instead, to be applied on its own.
+    fn fold(&mut self, message: Message) -> Result<Option<Move>, Error> {
         match message {
             Message::Relation(relation) => {
                 let table = self
@@ -178,7 +185,7 @@ impl<'a> Folder<'a> {
             }
             Message::Insert { relation, new } => {
                 let Some(mapping) = self.relations.get(&relation) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let table = mapping.table;
                 let (row, _) = self.row(mapping, &new)?;
@@ -186,10 +193,13 @@ impl<'a> Folder<'a> {
                 self.set(table, key, Entry::Upsert(row));
             }
             Message::Update {
-                relation, old, new, ..
+                relation,
+                old,
+                old_is_key_only,
+                new,
             } => {
                 let Some(mapping) = self.relations.get(&relation) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let table = mapping.table;
                 let (mut row, mut present) = self.row(mapping, &new)?;
@@ -202,9 +212,10 @@ impl<'a> Folder<'a> {
                     Some((old_row, _)) => Some(self.key(table, old_row)?).filter(|k| *k != key),
                     None => None,
                 };
-                // Unchanged TOAST values: take them from the old image when it has them
-                // (REPLICA IDENTITY FULL), or from an earlier change of this step.
-                if let Some((old_row, old_present)) = &old {
+                // Unchanged TOAST values: take them from the old image when it is the whole row
+                // (REPLICA IDENTITY FULL; a key-only image has NULL in the other columns), or
+                // from an earlier change of this step.
+                if let Some((old_row, old_present)) = old.as_ref().filter(|_| !old_is_key_only) {
                     for i in 0..row.len() {
                         if !present[i] && old_present[i] && !self.tables[table].key.contains(&i) {
                             row[i].clone_from(&old_row[i]);
@@ -240,12 +251,12 @@ impl<'a> Folder<'a> {
                 let complete = present.iter().all(|p| *p);
                 if let Some(old_key) = old_key {
                     if !complete {
-                        return Err(Error::new(ErrorKind::Config).with_detail(format!(
-                            "a primary-key change in {} left a large (TOAST) value unchanged, and \
-                             the stream does not carry it: set REPLICA IDENTITY FULL on that table \
-                             on the primary, or use replicator.mode = \"trigger\"",
-                            self.tables[table].display()
-                        )));
+                        return Ok(Some(Move {
+                            table,
+                            old_key,
+                            present,
+                            row,
+                        }));
                     }
                     self.set(table, old_key, Entry::Delete);
                 }
@@ -258,7 +269,7 @@ impl<'a> Folder<'a> {
             }
             Message::Delete { relation, old, .. } => {
                 let Some(mapping) = self.relations.get(&relation) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let table = mapping.table;
                 let (row, _) = self.row(mapping, &old)?;
@@ -284,7 +295,7 @@ impl<'a> Folder<'a> {
             | Message::Type { .. }
             | Message::Message { .. } => {}
         }
-        Ok(())
+        Ok(None)
     }
 
     fn is_empty(&self) -> bool {
@@ -433,9 +444,23 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 }
             }
             // Relations are needed even for skipped transactions: they are sent once.
-            Message::Relation(_) => folder.fold(message)?,
+            Message::Relation(_) => {
+                folder.fold(message)?;
+            }
             _ if skip => {}
-            _ => folder.fold(message)?,
+            _ => {
+                if let Some(moved) = folder.fold(message)? {
+                    if !claimed {
+                        claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+                        claimed = true;
+                    }
+                    rows += apply_all(&s.target, &s.plans, folder.take()).await?;
+                    rows += s.plans[moved.table]
+                        .move_row(&s.target, &moved.old_key, &moved.present, &moved.row)
+                        .await
+                        .map_err(target_error)?;
+                }
+            }
         }
     }
     let drained = changes < usize::try_from(limit).unwrap_or(usize::MAX);

@@ -124,6 +124,9 @@ pub(crate) struct Session {
     /// When the source was last read by trigger mode's cleanup and acknowledgement.
     pub(crate) last_ack: Option<Instant>,
     pub(crate) last_cleanup: Option<Instant>,
+    /// The connection that listens for the capture triggers' notifications, kept open with
+    /// the session.
+    _listener: Option<Client>,
 }
 
 impl Session {
@@ -303,6 +306,10 @@ pub(crate) async fn run(spec: TargetSpec, shared: Arc<Shared>) {
                 return;
             }
             Ok(Ended::SourceMoved) => continue,
+            Ok(Ended::Standby) => {
+                shared.update(|s| s.state = ReplicationState::Standby);
+                tokio::time::sleep(spec.settings.retry_interval).await;
+            }
             Ok(Ended::NoPrimary) => {
                 shared.update(|s| s.state = ReplicationState::WaitingForPrimary);
                 tokio::time::sleep(spec.settings.poll_interval.max(Duration::from_millis(100)))
@@ -324,6 +331,8 @@ pub(crate) async fn run(spec: TargetSpec, shared: Arc<Shared>) {
 #[derive(Debug)]
 enum Ended {
     Stopped(String),
+    /// Another replicator holds the target's lock.
+    Standby,
     SourceMoved,
     NoPrimary,
 }
@@ -334,91 +343,40 @@ async fn session(
     wake: &Arc<Notify>,
 ) -> Result<Ended, Error> {
     let settings = &spec.settings;
-    let target = spec.connector.connect().await.map_err(target_error)?;
-    target
-        .batch_execute(&install::progress_sql(&settings.schema))
-        .await
-        .map_err(target_error)?;
-    // One active replicator per target: the holder of this session lock, released when its
-    // connection ends.
-    loop {
-        let locked: bool = target
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
-                &[
-                    &format!("{} replicator", settings.schema),
-                    &spec.cluster.as_ref(),
-                ],
-            )
-            .await
-            .map_err(target_error)?
-            .get(0);
-        if locked {
-            break;
+    let opening = tokio::time::timeout(settings.step_timeout, open(spec, shared, wake));
+    let mut session = match opening.await {
+        Ok(Ok(Ok(session))) => session,
+        Ok(Ok(Err(ended))) => return Ok(ended),
+        Ok(Err(error)) => return Err(error),
+        Err(_) => {
+            return Err(Error::timeout(
+                settings.step_timeout,
+                "connecting and reading the catalogs (replicator.step_timeout)",
+            ))
         }
-        shared.update(|s| s.state = ReplicationState::Standby);
-        tokio::time::sleep(settings.retry_interval).await;
-    }
-    let Some(source_name) = spec.routing.primary_of(&spec.cluster) else {
-        return Ok(Ended::NoPrimary);
     };
-    let Some((_, connector)) = spec.sources.iter().find(|(name, _)| *name == source_name) else {
-        return Ok(Ended::NoPrimary);
-    };
-    let source = connector
-        .connect()
-        .await
-        .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
-    let tables = install::tables(&source, settings, &source_name).await?;
-    match settings.mode {
-        CaptureMode::Trigger => trigger::ensure_installed(&source, settings, &tables)
-            .await
-            .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?,
-        CaptureMode::Logical => {
-            install::install_publication(&source, settings, &spec.target, &tables)
-                .await
-                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?
-        }
-    }
-    let mut plans = Vec::with_capacity(tables.len());
-    for table in &tables {
-        let types = install::target_types(&target, table, &spec.target).await?;
-        plans.push(TableSql::new(table, &types));
-    }
-    let progress = load_progress(&target, &settings.schema, &spec.cluster).await?;
-    let _listener = match (settings.mode, settings.notify) {
-        (CaptureMode::Trigger, true) => connector
-            .listen(&install::channel(&settings.schema), Arc::clone(wake))
-            .await
-            .ok(),
-        _ => None,
-    };
-    shared.update(|s| {
-        s.source = Some(Arc::clone(&source_name));
-        s.last_error = None;
-    });
-    let mut session = Session {
-        spec: spec.clone(),
-        target,
-        source,
-        source_name: Arc::clone(&source_name),
-        tables,
-        plans,
-        progress,
-        shared: Arc::clone(shared),
-        last_ack: None,
-        last_cleanup: None,
-    };
+    let source_name = Arc::clone(&session.source_name);
     loop {
         if spec.routing.primary_of(&spec.cluster).as_ref() != Some(&source_name) {
             tracing::info!(target = %spec.target, "the primary changed; following it");
             return Ok(Ended::SourceMoved);
         }
         let started = Instant::now();
-        let step = match settings.mode {
-            CaptureMode::Trigger => trigger::step(&mut session).await,
-            CaptureMode::Logical => logical::step(&mut session).await,
+        let step = async {
+            match settings.mode {
+                CaptureMode::Trigger => trigger::step(&mut session).await,
+                CaptureMode::Logical => logical::step(&mut session).await,
+            }
         };
+        let step = tokio::time::timeout(settings.step_timeout, step)
+            .await
+            .map_err(|_| {
+                Error::timeout(
+                    settings.step_timeout,
+                    "a replication step ran (raise replicator.step_timeout if an initial copy \
+                     needs longer)",
+                )
+            })?;
         // On an error the session ends: a new one re-reads the progress row (another replicator
         // may have applied the batch first) and the dropped connection rolls back what was begun.
         match step? {
@@ -444,6 +402,103 @@ async fn session(
         }
         let _ = tokio::time::timeout(settings.poll_interval, wake.notified()).await;
     }
+}
+
+/// Connects to the target and takes its lock, then to the primary, and reads what the steps
+/// need. Returns how it ended instead when there is nothing to do yet.
+async fn open(
+    spec: &TargetSpec,
+    shared: &Arc<Shared>,
+    wake: &Arc<Notify>,
+) -> Result<Result<Session, Ended>, Error> {
+    let settings = &spec.settings;
+    let target = spec.connector.connect().await.map_err(target_error)?;
+    target
+        .batch_execute(&install::progress_sql(&settings.schema))
+        .await
+        .map_err(target_error)?;
+    // One active replicator per target: the holder of this session lock, released when its
+    // connection ends.
+    {
+        let locked: bool = target
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+                &[
+                    &format!("{} replicator", settings.schema),
+                    &spec.cluster.as_ref(),
+                ],
+            )
+            .await
+            .map_err(target_error)?
+            .get(0);
+        if !locked {
+            return Ok(Err(Ended::Standby));
+        }
+    }
+    let Some(source_name) = spec.routing.primary_of(&spec.cluster) else {
+        return Ok(Err(Ended::NoPrimary));
+    };
+    let Some((_, connector)) = spec.sources.iter().find(|(name, _)| *name == source_name) else {
+        return Ok(Err(Ended::NoPrimary));
+    };
+    let source = connector
+        .connect()
+        .await
+        .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
+    let tables = install::tables(&source, settings, &source_name).await?;
+    match settings.mode {
+        CaptureMode::Trigger => trigger::ensure_installed(&source, settings, &tables)
+            .await
+            .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?,
+        CaptureMode::Logical => {
+            install::install_publication(&source, settings, &spec.target, &tables)
+                .await
+                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
+            // This process holds the target's lock, so whoever still reads the target's slot is
+            // a session that lost its connection (or a replicator that lost the lock): end it,
+            // or the slot stays busy until the server notices the dead client.
+            let slot = install::publication(settings, &spec.target);
+            source
+                .execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots \
+                     WHERE slot_name = $1 AND active AND active_pid <> pg_backend_pid()",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
+        }
+    }
+    let mut plans = Vec::with_capacity(tables.len());
+    for table in &tables {
+        let types = install::target_types(&target, table, &spec.target).await?;
+        plans.push(TableSql::new(table, &types));
+    }
+    let progress = load_progress(&target, &settings.schema, &spec.cluster).await?;
+    let listener = match (settings.mode, settings.notify) {
+        (CaptureMode::Trigger, true) => connector
+            .listen(&install::channel(&settings.schema), Arc::clone(wake))
+            .await
+            .ok(),
+        _ => None,
+    };
+    shared.update(|s| {
+        s.source = Some(Arc::clone(&source_name));
+        s.last_error = None;
+    });
+    let session = Session {
+        spec: spec.clone(),
+        target,
+        source,
+        source_name: Arc::clone(&source_name),
+        tables,
+        plans,
+        progress,
+        shared: Arc::clone(shared),
+        last_ack: None,
+        last_cleanup: None,
+        _listener: listener,
+    };
+    Ok(Ok(session))
 }
 
 /// A failure on the target connection.

@@ -121,3 +121,134 @@ async fn connect(
         .await
         .map_err(|e| Error::from_postgres(e).with_endpoint(&name.into()))
 }
+
+/// How far one target is behind, read from the target's progress row and the primary (see
+/// [`survey`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TargetLag {
+    /// The target endpoint.
+    pub target: String,
+    /// Batches applied to it so far (its progress row).
+    pub batch: i64,
+    /// The source position it holds everything up to, once a batch was applied.
+    pub applied: Option<crate::Position>,
+    /// Changed rows (keys) on the primary it has not applied yet (`trigger` mode; `None` in
+    /// `logical` mode, where counting would mean decoding).
+    pub lag_rows: Option<u64>,
+    /// WAL bytes of the primary after `applied`.
+    pub lag_bytes: Option<u64>,
+    /// How long ago its last batch was applied, when it is behind (zero when nothing is
+    /// pending).
+    pub lag: Option<std::time::Duration>,
+    /// Why the numbers are missing, when they are.
+    pub problem: Option<String>,
+}
+
+/// Reads how far each replication target is behind its cluster's configured primary, outside
+/// a running herd (`pgherd status` shows it).
+///
+/// # Errors
+///
+/// A [`Config`](ErrorKind::Config) error when the replicator is off. An unreachable endpoint is
+/// not an error: its line says why in `problem`.
+pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
+    let replicator = &settings.replicator;
+    if !replicator.enabled() {
+        return Err(Error::new(ErrorKind::Config).with_detail("the replicator is off"));
+    }
+    let mut lags = Vec::new();
+    for (name, endpoint) in settings.replication_targets() {
+        let primary = settings
+            .endpoints_with_role(Role::Primary)
+            .find(|(_, e)| e.cluster == endpoint.cluster);
+        let mut lag = TargetLag {
+            target: name.to_owned(),
+            batch: 0,
+            applied: None,
+            lag_rows: None,
+            lag_bytes: None,
+            lag: None,
+            problem: None,
+        };
+        if let Err(problem) = measure(settings, name, endpoint, primary, &mut lag).await {
+            lag.problem = Some(problem.to_string());
+        }
+        lags.push(lag);
+    }
+    Ok(lags)
+}
+
+async fn measure(
+    settings: &Settings,
+    name: &str,
+    endpoint: &crate::settings::EndpointSettings,
+    primary: Option<(&str, &crate::settings::EndpointSettings)>,
+    lag: &mut TargetLag,
+) -> Result<(), Error> {
+    let replicator = &settings.replicator;
+    let schema = crate::sql::quote_ident(&replicator.schema);
+    let target = connect(settings, name, endpoint).await?;
+    let row = target
+        .query_opt(
+            &format!(
+                "SELECT batch, lsn::text, snapshot::text, \
+                 extract(epoch FROM now() - applied_at)::float8 FROM {schema}.progress \
+                 WHERE source = $1"
+            ),
+            &[&endpoint.cluster],
+        )
+        .await
+        .map_err(|e| Error::from_postgres(e).with_endpoint(&name.into()))?
+        .ok_or_else(|| {
+            Error::new(ErrorKind::Config).with_detail("no batch applied yet (no progress row)")
+        })?;
+    lag.batch = row.get(0);
+    lag.applied = row
+        .get::<_, Option<String>>(1)
+        .and_then(|text| text.parse().ok());
+    let snapshot: Option<String> = row.get(2);
+    let since = std::time::Duration::from_secs_f64(row.get::<_, f64>(3).max(0.0));
+    let Some((primary, primary_settings)) = primary else {
+        return Ok(());
+    };
+    let source = connect(settings, primary, primary_settings).await?;
+    let source_error = |e| Error::from_postgres(e).with_endpoint(&primary.into());
+    let current: String = source
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .map_err(source_error)?
+        .get(0);
+    let current: Option<crate::Position> = current.parse().ok();
+    lag.lag_bytes = current.zip(lag.applied).map(|(c, a)| c.bytes_after(a));
+    let pending = match (replicator.mode, snapshot) {
+        (CaptureMode::Trigger, Some(snapshot)) => {
+            let tables = objects::tables(&source, replicator, primary).await?;
+            let mut rows = 0u64;
+            for table in &tables {
+                let count: i64 = source
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FROM {} WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot) \
+                             AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot)",
+                            objects::change_table(&replicator.schema, table)
+                        ),
+                        &[&snapshot],
+                    )
+                    .await
+                    .map_err(source_error)?
+                    .get(0);
+                rows += u64::try_from(count).unwrap_or(0);
+            }
+            lag.lag_rows = Some(rows);
+            rows > 0
+        }
+        _ => lag.lag_bytes.is_some_and(|bytes| bytes > 0),
+    };
+    lag.lag = Some(if pending {
+        since
+    } else {
+        std::time::Duration::ZERO
+    });
+    Ok(())
+}

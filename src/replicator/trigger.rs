@@ -230,6 +230,12 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 }
             }
             let full = changes.rows() >= settings.batch_rows || bytes >= settings.batch_bytes;
+            if full || next.is_none() {
+                let read = u64::try_from(changes.rows()).unwrap_or(u64::MAX);
+                s.shared.update(|status| {
+                    *status.lag_rows.get_or_insert(0) += read;
+                });
+            }
             if (full || next.is_none()) && !changes.is_empty() {
                 if !claimed {
                     claim(&s.target, &schema, &s.spec.cluster, expected).await?;
@@ -251,7 +257,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         batch: expected + i64::from(claimed),
         mode: "trigger".to_owned(),
         snapshot: Some(current),
-        lsn: None,
+        lsn: position.map(|p| Position::new(p.lsn().saturating_sub(1))),
         copy_snapshot: None,
         system_id: Some(identity.system_id),
         timeline: Some(identity.timeline),
@@ -281,6 +287,7 @@ fn caught_up(s: &Session, position: Option<Position>) {
         s.shared.update(|status| {
             status.applied = Some(applied);
             status.lag_bytes = Some(0);
+            status.lag_rows = Some(0);
         });
         s.spec.routing_feed(applied);
     }

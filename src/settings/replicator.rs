@@ -123,6 +123,14 @@ pub struct ReplicatorSettings {
     /// Default: `"1s"`.
     #[serde(deserialize_with = "duration::required")]
     pub retry_interval: Duration,
+    /// The longest one step may take: one batch, or the copy of every table for a new target.
+    /// A step that takes longer (a connection that stopped answering, a network cut) ends the
+    /// session, which starts again after `retry_interval`. Raise it for initial copies of very
+    /// large tables.
+    ///
+    /// Default: `"60s"`.
+    #[serde(deserialize_with = "duration::required")]
+    pub step_timeout: Duration,
     /// What a target does when its source changed (another system or timeline) or its slot is
     /// lost: `"resync"` or `"stop"`.
     ///
@@ -142,6 +150,7 @@ impl Default for ReplicatorSettings {
             poll_interval: Duration::from_millis(50),
             notify: true,
             retry_interval: Duration::from_secs(1),
+            step_timeout: Duration::from_secs(60),
             on_source_change: ResyncPolicy::Resync,
         }
     }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod dev;
+mod replicator;
 mod status;
 
 /// The settings file used when none is given.
@@ -41,10 +42,28 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Manage the replicator's objects.
+    Replicator {
+        #[command(subcommand)]
+        command: ReplicatorCommand,
+    },
     /// Start throwaway local servers matching the endpoints of a settings file (standbys stream
     /// from the primary) and keep them until Ctrl-C, for pointing an application at.
     Dev {
         /// The settings file; every endpoint must be on 127.0.0.1 or localhost.
+        #[arg(default_value = DEFAULT_SETTINGS)]
+        settings: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicatorCommand {
+    /// Install (idempotently) what the replicator needs: the change tables and capture triggers
+    /// (trigger mode) or the publications (logical mode) on the primary, and the progress table
+    /// on each target; checks that every replicated table has a primary key and exists on every
+    /// target. Exits 1 with the reason when something is missing.
+    Install {
+        /// The settings file; `PGHERD_*` environment variables override it.
         #[arg(default_value = DEFAULT_SETTINGS)]
         settings: PathBuf,
     },
@@ -65,5 +84,8 @@ async fn main() -> ExitCode {
         Command::Check { settings } => check::run(&settings),
         Command::Status { settings, watch } => status::run(&settings, watch).await,
         Command::Dev { settings } => dev::run(&settings).await,
+        Command::Replicator {
+            command: ReplicatorCommand::Install { settings },
+        } => replicator::install(&settings).await,
     }
 }

@@ -32,6 +32,12 @@ pub(crate) async fn run(path: &Path, watch: bool) -> ExitCode {
             print!("\x1b[2J\x1b[H");
         }
         print!("{}", render(&endpoints));
+        if settings.replicator.enabled() {
+            match pgherd::replicator::survey(&settings).await {
+                Ok(lags) => print!("{}", render_replication(&lags)),
+                Err(error) => println!("replication: {error}"),
+            }
+        }
         if !watch {
             let all_up = endpoints.iter().all(|e| e.state == HealthState::Up);
             return if all_up {
@@ -45,6 +51,60 @@ pub(crate) async fn run(path: &Path, watch: bool) -> ExitCode {
             () = tokio::time::sleep(WATCH_EVERY) => {}
         }
     }
+}
+
+/// The replication table: target, batches applied, position, lag in rows, bytes and time.
+fn render_replication(lags: &[pgherd::replicator::TargetLag]) -> String {
+    let mut rows = vec![[
+        "replica",
+        "batches",
+        "applied",
+        "lag rows",
+        "lag bytes",
+        "lag",
+    ]
+    .map(str::to_owned)];
+    let mut problems = Vec::new();
+    let dash = || "-".to_owned();
+    for lag in lags {
+        rows.push([
+            lag.target.clone(),
+            lag.batch.to_string(),
+            lag.applied.map_or_else(dash, |p| p.to_string()),
+            lag.lag_rows.map_or_else(dash, |r| r.to_string()),
+            lag.lag_bytes.map_or_else(dash, |b| format!("{b} B")),
+            lag.lag
+                .map_or_else(dash, |d| format!("{:.0} ms", d.as_secs_f64() * 1000.0)),
+        ]);
+        if let Some(problem) = &lag.problem {
+            problems.push(format!("  {}: {problem}", lag.target));
+        }
+    }
+    let mut out = String::from("\n");
+    out.push_str(&table(rows));
+    for problem in problems {
+        out.push_str(&problem);
+        out.push('\n');
+    }
+    out
+}
+
+/// Rows as left-aligned columns.
+fn table<const N: usize>(rows: Vec<[String; N]>) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// The table: endpoint, role configured and seen, state, round trip, lag, position, timeline.
@@ -84,19 +144,7 @@ fn render(endpoints: &[EndpointHealth]) -> String {
             problems.push(format!("  {}: {error}", e.name));
         }
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = table(rows);
     for problem in problems {
         out.push_str(&problem);
         out.push('\n');
