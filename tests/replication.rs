@@ -261,3 +261,163 @@ mod convergence {
         faults(CaptureMode::Logical).await;
     }
 }
+
+mod edges {
+    //! A failover under the replicator, a table without a primary key, and reads after a
+    //! position served by a replica.
+
+    use std::time::Duration;
+
+    use pgherd::{
+        settings::{CaptureMode, FailoverMode},
+        testkit::{workload, Topology},
+        ErrorKind, Herd, Read, Routable, Write,
+    };
+
+    use super::support::{eventually, start};
+
+    #[actix_rt::test]
+    async fn trigger_mode_follows_a_promoted_standby_and_reports_the_timeline_change() {
+        let topology = start(Topology::builder().standbys(1).replica("replica")).await;
+        for node in [topology.primary(), topology.node("replica")] {
+            let client = node.connect().await.expect("connect");
+            workload::create_schema(&client).await.expect("schema");
+        }
+        let mut settings = topology.settings();
+        settings.failover.mode = FailoverMode::Promote;
+        settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        settings.replicator.step_timeout = Duration::from_secs(3);
+        let herd = Herd::start(settings).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        let mut spec = workload::WorkloadSpec::new(31);
+        spec.transactions = 50;
+        workload::run(&topology.primary().config(), &spec)
+            .await
+            .expect("workload");
+        topology
+            .standby(0)
+            .wait_streaming_from(topology.primary())
+            .await
+            .expect("streaming");
+        topology.primary().kill().expect("kill the primary");
+        let standby = topology.standby(0).name().to_owned();
+        eventually(
+            "the standby is promoted and accepted",
+            Duration::from_secs(30),
+            || {
+                let routes = herd.routes();
+                let standby = standby.clone();
+                async move { routes.iter().any(|r| r.primary && *r.name == *standby) }
+            },
+        )
+        .await;
+        herd.send(
+            Write::new(
+                "INSERT INTO wl_accounts (id, owner, balance) VALUES (999999, 'after failover', 1)",
+            )
+            .idempotent(),
+        )
+        .await
+        .expect("write on the new primary");
+        let primary = topology.standby(0).connect().await.expect("connect");
+        let replica = topology.node("replica").connect().await.expect("connect");
+        eventually(
+            "the replica equals the new primary",
+            Duration::from_secs(30),
+            || {
+                let (primary, replica) = (&primary, &replica);
+                async move {
+                    matches!(
+                        workload::compare(primary, replica, workload::TABLES).await,
+                        Ok(Ok(()))
+                    )
+                }
+            },
+        )
+        .await;
+        let status = herd.replication();
+        assert_eq!(
+            status[0].source.as_deref(),
+            Some(standby.as_str()),
+            "{status:?}"
+        );
+        assert!(
+            status[0].warnings.iter().any(|w| w.contains("timeline")),
+            "the change of timeline is reported: {status:?}"
+        );
+        herd.shutdown().await;
+    }
+
+    #[actix_rt::test]
+    async fn a_table_without_a_primary_key_is_refused_at_install() {
+        let topology = start(Topology::builder().replica("replica")).await;
+        for node in [topology.primary(), topology.node("replica")] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute("CREATE TABLE logbook (at timestamptz, line text)")
+                .await
+                .expect("schema");
+        }
+        let mut settings = topology.settings();
+        settings.replicator.tables = vec!["logbook".to_owned()];
+        let error = pgherd::replicator::install(&settings)
+            .await
+            .expect_err("refused");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(error.to_string().contains("has no primary key"), "{error}");
+        assert!(error.to_string().contains("public.logbook"), "{error}");
+    }
+
+    #[actix_rt::test]
+    async fn a_read_after_a_position_sent_to_a_replica_sees_the_write() {
+        for mode in [CaptureMode::Trigger, CaptureMode::Logical] {
+            let topology = start(
+                Topology::builder()
+                    .replica("replica")
+                    .logical(mode == CaptureMode::Logical),
+            )
+            .await;
+            for node in [topology.primary(), topology.node("replica")] {
+                node.connect()
+                    .await
+                    .expect("connect")
+                    .batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY)")
+                    .await
+                    .expect("schema");
+            }
+            let mut settings = topology.settings();
+            settings.replicator.mode = mode;
+            settings.replicator.tables = vec!["notes".to_owned()];
+            let herd = Herd::start(settings).expect("start");
+            herd.wait_ready(Duration::from_secs(15))
+                .await
+                .expect("ready");
+            for id in 0..50_i64 {
+                let written = herd
+                    .send(Write::new("INSERT INTO notes VALUES ($1)").bind(id))
+                    .await
+                    .expect("insert");
+                let position = written.position.expect("position");
+                let rows = herd
+                    .send(
+                        Read::new("SELECT count(*) FROM notes WHERE id = $1")
+                            .bind(id)
+                            .target("replica")
+                            .after(position),
+                    )
+                    .await
+                    .expect("read on the replica");
+                assert_eq!(
+                    rows[0].get::<_, i64>(0),
+                    1,
+                    "{mode:?}: the read missed write {id}"
+                );
+            }
+            herd.shutdown().await;
+        }
+    }
+}
