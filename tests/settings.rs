@@ -670,3 +670,55 @@ fn unknown_key_in_the_health_section() {
     let text = format!("{VALID}\n[health]\nintervall = \"1s\"\n");
     expect_problem(&text, &[], "health.intervall");
 }
+
+// ----- The replicator's settings. -----
+
+#[test]
+fn replicator_tables_without_a_replica_are_refused() {
+    let text = format!("{VALID}\n[replicator]\ntables = [\"accounts\"]\n");
+    let message = expect_problem(&text, &[], "replicator.tables");
+    assert!(message.contains("role = \"replica\""), "{message}");
+}
+
+#[test]
+fn replicator_targets_must_be_replicas_and_tables_names() {
+    let text = format!(
+        "{VALID}\n[replicator]\ntables = [\"a.b.c\"]\ntargets = [\"standby_1\", \"nowhere\"]\n"
+    );
+    let message = expect_problem(&text, &[], "replicator.tables[0]");
+    assert!(message.contains("not a table name"), "{message}");
+    let message = expect_problem(&text, &[], "replicator.targets[0]");
+    assert!(message.contains("role = \"standby\""), "{message}");
+    let message = expect_problem(&text, &[], "replicator.targets[1]");
+    assert!(message.contains("is not an endpoint"), "{message}");
+}
+
+#[test]
+fn replicator_mode_and_timings_are_checked() {
+    let text = format!("{VALID}\n[replicator]\nmode = \"wal2json\"\n");
+    let message = expect_problem(&text, &[], "replicator.mode");
+    assert!(message.contains("\"trigger\""), "{message}");
+    let text = format!("{VALID}\n[replicator]\npoll_interval = \"0s\"\nbatch_rows = 0\n");
+    expect_problem(&text, &[], "replicator.poll_interval");
+    expect_problem(&text, &[], "replicator.batch_rows");
+}
+
+#[test]
+fn replicator_settings_load_and_targets_default_to_the_replicas() {
+    let text = format!(
+        "{VALID}\n[endpoints.reporting]\nrole = \"replica\"\nhost = \"127.0.0.1\"\nport = 5440\n\
+         dbname = \"app\"\nuser = \"app\"\n\n[replicator]\nmode = \"logical\"\n\
+         tables = [\"accounts\", \"shop.orders\"]\npoll_interval = \"20ms\"\n"
+    );
+    let settings = Fixture::new().load(&text).expect("valid");
+    assert_eq!(
+        settings.replicator.mode,
+        pgherd::settings::CaptureMode::Logical
+    );
+    let targets: Vec<&str> = settings
+        .replication_targets()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(targets, ["reporting"]);
+}
