@@ -1,16 +1,20 @@
-//! The pgherd demo, in two acts, on a throwaway primary with two streaming standbys (one of them
-//! synchronous) and a herd in front of them.
+//! The pgherd demo, in three acts, on a throwaway primary with two streaming standbys (one of them
+//! synchronous), an independent `reporting` database kept equal by the replicator, and a herd in
+//! front of them.
 //!
 //! 1. A mixed workload; then each server is asked what it ran: reads on the standbys, writes on
 //!    the primary.
-//! 2. The primary is SIGKILLed mid-workload. The herd (`failover.mode = "promote"`) promotes the
+//! 2. A randomized write workload on three tables (inserts, updates, deletes, key changes,
+//!    TRUNCATE, long and short transactions) while the replicator keeps `reporting` equal; the
+//!    lag is shown as it goes, and the tables are compared at the end.
+//! 3. The primary is SIGKILLed mid-workload. The herd (`failover.mode = "promote"`) promotes the
 //!    most advanced standby and reports the failover; the old primary is restarted, comes back
 //!    writable on its old timeline and is fenced; the workload goes on throughout.
 //!
 //! `cargo run --example demo` finishes by itself in seconds and exits non-zero if anything
 //! unexpected happened: reads not spread over both standbys, a write on a standby, an
-//! acknowledged write missing after the failover, a failed read or write, or traffic reaching the
-//! fenced old primary.
+//! acknowledged write missing after the failover, a failed read or write, traffic reaching the
+//! fenced old primary, or a replica table that differs from the primary's.
 
 use std::{
     cell::{Cell, RefCell},
@@ -23,7 +27,7 @@ use std::{
 use futures_util::future::join_all;
 use pgherd::{
     settings::FailoverMode,
-    testkit::{Node, Topology},
+    testkit::{workload, Node, Topology},
     Batch, FailoverEvent, Herd, Intent, Params, Query, QueryResult, Read, Routable, Transact,
     Write,
 };
@@ -176,7 +180,7 @@ impl actix::Handler<FailoverEvent> for Narrator {
     }
 }
 
-/// What the workload of the second act saw.
+/// What the workload of the third act saw.
 #[derive(Default)]
 struct Outcomes {
     acked: Vec<i64>,
@@ -267,7 +271,85 @@ async fn event(
     }
 }
 
-/// The second act: the primary dies mid-workload, a standby is promoted, the old primary comes
+/// Waits until every standby has replayed the creation of `table`.
+async fn standbys_have(topology: &Topology, table: &str) -> Result<(), Box<dyn std::error::Error>> {
+    for standby in topology.standbys() {
+        let client = standby.connect().await?;
+        let probe = format!("SELECT 1 FROM {table} LIMIT 1");
+        while client.query_opt(&probe, &[]).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+/// The second act: a randomized write workload straight on the primary while the replicator
+/// keeps `reporting` equal; the lag is sampled as it goes. True when the tables end up equal.
+async fn replication_act(
+    topology: &Topology,
+    herd: &Herd,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    println!(
+        "act 2: a randomized write workload on 3 tables; the replicator keeps `reporting` equal"
+    );
+    let config = topology.primary().config();
+    let spec = workload::WorkloadSpec::new(2026);
+    let started = Instant::now();
+    let writes = actix_rt::spawn(async move { workload::run(&config, &spec).await });
+    let mut samples = 0;
+    while !writes.is_finished() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(status) = herd.replication().first() {
+            samples += 1;
+            if samples <= 8 {
+                println!(
+                    "  t={:>5} ms  {:?}: {} batches, {} rows applied, lag {} ms / {} B",
+                    started.elapsed().as_millis(),
+                    status.state,
+                    status.batches,
+                    status.rows,
+                    status.lag.map_or(0, |lag| lag.as_millis()),
+                    status.lag_bytes.unwrap_or(0),
+                );
+            }
+        }
+    }
+    let report = writes.await??;
+    let committed_at = Instant::now();
+    println!(
+        "  the workload committed {} transactions ({} rolled back, {} truncates) in {} ms",
+        report.committed,
+        report.rolled_back,
+        report.truncates,
+        started.elapsed().as_millis()
+    );
+    let primary = topology.primary().connect().await?;
+    let reporting = topology.node("reporting").connect().await?;
+    loop {
+        match workload::compare(&primary, &reporting, workload::TABLES).await? {
+            Ok(()) => break,
+            Err(difference) if committed_at.elapsed() > Duration::from_secs(20) => {
+                println!("  the replica still differs after 20 s:\n{difference}");
+                return Ok(false);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    println!(
+        "  equal {} ms after the last commit:",
+        committed_at.elapsed().as_millis()
+    );
+    for table in workload::TABLES {
+        let digest = workload::digest(&reporting, table).await?;
+        println!(
+            "    {:<20} {:>5} rows  md5 {}",
+            digest.table, digest.rows, digest.md5
+        );
+    }
+    Ok(true)
+}
+
+/// The third act: the primary dies mid-workload, a standby is promoted, the old primary comes
 /// back and is fenced. Returns whether everything went as expected.
 async fn failover_act(
     topology: &Topology,
@@ -278,9 +360,10 @@ async fn failover_act(
     let limit = Duration::from_secs(15);
     herd.send(Write::new("CREATE TABLE ledger (id bigint PRIMARY KEY)"))
         .await?;
+    standbys_have(topology, "ledger").await?;
     let stop = Rc::new(Cell::new(false));
     let outcomes = Rc::new(RefCell::new(Outcomes::default()));
-    println!("act 2: 4 writers and 2 readers; the primary is killed mid-workload");
+    println!("act 3: 4 writers and 2 readers; the primary is killed mid-workload");
     let tasks = start_workload(herd, &stop, &outcomes);
     acknowledged(&outcomes, 200, limit).await;
 
@@ -431,13 +514,20 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let started = Instant::now();
-    println!("starting a primary and two streaming standbys (one synchronous) ...");
+    println!(
+        "starting a primary, two streaming standbys (one synchronous) and a reporting replica ..."
+    );
     let topology = Topology::builder()
         .standbys(2)
         .synchronous(1)
+        .replica("reporting")
         .stat_statements(true)
+        .server_setting("deadlock_timeout", "'50ms'")
         .start()
         .await?;
+    for node in [topology.primary(), topology.node("reporting")] {
+        workload::create_schema(&node.connect().await?).await?;
+    }
     for node in topology.nodes() {
         println!(
             "  {:<10} {:<8} 127.0.0.1:{}",
@@ -449,6 +539,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     let mut settings = topology.settings();
     settings.failover.mode = FailoverMode::Promote;
+    settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
     let killed = Rc::new(Cell::new(None));
     let events = Rc::new(RefCell::new(Vec::new()));
     let narrator = actix::Actor::start(Narrator {
@@ -470,16 +561,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     )
     .await?;
     // Let the standbys replay the tables before reading from them.
-    for standby in topology.standbys() {
-        let client = standby.connect().await?;
-        while client
-            .query_one("SELECT 1 FROM accounts LIMIT 1", &[])
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    standbys_have(&topology, "accounts").await?;
 
     println!("act 1: {WORKERS} workers x {ROUNDS} messages through the herd ...");
     let workload = Instant::now();
@@ -539,6 +621,13 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         "{}: reads went to the standbys only, writes to the primary only",
         if ok { "OK" } else { "UNEXPECTED" },
     );
+
+    let replication_ok = replication_act(&topology, &herd).await?;
+    println!(
+        "{}: the reporting replica equals the primary, table by table",
+        if replication_ok { "OK" } else { "UNEXPECTED" },
+    );
+    ok &= replication_ok;
 
     let failover_ok = failover_act(&topology, &herd, &killed, &events).await?;
     herd.shutdown().await;
