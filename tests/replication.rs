@@ -421,3 +421,171 @@ mod edges {
         }
     }
 }
+
+mod targets {
+    //! Several targets with independent progress, and a lost slot.
+
+    use std::time::Duration;
+
+    use pgherd::{
+        settings::CaptureMode,
+        testkit::{workload, Topology},
+        Herd, ReplicationState,
+    };
+
+    use super::support::{eventually, start};
+
+    async fn equal(topology: &Topology, replica: &str) -> bool {
+        let primary = topology.primary().connect().await.expect("connect");
+        let Ok(replica) = topology.node(replica).connect().await else {
+            return false;
+        };
+        matches!(
+            workload::compare(&primary, &replica, workload::TABLES).await,
+            Ok(Ok(()))
+        )
+    }
+
+    #[actix_rt::test]
+    async fn a_target_that_is_down_holds_no_other_back_and_catches_up() {
+        let topology = start(
+            Topology::builder()
+                .replica("replica_a")
+                .replica("replica_b")
+                .server_setting("deadlock_timeout", "'20ms'"),
+        )
+        .await;
+        for node in topology.nodes() {
+            let client = node.connect().await.expect("connect");
+            workload::create_schema(&client).await.expect("schema");
+        }
+        let mut settings = topology.settings();
+        settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        settings.replicator.step_timeout = Duration::from_secs(3);
+        let herd = Herd::start(settings.clone()).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        eventually("both targets stream", Duration::from_secs(15), || {
+            let status = herd.replication();
+            async move {
+                status
+                    .iter()
+                    .all(|s| s.state == ReplicationState::Streaming)
+            }
+        })
+        .await;
+        topology
+            .node("replica_a")
+            .stop()
+            .await
+            .expect("stop replica_a");
+        let mut spec = workload::WorkloadSpec::new(41);
+        spec.transactions = 60;
+        workload::run(&topology.primary().config(), &spec)
+            .await
+            .expect("workload");
+        eventually(
+            "replica_b converges while replica_a is down",
+            Duration::from_secs(30),
+            || equal(&topology, "replica_b"),
+        )
+        .await;
+        let a = herd
+            .replication()
+            .into_iter()
+            .find(|s| &*s.target == "replica_a")
+            .expect("status of replica_a");
+        assert_eq!(a.state, ReplicationState::Retrying, "{a:?}");
+        assert!(a.last_error.is_some(), "{a:?}");
+        let lags = pgherd::replicator::survey(&settings).await.expect("survey");
+        let lag_a = lags
+            .iter()
+            .find(|l| l.target == "replica_a")
+            .expect("replica_a");
+        assert!(
+            lag_a.problem.is_some(),
+            "a target that is down is reported: {lag_a:?}"
+        );
+        let lag_b = lags
+            .iter()
+            .find(|l| l.target == "replica_b")
+            .expect("replica_b");
+        assert_eq!(lag_b.lag_rows, Some(0), "{lag_b:?}");
+        topology
+            .node("replica_a")
+            .start()
+            .await
+            .expect("start replica_a");
+        eventually("replica_a catches up", Duration::from_secs(30), || {
+            equal(&topology, "replica_a")
+        })
+        .await;
+        herd.shutdown().await;
+    }
+
+    #[actix_rt::test]
+    async fn a_lost_slot_is_reported_and_the_target_copied_again() {
+        let topology = start(
+            Topology::builder()
+                .replica("replica")
+                .logical(true)
+                .server_setting("deadlock_timeout", "'20ms'"),
+        )
+        .await;
+        for node in topology.nodes() {
+            let client = node.connect().await.expect("connect");
+            workload::create_schema(&client).await.expect("schema");
+        }
+        let mut settings = topology.settings();
+        settings.replicator.mode = CaptureMode::Logical;
+        settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        let herd = Herd::start(settings).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        let mut spec = workload::WorkloadSpec::new(51);
+        spec.transactions = 30;
+        workload::run(&topology.primary().config(), &spec)
+            .await
+            .expect("workload");
+        eventually("the replica converges", Duration::from_secs(30), || {
+            equal(&topology, "replica")
+        })
+        .await;
+        // The slot disappears (dropped by someone, or lost): the changes it held are gone.
+        let admin = topology.primary().connect_admin().await.expect("admin");
+        eventually("the slot is dropped", Duration::from_secs(10), || {
+            let admin = &admin;
+            async move {
+                admin
+                    .batch_execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                         WHERE slot_name = 'pgherd_replica' AND active; \
+                         SELECT pg_drop_replication_slot('pgherd_replica')",
+                    )
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        spec.seed = 52;
+        workload::run(&topology.primary().config(), &spec)
+            .await
+            .expect("workload");
+        eventually(
+            "the replica converges again",
+            Duration::from_secs(30),
+            || equal(&topology, "replica"),
+        )
+        .await;
+        let status = herd.replication();
+        assert!(
+            status[0].warnings.iter().any(|w| w.contains("slot")),
+            "the lost slot is reported: {status:?}"
+        );
+        herd.shutdown().await;
+    }
+}
