@@ -163,10 +163,27 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let function = format!("{schema}.{}", quote_ident(&object_name(table, "/capture")));
         let keys: Vec<String> = table.key_columns().map(|c| quote_ident(&c.name)).collect();
         let keys = keys.join(", ");
+        // One row per statement, holding the statement's keys in one array per key column: a
+        // bulk statement writes one row, not one per changed row.
         let key_defs: Vec<String> = table
             .key_columns()
-            .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
+            .map(|c| format!("{} {}[] NOT NULL", quote_ident(&c.name), c.type_name))
             .collect();
+        let aggregate = |rows: &str| -> String {
+            let arrays: Vec<String> = table
+                .key_columns()
+                .map(|c| format!("array_agg({})", quote_ident(&c.name)))
+                .collect();
+            format!(
+                "SELECT {} FROM {rows} HAVING count(*) > 0",
+                arrays.join(", ")
+            )
+        };
+        let inserted = aggregate("new_rows");
+        let deleted = aggregate("old_rows");
+        let updated = aggregate(&format!(
+            "(SELECT {keys} FROM new_rows UNION ALL SELECT {keys} FROM old_rows) AS changed"
+        ));
         let index = quote_ident(&object_name(table, "/txid"));
         let name = table.qualified();
         let display = quote_literal(&table.display());
@@ -177,11 +194,11 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
              CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $pgherd$\n\
              BEGIN\n\
                IF TG_OP = 'INSERT' THEN\n\
-                 INSERT INTO {log} ({keys}) SELECT {keys} FROM new_rows;\n\
+                 INSERT INTO {log} ({keys}) {inserted};\n\
                ELSIF TG_OP = 'DELETE' THEN\n\
-                 INSERT INTO {log} ({keys}) SELECT {keys} FROM old_rows;\n\
+                 INSERT INTO {log} ({keys}) {deleted};\n\
                ELSIF TG_OP = 'UPDATE' THEN\n\
-                 INSERT INTO {log} ({keys}) SELECT {keys} FROM new_rows UNION SELECT {keys} FROM old_rows;\n\
+                 INSERT INTO {log} ({keys}) {updated};\n\
                ELSE\n\
                  INSERT INTO {schema}.truncations (tbl) VALUES ({display});\n\
                END IF;\n\
@@ -305,7 +322,13 @@ mod tests {
             sql.contains("CREATE TABLE IF NOT EXISTS \"pgherd\".\"shop.Or\"\"ders\""),
             "{sql}"
         );
-        assert!(sql.contains("SELECT \"id\" FROM new_rows UNION SELECT \"id\" FROM old_rows"));
+        assert!(
+            sql.contains(
+                "SELECT array_agg(\"id\") FROM (SELECT \"id\" FROM new_rows UNION ALL SELECT \"id\" \
+                 FROM old_rows) AS changed HAVING count(*) > 0"
+            ),
+            "{sql}"
+        );
         assert!(sql.contains("AFTER TRUNCATE ON \"shop\".\"Or\"\"ders\""));
         assert!(sql.contains("pg_notify('pgherd_changes', '')"));
     }

@@ -133,8 +133,9 @@ pub struct TargetLag {
     pub batch: i64,
     /// The source position it holds everything up to, once a batch was applied.
     pub applied: Option<crate::Position>,
-    /// Changed rows (keys) on the primary it has not applied yet (`trigger` mode; `None` in
-    /// `logical` mode, where counting would mean decoding).
+    /// Changes on the primary it has not applied yet, counted as the keys the capture triggers
+    /// logged (a row changed by two statements counts twice; an update logs its old and new
+    /// key). `trigger` mode only: `None` in `logical` mode, where counting would mean decoding.
     pub lag_rows: Option<u64>,
     /// WAL bytes of the primary after `applied`.
     pub lag_bytes: Option<u64>,
@@ -229,8 +230,10 @@ async fn measure(
                 let count: i64 = source
                     .query_one(
                         &format!(
-                            "SELECT count(*) FROM {} WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot) \
+                            "SELECT coalesce(sum(cardinality({})), 0)::int8 FROM {} \
+                             WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot) \
                              AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot)",
+                            crate::sql::quote_ident(&table.columns[table.key[0]].name),
                             objects::change_table(&replicator.schema, table)
                         ),
                         &[&snapshot],

@@ -78,12 +78,15 @@ fn dirty_sql(schema: &str, table: &TableInfo) -> String {
         .iter()
         .map(|c| format!("t.{}::text", quote_ident(&c.name)))
         .collect();
+    let arrays: Vec<String> = keys.iter().map(|k| format!("log.{k}")).collect();
     format!(
-        "SELECT t.{first} IS NULL, {}, {} FROM (SELECT DISTINCT {} FROM {log} \
-         WHERE txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(txid, $2::text::pg_snapshot)) AS k \
+        "SELECT t.{first} IS NULL, {}, {} FROM (SELECT DISTINCT {} FROM {log} AS log, unnest({}) AS k({}) \
+         WHERE log.txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(log.txid, $2::text::pg_snapshot)) AS k \
          LEFT JOIN ONLY {} AS t ON {}",
         key_text.join(", "),
         row_text.join(", "),
+        keys.iter().map(|k| format!("k.{k}")).collect::<Vec<_>>().join(", "),
+        arrays.join(", "),
         keys.join(", "),
         table.qualified(),
         join.join(" AND "),
@@ -362,10 +365,10 @@ mod tests {
         assert_eq!(
             dirty_sql("pgherd", &table),
             "SELECT t.\"region\" IS NULL, k.\"region\"::text, k.\"no\"::text, t.\"region\"::text, \
-             t.\"no\"::text, t.\"note\"::text FROM (SELECT DISTINCT \"region\", \"no\" FROM \
-             \"pgherd\".\"public.orders\" WHERE txid >= $1::text::xid8 AND NOT \
-             pg_visible_in_snapshot(txid, $2::text::pg_snapshot)) AS k LEFT JOIN ONLY \
-             \"public\".\"orders\" AS t ON t.\"region\" = k.\"region\" AND t.\"no\" = k.\"no\""
+             t.\"no\"::text, t.\"note\"::text FROM (SELECT DISTINCT k.\"region\", k.\"no\" FROM \
+             \"pgherd\".\"public.orders\" AS log, unnest(log.\"region\", log.\"no\") AS k(\"region\", \"no\") \
+             WHERE log.txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(log.txid, $2::text::pg_snapshot)) AS k \
+             LEFT JOIN ONLY \"public\".\"orders\" AS t ON t.\"region\" = k.\"region\" AND t.\"no\" = k.\"no\""
         );
     }
 }
