@@ -98,16 +98,16 @@ impl<'a> Folder<'a> {
     }
 
     /// A row of the stream in the table's column order, with which columns are present.
-    fn row(&self, mapping: &Mapping, tuple: Vec<Value>) -> Result<(Row, Vec<bool>), Error> {
+    fn row(&self, mapping: &Mapping, tuple: &[Value]) -> Result<(Row, Vec<bool>), Error> {
         let width = self.tables[mapping.table].columns.len();
         let mut row = vec![None; width];
         let mut present = vec![false; width];
-        for (value, column) in tuple.into_iter().zip(&mapping.columns) {
+        for (value, column) in tuple.iter().zip(&mapping.columns) {
             let Some(column) = *column else { continue };
             match value {
                 Value::Null => present[column] = true,
                 Value::Text(text) => {
-                    row[column] = Some(text);
+                    row[column] = Some(text.clone());
                     present[column] = true;
                 }
                 Value::UnchangedToast => {}
@@ -188,7 +188,7 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (row, _) = self.row(mapping, new)?;
+                let (row, _) = self.row(mapping, &new)?;
                 let key = self.key(table, &row)?;
                 self.set(table, key, Entry::Upsert(row));
             }
@@ -202,8 +202,8 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (mut row, mut present) = self.row(mapping, new)?;
-                let old = match old {
+                let (mut row, mut present) = self.row(mapping, &new)?;
+                let old = match &old {
                     Some(old) => Some(self.row(mapping, old)?),
                     None => None,
                 };
@@ -272,7 +272,7 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (row, _) = self.row(mapping, old)?;
+                let (row, _) = self.row(mapping, &old)?;
                 let key = self.key(table, &row)?;
                 self.set(table, key, Entry::Delete);
             }
@@ -298,6 +298,10 @@ impl<'a> Folder<'a> {
         Ok(None)
     }
 
+    fn is_empty(&self) -> bool {
+        self.rows == 0 && self.pending.iter().all(|p| !p.truncate)
+    }
+
     /// Takes everything folded so far.
     fn take(&mut self) -> Vec<TableChanges> {
         self.rows = 0;
@@ -309,83 +313,16 @@ impl<'a> Folder<'a> {
     }
 }
 
-/// Why reading the stream paused.
-#[derive(Debug)]
-enum Pause {
-    /// A commit ended with a full step folded.
-    Full,
-    /// The peek has no more.
-    End,
-    /// A key change to apply on its own, after what was folded before it.
-    Move(Move),
-}
-
-/// Where the reading of one peek stands.
-#[derive(Debug)]
-struct Reader {
-    watermark: Position,
-    copy_snapshot: Option<Snapshot>,
-    /// The current transaction was applied before (at or below the watermark) or came with
-    /// the initial copy.
-    skip: bool,
-    last_commit: Option<Position>,
-    changes: usize,
-}
-
-impl Reader {
-    /// Reads and folds messages until a full step, a key change to apply on its own, or the
-    /// end of the peek.
-    async fn read(
-        &mut self,
-        mut stream: std::pin::Pin<&mut tokio_postgres::RowStream>,
-        folder: &mut Folder<'_>,
-        settings: &crate::settings::ReplicatorSettings,
-    ) -> Result<Pause, Error> {
-        while let Some(row) = stream.try_next().await.map_err(Error::from_postgres)? {
-            self.changes += 1;
-            let data: &[u8] = row.get(0);
-            let message = pgoutput::parse(data).map_err(|e| Error::mapping(e.to_string()))?;
-            match &message {
-                Message::Begin { final_lsn, xid, .. } => {
-                    let seen = *final_lsn < self.watermark.lsn();
-                    let copied = self
-                        .copy_snapshot
-                        .as_ref()
-                        .is_some_and(|snapshot| snapshot.visible(snapshot.widen(*xid)));
-                    self.skip = seen || copied;
-                }
-                Message::Commit { end_lsn, .. } => {
-                    self.last_commit = Some(Position::new(*end_lsn));
-                    if folder.rows >= settings.batch_rows || folder.bytes >= settings.batch_bytes {
-                        return Ok(Pause::Full);
-                    }
-                }
-                // Relations are needed even for skipped transactions: they are sent once.
-                Message::Relation(_) => {
-                    folder.fold(message)?;
-                }
-                _ if self.skip => {}
-                _ => {
-                    if let Some(moved) = folder.fold(message)? {
-                        return Ok(Pause::Move(moved));
-                    }
-                }
-            }
-        }
-        Ok(Pause::End)
-    }
-}
-
 /// Applies folded changes within the target transaction.
 async fn apply_all(
     target: &tokio_postgres::Client,
     plans: &[TableSql],
-    changes: &[TableChanges],
+    changes: Vec<TableChanges>,
 ) -> Result<u64, Error> {
     let mut rows = 0;
     for (plan, changes) in plans.iter().zip(changes) {
         if !changes.is_empty() {
-            rows += plan.apply(target, changes).await.map_err(target_error)?;
+            rows += plan.apply(target, &changes).await.map_err(target_error)?;
         }
     }
     Ok(rows)
@@ -469,7 +406,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     let stream = s
         .source
         .query_raw(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(\
+            "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes(\
              $1, $2::text::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)",
             params,
         )
@@ -477,58 +414,63 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         .map_err(source_error)?;
     futures_util::pin_mut!(stream);
     let mut folder = Folder::new(&s.tables);
-    let mut reader = Reader {
-        watermark,
-        copy_snapshot,
-        skip: false,
-        last_commit: None,
-        changes: 0,
-    };
     let mut claimed = false;
+    let mut skip = false;
+    let mut last_commit: Option<Position> = None;
+    let mut changes = 0usize;
     let mut rows = 0;
     let schema = s.schema();
     let expected = s.progress.batch;
-    // While one step is applied on the target, the next is read and folded.
-    let mut ready: Vec<TableChanges> = Vec::new();
-    loop {
-        if ready.iter().any(|c| !c.is_empty()) && !claimed {
+    while let Some(row) = stream.try_next().await.map_err(source_error)? {
+        changes += 1;
+        let data: &[u8] = row.get(2);
+        let message = pgoutput::parse(data).map_err(|e| Error::mapping(e.to_string()))?;
+        match &message {
+            Message::Begin { final_lsn, xid, .. } => {
+                let seen = *final_lsn < watermark.lsn();
+                let copied = copy_snapshot
+                    .as_ref()
+                    .is_some_and(|snapshot| snapshot.visible(snapshot.widen(*xid)));
+                skip = seen || copied;
+            }
+            Message::Commit { end_lsn, .. } => {
+                last_commit = Some(Position::new(*end_lsn));
+                if folder.rows >= settings.batch_rows || folder.bytes >= settings.batch_bytes {
+                    if !claimed {
+                        claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+                        claimed = true;
+                    }
+                    rows += apply_all(&s.target, &s.plans, folder.take()).await?;
+                }
+            }
+            // Relations are needed even for skipped transactions: they are sent once.
+            Message::Relation(_) => {
+                folder.fold(message)?;
+            }
+            _ if skip => {}
+            _ => {
+                if let Some(moved) = folder.fold(message)? {
+                    if !claimed {
+                        claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+                        claimed = true;
+                    }
+                    rows += apply_all(&s.target, &s.plans, folder.take()).await?;
+                    rows += s.plans[moved.table]
+                        .move_row(&s.target, &moved.old_key, &moved.present, &moved.row)
+                        .await
+                        .map_err(target_error)?;
+                }
+            }
+        }
+    }
+    let drained = changes < usize::try_from(limit).unwrap_or(usize::MAX);
+    if !folder.is_empty() {
+        if !claimed {
             claim(&s.target, &schema, &s.spec.cluster, expected).await?;
             claimed = true;
         }
-        let applying = apply_all(&s.target, &s.plans, &ready);
-        let reading = reader.read(stream.as_mut(), &mut folder, &settings);
-        let (applied, pause) = futures_util::join!(applying, reading);
-        rows += applied?;
-        let pause = pause.map_err(|e| e.with_endpoint(&source_name))?;
-        ready = folder.take();
-        match pause {
-            Pause::Full => continue,
-            Pause::End => {}
-            Pause::Move(moved) => {
-                if !claimed {
-                    claim(&s.target, &schema, &s.spec.cluster, expected).await?;
-                    claimed = true;
-                }
-                rows += apply_all(&s.target, &s.plans, &ready).await?;
-                ready.clear();
-                rows += s.plans[moved.table]
-                    .move_row(&s.target, &moved.old_key, &moved.present, &moved.row)
-                    .await
-                    .map_err(target_error)?;
-                continue;
-            }
-        }
-        if ready.iter().any(|c| !c.is_empty()) {
-            if !claimed {
-                claim(&s.target, &schema, &s.spec.cluster, expected).await?;
-                claimed = true;
-            }
-            rows += apply_all(&s.target, &s.plans, &ready).await?;
-        }
-        break;
+        rows += apply_all(&s.target, &s.plans, folder.take()).await?;
     }
-    let last_commit = reader.last_commit;
-    let drained = reader.changes < usize::try_from(limit).unwrap_or(usize::MAX);
     let applied = claimed;
     let mut progress = s.progress.clone();
     if let Some(end) = last_commit {

@@ -202,6 +202,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             continue;
         }
         let Some(previous) = &previous else { continue };
+        let mut changes = TableChanges {
+            truncate: truncated.contains(&table.display()),
+            ..TableChanges::default()
+        };
+        let mut bytes = 0;
         let statement = dirty_sql(&settings.schema, table);
         let stream = transaction
             .query_raw(
@@ -212,39 +217,43 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             .map_err(source_error)?;
         futures_util::pin_mut!(stream);
         let width = table.key.len();
-        // While one step is applied on the target, the next is read from the primary.
-        let mut ready = TableChanges {
-            truncate: truncated.contains(&table.display()),
-            ..TableChanges::default()
-        };
-        let mut finished = false;
-        while !finished || !ready.is_empty() {
-            if !ready.is_empty() && !claimed {
-                claim(&s.target, &schema, &s.spec.cluster, expected).await?;
-                claimed = true;
+        loop {
+            let next = stream.try_next().await.map_err(source_error)?;
+            if let Some(row) = &next {
+                let gone: bool = row.get(0);
+                if gone {
+                    let key: Vec<String> = (1..=width).map(|i| row.get(i)).collect();
+                    bytes += key.iter().map(String::len).sum::<usize>();
+                    changes.deletes.push(key);
+                } else {
+                    let values: Vec<Option<String>> =
+                        (1 + width..row.len()).map(|i| row.get(i)).collect();
+                    bytes += values.iter().flatten().map(String::len).sum::<usize>();
+                    changes.upserts.push(values);
+                }
             }
-            let applying = async {
-                if ready.is_empty() {
-                    return Ok(0);
+            let full = changes.rows() >= settings.batch_rows || bytes >= settings.batch_bytes;
+            if full || next.is_none() {
+                let read = u64::try_from(changes.rows()).unwrap_or(u64::MAX);
+                s.shared.update(|status| {
+                    *status.lag_rows.get_or_insert(0) += read;
+                });
+            }
+            if (full || next.is_none()) && !changes.is_empty() {
+                if !claimed {
+                    claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+                    claimed = true;
                 }
-                plan.apply(&s.target, &ready).await.map_err(target_error)
-            };
-            let reading = async {
-                if finished {
-                    return Ok((TableChanges::default(), true));
-                }
-                read_step(stream.as_mut(), width, settings)
+                rows += plan
+                    .apply(&s.target, &changes)
                     .await
-                    .map_err(source_error)
-            };
-            let (applied, read) = futures_util::join!(applying, reading);
-            rows += applied?;
-            let (next, end) = read?;
-            let count = u64::try_from(next.rows()).unwrap_or(u64::MAX);
-            s.shared
-                .update(|status| *status.lag_rows.get_or_insert(0) += count);
-            ready = next;
-            finished = end;
+                    .map_err(target_error)?;
+                changes = TableChanges::default();
+                bytes = 0;
+            }
+            if next.is_none() {
+                break;
+            }
         }
     }
     let progress = Progress {
@@ -270,32 +279,6 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     } else {
         Step::Idle
     })
-}
-
-/// Reads the next step of changed rows (at most `batch_rows` rows and about `batch_bytes`
-/// bytes); true when the query has no more.
-async fn read_step(
-    mut stream: std::pin::Pin<&mut tokio_postgres::RowStream>,
-    width: usize,
-    settings: &ReplicatorSettings,
-) -> Result<(TableChanges, bool), tokio_postgres::Error> {
-    let mut changes = TableChanges::default();
-    let mut bytes = 0;
-    while changes.rows() < settings.batch_rows && bytes < settings.batch_bytes {
-        let Some(row) = stream.try_next().await? else {
-            return Ok((changes, true));
-        };
-        if row.get::<_, bool>(0) {
-            let key: Vec<String> = (1..=width).map(|i| row.get(i)).collect();
-            bytes += key.iter().map(String::len).sum::<usize>();
-            changes.deletes.push(key);
-        } else {
-            let values: Vec<Option<String>> = (1 + width..row.len()).map(|i| row.get(i)).collect();
-            bytes += values.iter().flatten().map(String::len).sum::<usize>();
-            changes.upserts.push(values);
-        }
-    }
-    Ok((changes, false))
 }
 
 /// The target now holds every commit that was visible before `position` was read.
