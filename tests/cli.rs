@@ -331,3 +331,55 @@ async fn status_shows_each_endpoint_and_fails_when_one_is_down() {
         "says why: {stdout}"
     );
 }
+
+#[tokio::test]
+async fn replicator_install_prepares_both_sides_and_status_shows_the_replica() {
+    let topology = support::start(pgherd::testkit::Topology::builder().replica("replica")).await;
+    for node in [topology.primary(), topology.node("replica")] {
+        node.connect()
+            .await
+            .expect("connect")
+            .batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY, body text)")
+            .await
+            .expect("schema");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = dir.path().join("Settings.toml");
+    topology.write_settings(&settings).expect("write settings");
+    let mut text = std::fs::read_to_string(&settings).expect("read");
+    text.push_str("\n[replicator]\ntables = [\"notes\"]\n");
+    std::fs::write(&settings, text).expect("write");
+    let path = settings.to_str().expect("utf-8");
+
+    let output = pgherd(&["replicator", "install", path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("capture triggers on 1 table(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("replica: progress table"), "{stdout}");
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute("INSERT INTO notes VALUES (1, 'logged by the trigger')")
+        .await
+        .expect("insert");
+    let logged: i64 = primary
+        .query_one("SELECT count(*) FROM pgherd.\"public.notes\"", &[])
+        .await
+        .expect("the change table")
+        .get(0);
+    assert_eq!(logged, 1);
+
+    let output = pgherd(&["status", path], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("lag rows"), "{stdout}");
+    assert!(
+        stdout.contains("no batch applied yet"),
+        "a replica no herd has written to says so: {stdout}"
+    );
+}

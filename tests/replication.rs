@@ -589,3 +589,70 @@ mod targets {
         herd.shutdown().await;
     }
 }
+
+mod added {
+    //! A table added to the settings later is copied, and the others go on streaming.
+
+    use std::time::Duration;
+
+    use pgherd::{testkit::Topology, Herd};
+
+    use super::{converge, start, SCHEMA};
+
+    #[actix_rt::test]
+    async fn a_table_added_later_is_copied_in_trigger_mode() {
+        let topology = start(Topology::builder().replica("replica")).await;
+        for node in [topology.primary(), topology.node("replica")] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute(SCHEMA)
+                .await
+                .expect("schema");
+        }
+        let primary = topology.primary().connect().await.expect("connect");
+        primary
+            .batch_execute(
+                "INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 100) g;
+                 INSERT INTO pairs VALUES ('before', 1, '{}'), ('before', 2, '[]');",
+            )
+            .await
+            .expect("rows");
+        let mut settings = topology.settings();
+        settings.replicator.tables = vec!["items".to_owned()];
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        let herd = Herd::start(settings.clone()).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        let replica = topology.node("replica").connect().await.expect("connect");
+        super::support::eventually("items copied", Duration::from_secs(15), || {
+            let replica = &replica;
+            async move {
+                replica
+                    .query_one("SELECT count(*) FROM items", &[])
+                    .await
+                    .is_ok_and(|row| row.get::<_, i64>(0) == 100)
+            }
+        })
+        .await;
+        herd.shutdown().await;
+        let pairs: i64 = replica
+            .query_one("SELECT count(*) FROM pairs", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(pairs, 0, "pairs is not replicated yet");
+        primary
+            .batch_execute("UPDATE items SET name = 'while stopped' WHERE id <= 10")
+            .await
+            .expect("update");
+        settings.replicator.tables.push("pairs".to_owned());
+        let herd = Herd::start(settings).expect("start again");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        converge(&topology).await;
+        herd.shutdown().await;
+    }
+}
