@@ -590,3 +590,162 @@ async fn copy(
     s.progress = progress;
     Ok(Step::Applied { rows, more: true })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicator::{
+        catalog::ColumnInfo,
+        pgoutput::{Column, Relation},
+    };
+
+    fn tables() -> Vec<TableInfo> {
+        let column = |name: &str| ColumnInfo {
+            name: name.to_owned(),
+            type_name: "text".to_owned(),
+        };
+        vec![TableInfo {
+            schema: "public".to_owned(),
+            name: "docs".to_owned(),
+            columns: vec![column("id"), column("title"), column("body")],
+            key: vec![0],
+        }]
+    }
+
+    fn relation() -> Message {
+        let column = |name: &str, key| Column {
+            key,
+            name: name.to_owned(),
+            type_id: 25,
+            type_modifier: -1,
+        };
+        Message::Relation(Relation {
+            id: 7,
+            namespace: "public".to_owned(),
+            name: "docs".to_owned(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", true),
+                column("title", false),
+                column("body", false),
+            ],
+        })
+    }
+
+    fn text(value: &str) -> Value {
+        Value::Text(value.to_owned())
+    }
+
+    fn insert(id: &str, title: &str, body: &str) -> Message {
+        Message::Insert {
+            relation: 7,
+            new: vec![text(id), text(title), text(body)],
+        }
+    }
+
+    fn folded(messages: Vec<Message>) -> (Vec<TableChanges>, Option<Move>) {
+        let tables = tables();
+        let mut folder = Folder::new(&tables);
+        let mut moved = None;
+        for message in std::iter::once(relation()).chain(messages) {
+            if let Some(m) = folder.fold(message).expect("fold") {
+                moved = Some(m);
+            }
+        }
+        (folder.take(), moved)
+    }
+
+    fn row(values: &[&str]) -> Row {
+        values.iter().map(|v| Some((*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn the_last_change_of_a_key_wins() {
+        let (changes, _) = folded(vec![
+            insert("1", "a", "x"),
+            insert("2", "b", "y"),
+            Message::Delete {
+                relation: 7,
+                old: vec![text("1"), Value::Null, Value::Null],
+                old_is_key_only: true,
+            },
+        ]);
+        assert_eq!(changes[0].deletes, [vec!["1".to_owned()]]);
+        assert_eq!(changes[0].upserts, [row(&["2", "b", "y"])]);
+    }
+
+    #[test]
+    fn a_key_change_deletes_the_old_key() {
+        let (changes, moved) = folded(vec![Message::Update {
+            relation: 7,
+            old: Some(vec![text("1"), Value::Null, Value::Null]),
+            old_is_key_only: true,
+            new: vec![text("9"), text("a"), text("x")],
+        }]);
+        assert!(moved.is_none());
+        assert_eq!(changes[0].deletes, [vec!["1".to_owned()]]);
+        assert_eq!(changes[0].upserts, [row(&["9", "a", "x"])]);
+    }
+
+    #[test]
+    fn an_unchanged_toast_value_is_never_overwritten() {
+        // Alone, the update sets only the columns it carries.
+        let update = |title: &str| Message::Update {
+            relation: 7,
+            old: None,
+            old_is_key_only: false,
+            new: vec![text("1"), text(title), Value::UnchangedToast],
+        };
+        let (changes, _) = folded(vec![update("b")]);
+        assert!(changes[0].upserts.is_empty());
+        let present = vec![true, true, false];
+        assert_eq!(
+            changes[0].updates.get(&present),
+            Some(&vec![vec![
+                Some("1".to_owned()),
+                Some("b".to_owned()),
+                None
+            ]])
+        );
+        // After an insert of the same step, the value comes from the insert.
+        let (changes, _) = folded(vec![insert("1", "a", "big"), update("b")]);
+        assert_eq!(changes[0].upserts, [row(&["1", "b", "big"])]);
+        // A key-only old image carries NULLs, not the value: it is not taken from there.
+        let (changes, _) = folded(vec![Message::Update {
+            relation: 7,
+            old: Some(vec![text("1"), Value::Null, Value::Null]),
+            old_is_key_only: true,
+            new: vec![text("1"), text("b"), Value::UnchangedToast],
+        }]);
+        assert!(changes[0].upserts.is_empty(), "{changes:?}");
+    }
+
+    #[test]
+    fn a_key_change_without_its_toast_value_is_moved_on_its_own() {
+        let (_, moved) = folded(vec![Message::Update {
+            relation: 7,
+            old: Some(vec![text("1"), Value::Null, Value::Null]),
+            old_is_key_only: true,
+            new: vec![text("2"), text("b"), Value::UnchangedToast],
+        }]);
+        let moved = moved.expect("a move");
+        assert_eq!(moved.old_key, ["1"]);
+        assert_eq!(moved.present, [true, true, false]);
+    }
+
+    #[test]
+    fn a_truncate_drops_what_came_before_it() {
+        let (changes, _) = folded(vec![
+            insert("1", "a", "x"),
+            Message::Truncate {
+                relations: vec![7],
+                cascade: false,
+                restart_identity: false,
+            },
+            insert("2", "b", "y"),
+        ]);
+        assert!(changes[0].truncate);
+        assert_eq!(changes[0].upserts, [row(&["2", "b", "y"])]);
+        assert!(changes[0].deletes.is_empty());
+    }
+}
