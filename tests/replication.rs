@@ -109,6 +109,36 @@ async fn logical_mode_keeps_the_replica_equal() {
     basic_changes(CaptureMode::Logical).await;
 }
 
+/// Starts `builder` (with a short deadlock timeout, for the workload's deadlocks) and creates
+/// the workload's tables on every writable server.
+async fn workload_topology(builder: pgherd::testkit::TopologyBuilder) -> Topology {
+    let topology = start(builder.server_setting("deadlock_timeout", "'20ms'")).await;
+    for node in topology
+        .nodes()
+        .iter()
+        .filter(|n| n.role() != pgherd::Role::Standby)
+    {
+        let client = node.connect().await.expect("connect");
+        pgherd::testkit::workload::create_schema(&client)
+            .await
+            .expect("schema");
+    }
+    topology
+}
+
+/// Settings that replicate the workload's tables in `mode`, retrying fast after a fault.
+fn workload_settings(topology: &Topology, mode: CaptureMode) -> pgherd::Settings {
+    let mut settings = topology.settings();
+    settings.replicator.mode = mode;
+    settings.replicator.tables = pgherd::testkit::workload::TABLES
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    settings.replicator.step_timeout = Duration::from_secs(3);
+    settings
+}
+
 mod convergence {
     //! A randomized concurrent workload over several tables, with faults injected mid-stream;
     //! then every table of the replica must equal the primary's.
@@ -121,30 +151,20 @@ mod convergence {
         Herd, ReplicationState, Settings,
     };
 
-    use super::support::{eventually, start};
+    use super::{support::eventually, workload_settings, workload_topology};
 
     async fn topology(logical: bool) -> Topology {
-        let topology = start(
+        workload_topology(
             Topology::builder()
                 .replica("replica")
                 .proxied("replica")
-                .logical(logical)
-                .server_setting("deadlock_timeout", "'20ms'"),
+                .logical(logical),
         )
-        .await;
-        for node in [topology.primary(), topology.node("replica")] {
-            let client = node.connect().await.expect("connect");
-            workload::create_schema(&client).await.expect("schema");
-        }
-        topology
+        .await
     }
 
     fn settings(topology: &Topology, mode: CaptureMode) -> Settings {
-        let mut settings = topology.settings();
-        settings.replicator.mode = mode;
-        settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
-        settings.replicator.retry_interval = Duration::from_millis(200);
-        settings.replicator.step_timeout = Duration::from_secs(3);
+        let mut settings = workload_settings(topology, mode);
         // Small steps, so that batches are applied in several steps within one transaction.
         settings.replicator.batch_rows = 50;
         settings
@@ -274,20 +294,16 @@ mod edges {
         ErrorKind, Herd, Read, Routable, Write,
     };
 
-    use super::support::{eventually, start};
+    use super::{
+        support::{eventually, start},
+        workload_settings, workload_topology,
+    };
 
     #[actix_rt::test]
     async fn trigger_mode_follows_a_promoted_standby_and_reports_the_timeline_change() {
-        let topology = start(Topology::builder().standbys(1).replica("replica")).await;
-        for node in [topology.primary(), topology.node("replica")] {
-            let client = node.connect().await.expect("connect");
-            workload::create_schema(&client).await.expect("schema");
-        }
-        let mut settings = topology.settings();
+        let topology = workload_topology(Topology::builder().standbys(1).replica("replica")).await;
+        let mut settings = workload_settings(&topology, CaptureMode::Trigger);
         settings.failover.mode = FailoverMode::Promote;
-        settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
-        settings.replicator.retry_interval = Duration::from_millis(200);
-        settings.replicator.step_timeout = Duration::from_secs(3);
         let herd = Herd::start(settings).expect("start");
         herd.wait_ready(Duration::from_secs(15))
             .await
@@ -433,7 +449,7 @@ mod targets {
         Herd, ReplicationState,
     };
 
-    use super::support::{eventually, start};
+    use super::{support::eventually, workload_settings, workload_topology};
 
     async fn equal(topology: &Topology, replica: &str) -> bool {
         let primary = topology.primary().connect().await.expect("connect");
@@ -448,21 +464,13 @@ mod targets {
 
     #[actix_rt::test]
     async fn a_target_that_is_down_holds_no_other_back_and_catches_up() {
-        let topology = start(
+        let topology = workload_topology(
             Topology::builder()
                 .replica("replica_a")
-                .replica("replica_b")
-                .server_setting("deadlock_timeout", "'20ms'"),
+                .replica("replica_b"),
         )
         .await;
-        for node in topology.nodes() {
-            let client = node.connect().await.expect("connect");
-            workload::create_schema(&client).await.expect("schema");
-        }
-        let mut settings = topology.settings();
-        settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
-        settings.replicator.retry_interval = Duration::from_millis(200);
-        settings.replicator.step_timeout = Duration::from_secs(3);
+        let settings = workload_settings(&topology, CaptureMode::Trigger);
         let herd = Herd::start(settings.clone()).expect("start");
         herd.wait_ready(Duration::from_secs(15))
             .await
@@ -527,21 +535,9 @@ mod targets {
 
     #[actix_rt::test]
     async fn a_lost_slot_is_reported_and_the_target_copied_again() {
-        let topology = start(
-            Topology::builder()
-                .replica("replica")
-                .logical(true)
-                .server_setting("deadlock_timeout", "'20ms'"),
-        )
-        .await;
-        for node in topology.nodes() {
-            let client = node.connect().await.expect("connect");
-            workload::create_schema(&client).await.expect("schema");
-        }
-        let mut settings = topology.settings();
-        settings.replicator.mode = CaptureMode::Logical;
-        settings.replicator.tables = workload::TABLES.iter().map(|t| t.to_string()).collect();
-        settings.replicator.retry_interval = Duration::from_millis(200);
+        let topology =
+            workload_topology(Topology::builder().replica("replica").logical(true)).await;
+        let settings = workload_settings(&topology, CaptureMode::Logical);
         let herd = Herd::start(settings).expect("start");
         herd.wait_ready(Duration::from_secs(15))
             .await
