@@ -107,6 +107,8 @@ pub(crate) enum Step {
     Applied { rows: u64, more: bool },
     /// Nothing new.
     Idle,
+    /// Nothing applied, but more to do at once.
+    Again,
     /// The target must stop (the policy said so).
     Stop(String),
 }
@@ -124,6 +126,8 @@ pub(crate) struct Session {
     /// When the source was last read by trigger mode's cleanup and acknowledgement.
     pub(crate) last_ack: Option<Instant>,
     pub(crate) last_cleanup: Option<Instant>,
+    /// `trigger` mode: this session registered the target on the primary before a copy.
+    pub(crate) registered: bool,
     /// The connection that listens for the capture triggers' notifications, kept open with
     /// the session.
     _listener: Option<Client>,
@@ -395,6 +399,7 @@ async fn session(
                     continue;
                 }
             }
+            Step::Again => continue,
             Step::Idle => {
                 shared.update(|s| s.state = ReplicationState::Streaming);
                 shared.reflects_from(started);
@@ -496,6 +501,7 @@ async fn open(
         shared: Arc::clone(shared),
         last_ack: None,
         last_cleanup: None,
+        registered: false,
         _listener: listener,
     };
     Ok(Ok(session))

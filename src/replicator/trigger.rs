@@ -136,6 +136,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     };
     let settings = &s.spec.settings;
     let mut fresh = s.progress.mode != "trigger" || s.progress.snapshot.is_none();
+    if fresh && !s.registered {
+        transaction.rollback().await.map_err(source_error)?;
+        register(s).await?;
+        return Ok(Step::Again);
+    }
     if !fresh {
         if let Some(change) = identity.changed_from(&s.progress) {
             match settings.on_source_change {
@@ -145,12 +150,15 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                          set it to \"resync\" (or empty the target's progress row) to copy again"
                     )))
                 }
-                ResyncPolicy::Resync => {
+                ResyncPolicy::Resync if !s.registered => {
                     tracing::warn!(target = %s.spec.target, %change, "copying every table again");
                     s.shared
                         .update(|status| status.warnings.push(format!("{change}: copied again")));
-                    fresh = true;
+                    transaction.rollback().await.map_err(source_error)?;
+                    register(s).await?;
+                    return Ok(Step::Again);
                 }
+                ResyncPolicy::Resync => fresh = true,
             }
         }
     }
@@ -294,6 +302,24 @@ fn caught_up(s: &Session, position: Option<Position>) {
         });
         s.spec.routing_feed(applied);
     }
+}
+
+/// Before a copy: records on the primary a snapshot taken before the copy's, so that another
+/// target's cleanup keeps every change the copy will not contain.
+async fn register(s: &mut Session) -> Result<(), Error> {
+    let schema = s.schema();
+    s.source
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.consumers (target, snapshot) VALUES ($1, pg_current_snapshot()) \
+                 ON CONFLICT (target) DO UPDATE SET snapshot = EXCLUDED.snapshot, updated_at = now()"
+            ),
+            &[&s.spec.target.as_ref()],
+        )
+        .await
+        .map_err(|e| Error::from_postgres(e).with_endpoint(&s.source_name))?;
+    s.registered = true;
+    Ok(())
 }
 
 /// Tells the primary how far this target got, and deletes change rows every target has
