@@ -140,7 +140,8 @@ pub struct TargetLag {
     /// WAL bytes of the primary after `applied`.
     pub lag_bytes: Option<u64>,
     /// How long ago its last batch was applied, when it is behind (zero when nothing is
-    /// pending).
+    /// pending). In `logical` mode "behind" means the primary wrote WAL after the applied
+    /// position, which may hold nothing for this target: an upper bound.
     pub lag: Option<std::time::Duration>,
     /// Why the numbers are missing, when they are.
     pub problem: Option<String>,
