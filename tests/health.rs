@@ -121,6 +121,12 @@ async fn a_hung_primary_is_detected_through_probe_timeouts() {
     })
     .await;
     let detected = hung.elapsed();
+    // The event reaches the subscriber on its own thread, possibly just after the state.
+    eventually("the down event", ROOMY, || {
+        let seen = log.any(|e| &*e.endpoint == "primary" && e.to == HealthState::Down);
+        async move { seen }
+    })
+    .await;
     let reason = log
         .find(|e| {
             (&*e.endpoint == "primary" && e.to == HealthState::Down).then(|| e.reason.clone())
