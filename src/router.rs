@@ -272,6 +272,15 @@ impl Routing {
         self.changed.notify_waiters();
     }
 
+    /// Forgets what replica `endpoint` was said to hold (its replicator reads from another
+    /// source now).
+    pub(crate) fn forget_replicated(&self, endpoint: &str) {
+        self.replicated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(endpoint);
+    }
+
     /// The position replica `endpoint` holds everything up to, once the replicator said.
     pub(crate) fn replicated_position(&self, endpoint: &str) -> Option<Position> {
         self.replicated

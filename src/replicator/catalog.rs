@@ -50,12 +50,12 @@ pub(crate) enum CatalogProblem {
 const COLUMNS_SQL: &str = "\
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
        coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) \
-                 WHERE k.att = a.attnum), 0)::int4 \
+                 WHERE k.att = a.attnum AND k.n <= i.indnkeyatts), 0)::int4 \
 FROM pg_catalog.pg_class c \
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
 LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary \
-WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') AND a.attgenerated = '' \
+WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'r' AND a.attgenerated = '' \
 ORDER BY a.attnum";
 
 /// Reads a table's columns and primary key.

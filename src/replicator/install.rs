@@ -32,8 +32,9 @@ pub(crate) async fn tables(
             Ok(info) => tables.push(info),
             Err(CatalogProblem::Missing) => {
                 return Err(config(format!(
-                    "table {schema}.{table} (replicator.tables) does not exist on `{endpoint}`: \
-                     create it there, or remove it from replicator.tables"
+                    "table {schema}.{table} (replicator.tables) does not exist on `{endpoint}`, or is \
+                     not a plain table (a partitioned table is not supported: list its \
+                     partitions): create it there, or remove it from replicator.tables"
                 )))
             }
             Err(CatalogProblem::NoPrimaryKey) => {
@@ -269,6 +270,7 @@ pub(crate) fn progress_sql(schema: &str) -> String {
            snapshot pg_snapshot,\n\
            lsn pg_lsn,\n\
            copy_snapshot pg_snapshot,\n\
+           copy_lsn pg_lsn,\n\
            system_id text,\n\
            timeline integer,\n\
            tables text[] NOT NULL DEFAULT '{{}}',\n\

@@ -398,7 +398,9 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         return copy(s, &slot, exists, identity).await;
     }
     let watermark = s.progress.lsn.unwrap_or_default();
+    // Transactions that came with the copy: visible in its snapshot, and committed before it.
     let copy_snapshot = s.progress.copy_snapshot.clone();
+    let copy_lsn = s.progress.copy_lsn.unwrap_or_default();
     let limit = i32::try_from(settings.batch_rows).unwrap_or(i32::MAX);
     let publication = slot.clone();
     let flushed_text = flushed.to_string();
@@ -428,9 +430,10 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         match &message {
             Message::Begin { final_lsn, xid, .. } => {
                 let seen = *final_lsn < watermark.lsn();
-                let copied = copy_snapshot
-                    .as_ref()
-                    .is_some_and(|snapshot| snapshot.visible(snapshot.widen(*xid)));
+                let copied = *final_lsn < copy_lsn.lsn()
+                    && copy_snapshot
+                        .as_ref()
+                        .is_some_and(|snapshot| snapshot.visible(snapshot.widen(*xid)));
                 skip = seen || copied;
             }
             Message::Commit { end_lsn, .. } => {
@@ -527,6 +530,16 @@ async fn copy(
     let source_error =
         |e: tokio_postgres::Error| Error::from_postgres(e).with_endpoint(&source_name);
     let schema = s.schema();
+    // Until the copy commits, the target must start over from a copy: the new slot will not
+    // hold what came between the old watermark and its creation.
+    s.target
+        .execute(
+            &format!("UPDATE {schema}.progress SET lsn = NULL WHERE source = $1"),
+            &[&s.spec.cluster.as_ref()],
+        )
+        .await
+        .map_err(target_error)?;
+    s.progress.lsn = None;
     if exists {
         s.source
             .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
@@ -562,7 +575,10 @@ async fn copy(
         .await
         .map_err(source_error)?;
     let row = transaction
-        .query_one("SELECT pg_current_snapshot()::text, now()::text", &[])
+        .query_one(
+            "SELECT pg_current_snapshot()::text, now()::text, pg_current_wal_insert_lsn()::text",
+            &[],
+        )
         .await
         .map_err(source_error)?;
     let snapshot: Snapshot = row
@@ -570,6 +586,10 @@ async fn copy(
         .parse()
         .map_err(|e: SnapshotParseError| Error::mapping(e.to_string()))?;
     let source_time: String = row.get(1);
+    let copy_lsn: Position = row
+        .get::<_, String>(2)
+        .parse()
+        .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
     claim(&s.target, &schema, &s.spec.cluster, s.progress.batch).await?;
     let mut rows = 0;
     for (table, plan) in s.tables.iter().zip(&s.plans) {
@@ -581,6 +601,7 @@ async fn copy(
         snapshot: None,
         lsn: Some(consistent),
         copy_snapshot: Some(snapshot),
+        copy_lsn: Some(copy_lsn),
         system_id: Some(identity.system_id),
         timeline: Some(identity.timeline),
         tables: s.tables.iter().map(TableInfo::display).collect(),

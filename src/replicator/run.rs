@@ -27,6 +27,11 @@ use crate::{
     sql::quote_ident,
 };
 
+/// How the replicator's connections write and read values as text, whatever the server's
+/// defaults (a `DateStyle` of `SQL, DMY` on one side would turn 04/03 into 3 April on the other).
+const SESSION_SETTINGS: &str = "SET DateStyle = ISO, YMD; SET IntervalStyle = postgres; \
+     SET extra_float_digits = 3; SET bytea_output = hex";
+
 /// What one target's loop is started with.
 #[derive(Clone)]
 pub(crate) struct TargetSpec {
@@ -67,6 +72,9 @@ pub(crate) struct Progress {
     pub(crate) lsn: Option<Position>,
     /// `logical` mode: transactions visible here came with the initial copy.
     pub(crate) copy_snapshot: Option<Snapshot>,
+    /// `logical` mode: the primary's insert position right after the copy's snapshot; only
+    /// commits before it can be in the copy.
+    pub(crate) copy_lsn: Option<Position>,
     pub(crate) system_id: Option<String>,
     pub(crate) timeline: Option<i32>,
     pub(crate) tables: Vec<String>,
@@ -149,12 +157,14 @@ impl Session {
         let sql = format!(
             "UPDATE {schema}.progress SET mode = $2, snapshot = $3::text::pg_snapshot, \
              lsn = $4::text::pg_lsn, copy_snapshot = $5::text::pg_snapshot, system_id = $6, \
-             timeline = $7, tables = $8, source_time = $9::text::timestamptz, applied_at = now() \
+             timeline = $7, tables = $8, source_time = $9::text::timestamptz, \
+             copy_lsn = $10::text::pg_lsn, applied_at = now() \
              WHERE source = $1"
         );
         let snapshot = progress.snapshot.as_ref().map(Snapshot::to_string);
         let lsn = progress.lsn.map(|p| p.to_string());
         let copy = progress.copy_snapshot.as_ref().map(Snapshot::to_string);
+        let copy_lsn = progress.copy_lsn.map(|p| p.to_string());
         transaction
             .execute(
                 &sql,
@@ -168,6 +178,7 @@ impl Session {
                     &progress.timeline,
                     &progress.tables,
                     &source_time,
+                    &copy_lsn,
                 ],
             )
             .await
@@ -226,7 +237,7 @@ pub(crate) async fn load_progress(
         .query_one(
             &format!(
                 "SELECT batch, mode, snapshot::text, lsn::text, copy_snapshot::text, system_id, \
-                 timeline, tables FROM {schema}.progress WHERE source = $1"
+                 timeline, tables, copy_lsn::text FROM {schema}.progress WHERE source = $1"
             ),
             &[&source],
         )
@@ -254,6 +265,13 @@ pub(crate) async fn load_progress(
         system_id: row.get(5),
         timeline: row.get(6),
         tables: row.get(7),
+        copy_lsn: row
+            .get::<_, Option<String>>(8)
+            .map(|t| {
+                t.parse::<Position>()
+                    .map_err(|e| Error::mapping(e.to_string()))
+            })
+            .transpose()?,
     })
 }
 
@@ -450,6 +468,16 @@ async fn open(
         .connect()
         .await
         .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
+    // Values travel as text: both sides must write and read them the same way.
+    for (client, endpoint) in [(&source, &source_name), (&target, &spec.target)] {
+        client
+            .batch_execute(SESSION_SETTINGS)
+            .await
+            .map_err(|e| Error::from_postgres(e).with_endpoint(endpoint))?;
+    }
+    // Positions of another source mean nothing for this one: reads after a position wait
+    // until a batch from this source is applied.
+    spec.routing.forget_replicated(&spec.target);
     let tables = install::tables(&source, settings, &source_name).await?;
     match settings.mode {
         CaptureMode::Trigger => trigger::ensure_installed(&source, settings, &tables)

@@ -270,6 +270,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         snapshot: Some(current),
         lsn: position.map(|p| Position::new(p.lsn().saturating_sub(1))),
         copy_snapshot: None,
+        copy_lsn: None,
         system_id: Some(identity.system_id),
         timeline: Some(identity.timeline),
         tables: s.tables.iter().map(TableInfo::display).collect(),
