@@ -8,7 +8,7 @@ use std::time::Duration;
 use pgherd::{settings::CaptureMode, testkit::Topology, Herd, ReplicationState};
 use support::{eventually, start};
 
-const SCHEMA: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text, big text, tags int[]);
+const SCHEMA: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text, big text, tags int[], doc json, amount numeric);
                       CREATE TABLE pairs (a text, b int, v jsonb, PRIMARY KEY (a, b));";
 
 async fn topology(logical: bool) -> Topology {
@@ -69,7 +69,7 @@ async fn basic_changes(mode: CaptureMode) {
     let primary = topology.primary().connect().await.expect("connect");
     primary
         .batch_execute(
-            "INSERT INTO items SELECT g, 'n' || g, NULL, ARRAY[g, -g] FROM generate_series(1, 500) g;
+            "INSERT INTO items (id, name, big, tags) SELECT g, 'n' || g, NULL, ARRAY[g, -g] FROM generate_series(1, 500) g;
              INSERT INTO pairs VALUES ('x', 1, '{\"k\": [1, 2]}'), ('it''s', 2, 'null');",
         )
         .await
@@ -86,6 +86,8 @@ async fn basic_changes(mode: CaptureMode) {
              UPDATE items SET name = 'toast kept' WHERE id = 7;
              DELETE FROM items WHERE id BETWEEN 200 AND 250;
              UPDATE items SET id = id + 10000 WHERE id BETWEEN 300 AND 310;
+             UPDATE items SET doc = '{\"a\": [1, 2]}', amount = 1.0 WHERE id <= 20;
+             UPDATE items SET amount = 1.00 WHERE id <= 20;
              BEGIN; INSERT INTO pairs VALUES ('y', 3, '[]'); UPDATE pairs SET b = 4 WHERE a = 'x'; COMMIT;
              TRUNCATE pairs; INSERT INTO pairs VALUES ('after truncate', 1, '{}');",
         )
@@ -609,7 +611,7 @@ mod added {
         let primary = topology.primary().connect().await.expect("connect");
         primary
             .batch_execute(
-                "INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 100) g;
+                "INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 100) g;
                  INSERT INTO pairs VALUES ('before', 1, '{}'), ('before', 2, '[]');",
             )
             .await
