@@ -10,15 +10,18 @@
 use std::collections::HashMap;
 
 use futures_util::TryStreamExt as _;
-use tokio_postgres::{types::ToSql, IsolationLevel};
+use tokio_postgres::types::ToSql;
 
 use super::{
     apply::{Row, TableChanges, TableSql},
     catalog::TableInfo,
     install,
     pgoutput::{self, Message, Value},
-    run::{claim, copy_table, target_error, Identity, Progress, Session, Step},
-    snapshot::{Snapshot, SnapshotParseError},
+    run::{
+        claim, copy_table, parse_snapshot, snapshot_transaction, target_error, Identity, Progress,
+        Session, Step,
+    },
+    snapshot::Snapshot,
 };
 use crate::{error::Error, position::Position, settings::ResyncPolicy};
 
@@ -566,12 +569,7 @@ async fn copy(
     let consistent: Position = created
         .parse()
         .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
-    let transaction = s
-        .source
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
+    let transaction = snapshot_transaction(&mut s.source)
         .await
         .map_err(source_error)?;
     let row = transaction
@@ -581,10 +579,7 @@ async fn copy(
         )
         .await
         .map_err(source_error)?;
-    let snapshot: Snapshot = row
-        .get::<_, String>(0)
-        .parse()
-        .map_err(|e: SnapshotParseError| Error::mapping(e.to_string()))?;
+    let snapshot: Snapshot = parse_snapshot(row.get(0))?;
     let source_time: String = row.get(1);
     let copy_lsn: Position = row
         .get::<_, String>(2)

@@ -243,13 +243,7 @@ pub(crate) async fn load_progress(
         )
         .await
         .map_err(target_error)?;
-    let snapshot = |text: Option<String>| -> Result<Option<Snapshot>, Error> {
-        text.map(|t| {
-            t.parse()
-                .map_err(|e: super::snapshot::SnapshotParseError| Error::mapping(e.to_string()))
-        })
-        .transpose()
-    };
+    let snapshot = |text: Option<String>| text.as_deref().map(parse_snapshot).transpose();
     Ok(Progress {
         batch: row.get(0),
         mode: row.get(1),
@@ -533,6 +527,25 @@ async fn open(
         _listener: listener,
     };
     Ok(Ok(session))
+}
+
+/// Starts the read-only, repeatable-read transaction a batch or a copy reads the source in: its
+/// snapshot is the one `pg_current_snapshot()` reports inside it.
+pub(crate) async fn snapshot_transaction(
+    source: &mut Client,
+) -> Result<Transaction<'_>, tokio_postgres::Error> {
+    source
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
+/// A snapshot read from the server as text.
+pub(crate) fn parse_snapshot(text: &str) -> Result<Snapshot, Error> {
+    text.parse()
+        .map_err(|e: super::snapshot::SnapshotParseError| Error::mapping(e.to_string()))
 }
 
 /// A failure on the target connection.

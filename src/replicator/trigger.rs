@@ -7,14 +7,17 @@
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt as _;
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::Client;
 
 use super::{
     apply::TableChanges,
     catalog::TableInfo,
     install,
-    run::{claim, copy_table, target_error, Identity, Progress, Session, Step},
-    snapshot::{Snapshot, SnapshotParseError},
+    run::{
+        claim, copy_table, parse_snapshot, snapshot_transaction, target_error, Identity, Progress,
+        Session, Step,
+    },
+    snapshot::Snapshot,
 };
 use crate::{
     error::Error,
@@ -107,12 +110,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         .map_err(source_error)?;
     let position = position_of(&position);
     let schema = s.schema();
-    let transaction = s
-        .source
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
+    let transaction = snapshot_transaction(&mut s.source)
         .await
         .map_err(source_error)?;
     let row = transaction
@@ -125,10 +123,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         )
         .await
         .map_err(source_error)?;
-    let current: Snapshot = row
-        .get::<_, String>(0)
-        .parse()
-        .map_err(|e: SnapshotParseError| Error::mapping(e.to_string()))?;
+    let current: Snapshot = parse_snapshot(row.get(0))?;
     let source_time: String = row.get(1);
     let identity = Identity {
         system_id: row.get(2),
