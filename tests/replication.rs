@@ -293,7 +293,7 @@ mod edges {
     use pgherd::{
         settings::{CaptureMode, FailoverMode},
         testkit::{workload, Topology},
-        ErrorKind, Herd, Read, Routable, Write,
+        ErrorKind, Herd, Read, ReplicationState, Routable, Write,
     };
 
     use super::{
@@ -310,6 +310,17 @@ mod edges {
         herd.wait_ready(Duration::from_secs(15))
             .await
             .expect("ready");
+        // The initial copy is done and recorded with the old primary's timeline before the
+        // workload starts, so that the failover lands in the middle of streaming.
+        eventually("the replicator streams", Duration::from_secs(30), || {
+            let status = herd.replication();
+            async move {
+                status
+                    .first()
+                    .is_some_and(|s| s.state == ReplicationState::Streaming && s.applied.is_some())
+            }
+        })
+        .await;
         let mut spec = workload::WorkloadSpec::new(31);
         spec.transactions = 50;
         workload::run(&topology.primary().config(), &spec)
@@ -367,6 +378,79 @@ mod edges {
             "the change of timeline is reported: {status:?}"
         );
         herd.shutdown().await;
+    }
+
+    /// Installing the triggers while an application transaction writes two replicated tables
+    /// (one before the install reaches it, one after) aborts neither: each table's triggers are
+    /// installed in their own transaction, so the install never holds one table's lock while
+    /// it waits for another's.
+    #[actix_rt::test]
+    async fn installing_the_triggers_does_not_deadlock_with_a_transaction_on_several_tables() {
+        let topology = start(
+            Topology::builder()
+                .replica("replica")
+                .server_setting("deadlock_timeout", "'100ms'"),
+        )
+        .await;
+        for node in [topology.primary(), topology.node("replica")] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute(
+                    "CREATE TABLE first (id bigint PRIMARY KEY, v int);
+                     CREATE TABLE second (id bigint PRIMARY KEY, v int);
+                     INSERT INTO first VALUES (1, 0); INSERT INTO second VALUES (1, 0);",
+                )
+                .await
+                .expect("schema");
+        }
+        let mut settings = topology.settings();
+        settings.replicator.mode = CaptureMode::Trigger;
+        settings.replicator.tables = vec!["first".to_owned(), "second".to_owned()];
+        let application = topology.primary().connect().await.expect("connect");
+        application
+            .batch_execute("BEGIN; UPDATE second SET v = v + 1 WHERE id = 1")
+            .await
+            .expect("the application writes `second`");
+        let install = actix_rt::spawn(async move { pgherd::replicator::install(&settings).await });
+        let observer = topology.primary().connect().await.expect("connect");
+        eventually(
+            "the install waits for the lock on `second`",
+            Duration::from_secs(10),
+            || {
+                let observer = &observer;
+                async move {
+                    let row = observer
+                        .query_one(
+                            "SELECT count(*) FROM pg_locks WHERE NOT granted \
+                             AND relation = 'second'::regclass",
+                            &[],
+                        )
+                        .await
+                        .expect("pg_locks");
+                    row.get::<_, i64>(0) > 0
+                }
+            },
+        )
+        .await;
+        application
+            .batch_execute("UPDATE first SET v = v + 1 WHERE id = 1; COMMIT")
+            .await
+            .expect("the application's transaction is not chosen as a deadlock victim");
+        install
+            .await
+            .expect("join")
+            .expect("the install completes once the application commits");
+        let triggers: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('first'::regclass, 'second'::regclass) \
+                 AND tgname LIKE 'pgherd_capture_%'",
+                &[],
+            )
+            .await
+            .expect("triggers")
+            .get(0);
+        assert_eq!(triggers, 8);
     }
 
     #[actix_rt::test]

@@ -139,17 +139,28 @@ pub(crate) fn channel(schema: &str) -> String {
     format!("{schema}_changes")
 }
 
-/// The SQL that installs trigger capture for `tables` (one transaction).
+/// How long installing a table's triggers waits for the table's lock. While it waits, every
+/// new write to the table queues behind it, so a long transaction holding the table makes the
+/// install fail (and be retried) rather than stall the application's writes.
+const INSTALL_LOCK_TIMEOUT: &str = "5s";
+
+/// The SQL that installs trigger capture for `tables`: one transaction for the shared objects,
+/// then one per table. A table's transaction holds only that table's lock, so installing
+/// never deadlocks with application transactions that write several of the tables; a write
+/// made before a table's triggers existed has ended before they commit (creating a trigger
+/// waits for the table's writers), so a copy taken after the install sees it.
 pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -> String {
     let schema = quote_ident(&settings.schema);
+    let begin = format!("BEGIN;\nSET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}';\n");
     let mut sql = format!(
-        "BEGIN;\n\
+        "{begin}\
          CREATE SCHEMA IF NOT EXISTS {schema};\n\
          CREATE TABLE IF NOT EXISTS {schema}.truncations (tbl text NOT NULL, \
            txid xid8 NOT NULL DEFAULT pg_current_xact_id());\n\
          CREATE INDEX IF NOT EXISTS truncations_txid ON {schema}.truncations (txid);\n\
          CREATE TABLE IF NOT EXISTS {schema}.consumers (target text PRIMARY KEY, \
-           snapshot pg_snapshot NOT NULL, updated_at timestamptz NOT NULL DEFAULT now());\n"
+           snapshot pg_snapshot NOT NULL, updated_at timestamptz NOT NULL DEFAULT now());\n\
+         COMMIT;\n"
     );
     let notify = if settings.notify {
         format!(
@@ -190,7 +201,8 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let display = quote_literal(&table.display());
         let trigger = |event: &str| quote_ident(&format!("{}_capture_{event}", settings.schema));
         sql.push_str(&format!(
-            "CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), {});\n\
+            "{begin}\
+             CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), {});\n\
              CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
              CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $pgherd$\n\
              BEGIN\n\
@@ -214,7 +226,8 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
              CREATE OR REPLACE TRIGGER {} AFTER DELETE ON {name} REFERENCING OLD TABLE AS old_rows \
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
              CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {name} \
-               FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
+               FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+             COMMIT;\n",
             key_defs.join(", "),
             trigger("insert"),
             trigger("update"),
@@ -222,8 +235,22 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
             trigger("truncate"),
         ));
     }
-    sql.push_str("COMMIT;");
     sql
+}
+
+/// Installs (or re-applies) trigger capture for `tables` on `client`, the primary.
+pub(crate) async fn install_triggers(
+    client: &Client,
+    settings: &ReplicatorSettings,
+    tables: &[TableInfo],
+) -> Result<(), tokio_postgres::Error> {
+    let result = client.batch_execute(&trigger_sql(settings, tables)).await;
+    if result.is_err() {
+        // A failed statement leaves its transaction open and aborted: end it, so that the
+        // connection can be used again. The error that matters is the first one.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
 }
 
 /// The publication of `target` in `logical` mode.

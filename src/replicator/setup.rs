@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::{install as objects, trigger};
+use super::install as objects;
 use crate::{
     database::DatabaseSpec,
     error::{Error, ErrorKind},
@@ -65,11 +65,7 @@ pub async fn install(settings: &Settings) -> Result<InstallReport, Error> {
         let source_error = |e| Error::from_postgres(e).with_endpoint(&primary.into());
         match replicator.mode {
             CaptureMode::Trigger => {
-                source
-                    .batch_execute(&objects::trigger_sql(replicator, &tables))
-                    .await
-                    .map_err(source_error)?;
-                trigger::ensure_installed(&source, replicator, &tables)
+                objects::install_triggers(&source, replicator, &tables)
                     .await
                     .map_err(source_error)?;
                 report.steps.push(format!(

@@ -62,9 +62,7 @@ pub(crate) async fn ensure_installed(
         && usize::try_from(found_logs).ok() == Some(tables.len());
     if !complete {
         tracing::info!(tables = ?names, "installing the capture triggers");
-        source
-            .batch_execute(&install::trigger_sql(settings, tables))
-            .await?;
+        install::install_triggers(source, settings, tables).await?;
     }
     Ok(())
 }
