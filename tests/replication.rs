@@ -88,6 +88,9 @@ async fn basic_changes(mode: CaptureMode) {
              UPDATE items SET id = id + 10000 WHERE id BETWEEN 300 AND 310;
              UPDATE items SET doc = '{\"a\": [1, 2]}', amount = 1.0 WHERE id <= 20;
              UPDATE items SET amount = 1.00 WHERE id <= 20;
+             INSERT INTO items (id, name) SELECT g, 'bulk' FROM generate_series(1000, 6000) g;
+             UPDATE items SET id = id + 100000, name = 'moved' WHERE id BETWEEN 1000 AND 3000;
+             UPDATE items SET name = 'bulk update' WHERE id >= 1000;
              BEGIN; INSERT INTO pairs VALUES ('y', 3, '[]'); UPDATE pairs SET b = 4 WHERE a = 'x'; COMMIT;
              TRUNCATE pairs; INSERT INTO pairs VALUES ('after truncate', 1, '{}');",
         )
@@ -450,7 +453,7 @@ mod edges {
             .await
             .expect("triggers")
             .get(0);
-        assert_eq!(triggers, 8);
+        assert_eq!(triggers, 10);
     }
 
     #[actix_rt::test]

@@ -193,16 +193,45 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         };
         let inserted = aggregate("new_rows");
         let deleted = aggregate("old_rows");
-        let updated = aggregate(&format!(
-            "(SELECT {keys} FROM new_rows UNION ALL SELECT {keys} FROM old_rows) AS changed"
-        ));
+        // An UPDATE logs the new keys; the old key of a row whose key changed is logged by a
+        // row-level trigger that fires only for such rows (its WHEN clause is evaluated without
+        // calling the function). Capturing the old rows of every UPDATE in a transition table
+        // would cost every UPDATE a second copy of its rows.
+        let key_changed: Vec<String> = table
+            .key_columns()
+            .map(|c| {
+                let column = quote_ident(&c.name);
+                format!("OLD.{column} IS DISTINCT FROM NEW.{column}")
+            })
+            .collect();
+        let old_key: Vec<String> = table
+            .key_columns()
+            .map(|c| format!("ARRAY[OLD.{}]", quote_ident(&c.name)))
+            .collect();
+        let key_function = format!(
+            "{schema}.{}",
+            quote_ident(&object_name(table, "/capture_key"))
+        );
+        // Large arrays stay uncompressed: compressing the keys of a bulk statement costs the
+        // statement more than the space is worth (the rows live until every target applied them).
+        let storage: String = table
+            .key_columns()
+            .map(|c| {
+                format!(
+                    "ALTER TABLE {log} ALTER COLUMN {} SET STORAGE EXTERNAL;\n",
+                    quote_ident(&c.name)
+                )
+            })
+            .collect();
         let index = quote_ident(&object_name(table, "/txid"));
         let name = table.qualified();
         let display = quote_literal(&table.display());
         let trigger = |event: &str| quote_ident(&format!("{}_capture_{event}", settings.schema));
         sql.push_str(&format!(
             "{begin}\
+             LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE;\n\
              CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), {});\n\
+             {storage}\
              CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
              CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $pgherd$\n\
              BEGIN\n\
@@ -211,7 +240,7 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
                ELSIF TG_OP = 'DELETE' THEN\n\
                  INSERT INTO {log} ({keys}) {deleted};\n\
                ELSIF TG_OP = 'UPDATE' THEN\n\
-                 INSERT INTO {log} ({keys}) {updated};\n\
+                 INSERT INTO {log} ({keys}) {inserted};\n\
                ELSE\n\
                  INSERT INTO {schema}.truncations (tbl) VALUES ({display});\n\
                END IF;\n\
@@ -219,18 +248,29 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
                RETURN NULL;\n\
              END\n\
              $pgherd$;\n\
+             CREATE OR REPLACE FUNCTION {key_function}() RETURNS trigger LANGUAGE plpgsql AS $pgherd$\n\
+             BEGIN\n\
+               INSERT INTO {log} ({keys}) VALUES ({});\n\
+               RETURN NULL;\n\
+             END\n\
+             $pgherd$;\n\
              CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {name} REFERENCING NEW TABLE AS new_rows \
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
-             CREATE OR REPLACE TRIGGER {} AFTER UPDATE ON {name} REFERENCING OLD TABLE AS old_rows \
-               NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+             CREATE OR REPLACE TRIGGER {} AFTER UPDATE ON {name} REFERENCING NEW TABLE AS new_rows \
+               FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+             CREATE OR REPLACE TRIGGER {} AFTER UPDATE ON {name} FOR EACH ROW WHEN ({}) \
+               EXECUTE FUNCTION {key_function}();\n\
              CREATE OR REPLACE TRIGGER {} AFTER DELETE ON {name} REFERENCING OLD TABLE AS old_rows \
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
              CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {name} \
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
              COMMIT;\n",
             key_defs.join(", "),
+            old_key.join(", "),
             trigger("insert"),
             trigger("update"),
+            trigger("key"),
+            key_changed.join(" OR "),
             trigger("delete"),
             trigger("truncate"),
         ));
@@ -344,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn trigger_sql_quotes_names_and_logs_both_keys_of_an_update() {
+    fn trigger_sql_quotes_names_and_logs_the_old_key_of_a_key_change() {
         let settings = ReplicatorSettings::default();
         let sql = trigger_sql(&settings, &[table("shop", "Or\"ders")]);
         assert!(
@@ -353,9 +393,24 @@ mod tests {
         );
         assert!(
             sql.contains(
-                "SELECT array_agg(\"id\") FROM (SELECT \"id\" FROM new_rows UNION ALL SELECT \"id\" \
-                 FROM old_rows) AS changed HAVING count(*) > 0"
+                "AFTER UPDATE ON \"shop\".\"Or\"\"ders\" FOR EACH ROW WHEN (OLD.\"id\" IS DISTINCT FROM \
+                 NEW.\"id\") EXECUTE FUNCTION \"pgherd\".\"shop.Or\"\"ders/capture_key\"()"
             ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "INSERT INTO \"pgherd\".\"shop.Or\"\"ders\" (\"id\") VALUES (ARRAY[OLD.\"id\"])"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("ALTER COLUMN \"id\" SET STORAGE EXTERNAL"),
+            "{sql}"
+        );
+        // Each table's objects in a transaction of their own that locks the table first.
+        assert!(
+            sql.contains("BEGIN;\nSET LOCAL lock_timeout = '5s';\nLOCK TABLE \"shop\".\"Or\"\"ders\" IN SHARE ROW EXCLUSIVE MODE;"),
             "{sql}"
         );
         assert!(sql.contains("AFTER TRUNCATE ON \"shop\".\"Or\"\"ders\""));

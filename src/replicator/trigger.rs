@@ -24,13 +24,16 @@ use crate::{
     position::Position,
     query::{position_of, POSITION_SQL},
     settings::{ReplicatorSettings, ResyncPolicy},
-    sql::quote_ident,
+    sql::{quote_ident, quote_literal},
 };
 
 /// How often a target tells the primary how far it got (what cleanup may delete).
 const ACK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a target deletes change rows every target has applied.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The suffixes of the capture triggers' names, one trigger each per table.
+const TRIGGER_EVENTS: [&str; 5] = ["insert", "update", "key", "delete", "truncate"];
 
 /// Installs the change tables and triggers when some are missing.
 pub(crate) async fn ensure_installed(
@@ -39,7 +42,7 @@ pub(crate) async fn ensure_installed(
     tables: &[TableInfo],
 ) -> Result<(), tokio_postgres::Error> {
     let names: Vec<String> = tables.iter().map(TableInfo::display).collect();
-    let triggers: Vec<String> = ["insert", "update", "delete", "truncate"]
+    let triggers: Vec<String> = TRIGGER_EVENTS
         .iter()
         .map(|event| format!("{}_capture_{event}", settings.schema))
         .collect();
@@ -58,7 +61,8 @@ pub(crate) async fn ensure_installed(
         )
         .await?;
     let (found_triggers, found_logs): (i64, i64) = (row.get(0), row.get(1));
-    let complete = usize::try_from(found_triggers).ok() == Some(4 * tables.len())
+    let complete = usize::try_from(found_triggers).ok()
+        == Some(TRIGGER_EVENTS.len() * tables.len())
         && usize::try_from(found_logs).ok() == Some(tables.len());
     if !complete {
         tracing::info!(tables = ?names, "installing the capture triggers");
@@ -93,6 +97,43 @@ fn dirty_sql(schema: &str, table: &TableInfo) -> String {
         join.join(" AND "),
         first = keys[0],
     )
+}
+
+/// Below this many changed keys a table's rows are always looked up through its primary key.
+const SCAN_MIN_KEYS: i64 = 1_000;
+/// A table is scanned (hash join) instead of probed key by key when it is at most this many
+/// bytes per changed key: on this hardware one index probe costs about as much as scanning
+/// 2–3 kB of table, so 1 kB leaves a margin for a table that is not cached.
+const SCAN_BYTES_PER_KEY: i64 = 1_024;
+/// The source session's `work_mem` for a step with many keys: the step de-duplicates them in
+/// a hash table (per session, freed at the end of the step).
+const STEP_WORK_MEM: &str = "64MB";
+
+/// Whether a step that read `keys` changed keys of a table of `bytes` should read the rows by
+/// scanning the table rather than by looking each key up. The planner cannot tell: it assumes
+/// ten elements per unnested array, so without help it probes the index once per key even for
+/// a bulk statement that changed the whole table (measured: 200,000 probes 0.9 s, a scan 0.4 s).
+pub(crate) fn scan_the_table(keys: i64, bytes: i64) -> bool {
+    keys >= SCAN_MIN_KEYS && bytes <= keys.saturating_mul(SCAN_BYTES_PER_KEY)
+}
+
+/// The query that counts, for each of `tables`, the keys logged in the window and the table's
+/// size in bytes (two columns per table, one row). Parameters as for [`dirty_sql`].
+fn keys_sql(schema: &str, tables: &[&TableInfo]) -> String {
+    let columns: Vec<String> = tables
+        .iter()
+        .map(|table| {
+            let log = install::change_table(schema, table);
+            let first = quote_ident(&table.columns[table.key[0]].name);
+            format!(
+                "(SELECT coalesce(sum(cardinality(log.{first})), 0)::int8 FROM {log} AS log \
+                 WHERE log.txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(log.txid, \
+                 $2::text::pg_snapshot)), pg_relation_size({}::regclass)",
+                quote_literal(&table.qualified()),
+            )
+        })
+        .collect();
+    format!("SELECT {}", columns.join(", "))
 }
 
 /// One step: read what changed since the target's snapshot and apply it in one target
@@ -189,6 +230,22 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             .collect(),
         None => Vec::new(),
     };
+    let scans = match &previous {
+        Some(previous) => {
+            let streamed: Vec<&TableInfo> = s
+                .tables
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !copy.contains(i))
+                .map(|(_, table)| table)
+                .collect();
+            plan_reads(&transaction, &settings.schema, &streamed, previous)
+                .await
+                .map_err(source_error)?
+        }
+        None => Vec::new(),
+    };
+    let mut scanning = false;
     let mut claimed = false;
     let mut rows = 0;
     let expected = s.progress.batch;
@@ -203,6 +260,15 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             continue;
         }
         let Some(previous) = &previous else { continue };
+        let scan = scans.iter().any(|name| *name == table.display());
+        if scan != scanning {
+            let toggle = if scan { "off" } else { "on" };
+            transaction
+                .batch_execute(&format!("SET LOCAL enable_nestloop = {toggle}"))
+                .await
+                .map_err(source_error)?;
+            scanning = scan;
+        }
         let mut changes = TableChanges {
             truncate: truncated.contains(&table.display()),
             ..TableChanges::default()
@@ -283,6 +349,43 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     })
 }
 
+/// Counts the keys each of `tables` logged in the window; returns the tables whose rows are
+/// better read by scanning the table, and raises the step's `work_mem` when any table has
+/// many keys.
+async fn plan_reads(
+    transaction: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    tables: &[&TableInfo],
+    previous: &Snapshot,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let row = transaction
+        .query_one(
+            &keys_sql(schema, tables),
+            &[&previous.xmin().to_string(), &previous.to_string()],
+        )
+        .await?;
+    let mut scans = Vec::new();
+    let mut many = false;
+    for (index, table) in tables.iter().enumerate() {
+        let keys: i64 = row.get(2 * index);
+        let bytes: i64 = row.get(2 * index + 1);
+        many |= keys >= SCAN_MIN_KEYS;
+        if scan_the_table(keys, bytes) {
+            tracing::debug!(table = %table.display(), keys, bytes, "reading the changed rows by scanning the table");
+            scans.push(table.display());
+        }
+    }
+    if many {
+        transaction
+            .batch_execute(&format!("SET LOCAL work_mem = '{STEP_WORK_MEM}'"))
+            .await?;
+    }
+    Ok(scans)
+}
+
 /// The target now holds every commit that was visible before `position` was read.
 fn caught_up(s: &Session, position: Option<Position>) {
     if let Some(position) = position {
@@ -360,6 +463,27 @@ async fn acknowledge(s: &mut Session) -> Result<(), Error> {
 mod tests {
     use super::*;
     use crate::replicator::catalog::ColumnInfo;
+
+    #[test]
+    fn a_bulk_change_scans_the_table_and_a_few_keys_use_the_index() {
+        // A bulk statement that changed a whole 15 MB table of 200,000 rows.
+        assert!(scan_the_table(200_000, 15 << 20));
+        // The same keys in a 10 GB table: probing stays cheaper.
+        assert!(!scan_the_table(200_000, 10 << 30));
+        // A few keys never scan, however small the table.
+        assert!(!scan_the_table(10, 8_192));
+        assert!(!scan_the_table(SCAN_MIN_KEYS - 1, 0));
+        assert!(scan_the_table(
+            SCAN_MIN_KEYS,
+            SCAN_MIN_KEYS * SCAN_BYTES_PER_KEY
+        ));
+        assert!(!scan_the_table(
+            SCAN_MIN_KEYS,
+            SCAN_MIN_KEYS * SCAN_BYTES_PER_KEY + 1
+        ));
+        // No overflow for absurd counts.
+        assert!(scan_the_table(i64::MAX, i64::MAX));
+    }
 
     #[test]
     fn dirty_rows_are_read_by_key_in_the_batch_snapshot() {
