@@ -114,6 +114,48 @@ async fn logical_mode_keeps_the_replica_equal() {
     basic_changes(CaptureMode::Logical).await;
 }
 
+/// A window in which a table only had rows inserted is applied with plain INSERTs; a row
+/// that something else wrote on the target makes that fail once, and the replicator falls
+/// back to upserts (the source's row wins) instead of failing forever.
+#[actix_rt::test]
+async fn a_row_written_on_the_target_by_something_else_is_overwritten() {
+    let topology = topology(false).await;
+    let herd = herd(&topology, CaptureMode::Trigger);
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
+    eventually("the initial copy is done", Duration::from_secs(20), || {
+        let status = herd.replication();
+        async move { status[0].state == ReplicationState::Streaming && status[0].applied.is_some() }
+    })
+    .await;
+    topology
+        .node("replica")
+        .connect()
+        .await
+        .expect("connect")
+        .batch_execute("INSERT INTO items (id, name) VALUES (42, 'written on the replica')")
+        .await
+        .expect("a row written on the replica");
+    topology
+        .primary()
+        .connect()
+        .await
+        .expect("connect")
+        .batch_execute(
+            "INSERT INTO items (id, name) SELECT g, 'from the primary' FROM generate_series(1, 100) g",
+        )
+        .await
+        .expect("inserts on the primary");
+    converge(&topology).await;
+    let status = herd.replication();
+    assert!(
+        status[0].errors >= 1,
+        "the plain insert failed once: {status:?}"
+    );
+    herd.shutdown().await;
+}
+
 /// Starts `builder` (with a short deadlock timeout, for the workload's deadlocks) and creates
 /// the workload's tables on every writable server.
 async fn workload_topology(builder: pgherd::testkit::TopologyBuilder) -> Topology {

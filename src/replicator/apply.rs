@@ -24,6 +24,9 @@ pub(crate) struct TableChanges {
     pub(crate) deletes: Vec<Vec<String>>,
     /// Whole rows to insert or overwrite.
     pub(crate) upserts: Vec<Row>,
+    /// None of `upserts` can be on the target: they are inserted without looking for a
+    /// conflict, which costs the target about a third less than an upsert.
+    pub(crate) fresh: bool,
     /// Rows of which only some columns are known (the others are unchanged TOAST values in
     /// `logical` mode), grouped by which columns are present.
     pub(crate) updates: BTreeMap<Vec<bool>, Vec<Row>>,
@@ -48,6 +51,7 @@ pub(crate) struct TableSql {
     pub(crate) truncate: String,
     pub(crate) delete: String,
     pub(crate) upsert: String,
+    pub(crate) insert: String,
     table: TableInfo,
 }
 
@@ -104,19 +108,19 @@ impl TableSql {
                     .join(", "),
             )
         };
-        let upsert = format!(
-            "INSERT INTO {name} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) \
-             ON CONFLICT ({}) {on_conflict}",
+        let insert = format!(
+            "INSERT INTO {name} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({})",
             columns.join(", "),
             values.join(", "),
             params(1, columns.len()),
             (0..columns.len()).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", "),
-            keys.join(", "),
         );
+        let upsert = format!("{insert} ON CONFLICT ({}) {on_conflict}", keys.join(", "));
         TableSql {
             truncate: format!("TRUNCATE {name}"),
             delete,
             upsert,
+            insert,
             table,
         }
     }
@@ -242,9 +246,12 @@ impl TableSql {
                     .map(|row| row.iter().map(Option::as_deref)),
                 self.table.columns.len(),
             );
-            written += transaction
-                .execute(&self.upsert, &as_params(&columns))
-                .await?;
+            let statement = if changes.fresh {
+                &self.insert
+            } else {
+                &self.upsert
+            };
+            written += transaction.execute(statement, &as_params(&columns)).await?;
         }
         for (present, rows) in &changes.updates {
             let width = present.iter().filter(|p| **p).count();

@@ -192,6 +192,7 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
             )
         };
         let inserted = aggregate("new_rows");
+        let updated = inserted.clone();
         let deleted = aggregate("old_rows");
         // An UPDATE logs the new keys; the old key of a row whose key changed is logged by a
         // row-level trigger that fires only for such rows (its WHEN clause is evaluated without
@@ -223,6 +224,9 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
                 )
             })
             .collect();
+        // An INSERT's keys are marked: a window in which a table only had rows inserted can
+        // insert them on the target without looking for conflicts (see `TableChanges::fresh`).
+        let inserted_rows = inserted.replacen("SELECT ", "SELECT true, ", 1);
         let index = quote_ident(&object_name(table, "/txid"));
         let name = table.qualified();
         let display = quote_literal(&table.display());
@@ -230,17 +234,19 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         sql.push_str(&format!(
             "{begin}\
              LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE;\n\
-             CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), {});\n\
+             CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
+               inserted boolean NOT NULL DEFAULT false, {});\n\
+             ALTER TABLE {log} ADD COLUMN IF NOT EXISTS inserted boolean NOT NULL DEFAULT false;\n\
              {storage}\
              CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
              CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $pgherd$\n\
              BEGIN\n\
                IF TG_OP = 'INSERT' THEN\n\
-                 INSERT INTO {log} ({keys}) {inserted};\n\
+                 INSERT INTO {log} (inserted, {keys}) {inserted_rows};\n\
                ELSIF TG_OP = 'DELETE' THEN\n\
                  INSERT INTO {log} ({keys}) {deleted};\n\
                ELSIF TG_OP = 'UPDATE' THEN\n\
-                 INSERT INTO {log} ({keys}) {inserted};\n\
+                 INSERT INTO {log} ({keys}) {updated};\n\
                ELSE\n\
                  INSERT INTO {schema}.truncations (tbl) VALUES ({display});\n\
                END IF;\n\
@@ -401,6 +407,13 @@ mod tests {
         assert!(
             sql.contains(
                 "INSERT INTO \"pgherd\".\"shop.Or\"\"ders\" (\"id\") VALUES (ARRAY[OLD.\"id\"])"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "INSERT INTO \"pgherd\".\"shop.Or\"\"ders\" (inserted, \"id\") SELECT true, \
+                 array_agg(\"id\") FROM new_rows HAVING count(*) > 0"
             ),
             "{sql}"
         );

@@ -7,6 +7,7 @@
 //! committed batch ended.
 
 use std::{
+    sync::atomic::AtomicBool,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -276,6 +277,9 @@ pub(crate) struct Shared {
     /// When the target last reflected the source as it was (the start of the last batch that
     /// left nothing behind).
     pub(crate) reflects: Mutex<Option<Instant>>,
+    /// The target refused a row inserted without looking for a conflict (somebody else wrote
+    /// it there): every later batch upserts.
+    pub(crate) always_upsert: AtomicBool,
 }
 
 impl Shared {
@@ -283,6 +287,7 @@ impl Shared {
         Shared {
             status: Mutex::new(status),
             reflects: Mutex::new(None),
+            always_upsert: AtomicBool::new(false),
         }
     }
 

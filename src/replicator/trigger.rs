@@ -4,10 +4,13 @@
 //! rows are read again in the new snapshot, so that after the batch each table on the target is
 //! exactly the primary's table as of that snapshot. A key whose row is gone becomes a delete.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use futures_util::TryStreamExt as _;
-use tokio_postgres::Client;
+use tokio_postgres::{error::SqlState, Client};
 
 use super::{
     apply::TableChanges,
@@ -117,23 +120,37 @@ pub(crate) fn scan_the_table(keys: i64, bytes: i64) -> bool {
     keys >= SCAN_MIN_KEYS && bytes <= keys.saturating_mul(SCAN_BYTES_PER_KEY)
 }
 
-/// The query that counts, for each of `tables`, the keys logged in the window and the table's
-/// size in bytes (two columns per table, one row). Parameters as for [`dirty_sql`].
+/// The query that reads, for each of `tables`, the number of keys logged in the window,
+/// whether every one of them was logged by an INSERT, and the table's size in bytes (three
+/// columns per table, one row). Parameters as for [`dirty_sql`].
 fn keys_sql(schema: &str, tables: &[&TableInfo]) -> String {
-    let columns: Vec<String> = tables
-        .iter()
-        .map(|table| {
-            let log = install::change_table(schema, table);
-            let first = quote_ident(&table.columns[table.key[0]].name);
-            format!(
-                "(SELECT coalesce(sum(cardinality(log.{first})), 0)::int8 FROM {log} AS log \
-                 WHERE log.txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(log.txid, \
-                 $2::text::pg_snapshot)), pg_relation_size({}::regclass)",
-                quote_literal(&table.qualified()),
-            )
-        })
-        .collect();
-    format!("SELECT {}", columns.join(", "))
+    let mut columns = Vec::with_capacity(tables.len());
+    let mut windows = Vec::with_capacity(tables.len());
+    for (index, table) in tables.iter().enumerate() {
+        let log = install::change_table(schema, table);
+        let first = quote_ident(&table.columns[table.key[0]].name);
+        columns.push(format!(
+            "w{index}.keys, w{index}.inserted, pg_relation_size({}::regclass)",
+            quote_literal(&table.qualified())
+        ));
+        windows.push(format!(
+            "(SELECT coalesce(sum(cardinality(log.{first})), 0)::int8 AS keys, \
+             coalesce(bool_and(log.inserted), false) AS inserted FROM {log} AS log \
+             WHERE log.txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(log.txid, \
+             $2::text::pg_snapshot)) AS w{index}"
+        ));
+    }
+    format!("SELECT {} FROM {}", columns.join(", "), windows.join(", "))
+}
+
+/// How a step reads and applies one table's changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ReadPlan {
+    /// Read the rows by scanning the table (see [`scan_the_table`]).
+    scan: bool,
+    /// Every key in the window was inserted by it, so none is on the target (which equals the
+    /// source as of the previous snapshot): the rows are inserted without conflict checks.
+    fresh: bool,
 }
 
 /// One step: read what changed since the target's snapshot and apply it in one target
@@ -239,9 +256,13 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 .filter(|(i, _)| !copy.contains(i))
                 .map(|(_, table)| table)
                 .collect();
-            plan_reads(&transaction, &settings.schema, &streamed, previous)
+            let mut plans = plan_reads(&transaction, &settings.schema, &streamed, previous)
                 .await
-                .map_err(source_error)?
+                .map_err(source_error)?;
+            if s.shared.always_upsert.load(Ordering::Relaxed) {
+                plans.iter_mut().for_each(|(_, plan)| plan.fresh = false);
+            }
+            plans
         }
         None => Vec::new(),
     };
@@ -260,7 +281,12 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             continue;
         }
         let Some(previous) = &previous else { continue };
-        let scan = scans.iter().any(|name| *name == table.display());
+        let name = table.display();
+        let read = scans
+            .iter()
+            .find(|(table, _)| *table == name)
+            .map_or_else(ReadPlan::default, |(_, plan)| *plan);
+        let scan = read.scan;
         if scan != scanning {
             let toggle = if scan { "off" } else { "on" };
             transaction
@@ -271,6 +297,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         }
         let mut changes = TableChanges {
             truncate: truncated.contains(&table.display()),
+            fresh: read.fresh,
             ..TableChanges::default()
         };
         let mut bytes = 0;
@@ -311,11 +338,24 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                     claim(&s.target, &schema, &s.spec.cluster, expected).await?;
                     claimed = true;
                 }
-                rows += plan
-                    .apply(&s.target, &changes)
-                    .await
-                    .map_err(target_error)?;
-                changes = TableChanges::default();
+                rows += match plan.apply(&s.target, &changes).await {
+                    Ok(rows) => rows,
+                    Err(error) => {
+                        if changes.fresh && error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                            tracing::warn!(
+                                target = %s.spec.target, table = %name, %error,
+                                "a row inserted on the source is already on the target (written \
+                                 there by something else): upserting from now on"
+                            );
+                            s.shared.always_upsert.store(true, Ordering::Relaxed);
+                        }
+                        return Err(target_error(error));
+                    }
+                };
+                changes = TableChanges {
+                    fresh: read.fresh,
+                    ..TableChanges::default()
+                };
                 bytes = 0;
             }
             if next.is_none() {
@@ -349,15 +389,14 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     })
 }
 
-/// Counts the keys each of `tables` logged in the window; returns the tables whose rows are
-/// better read by scanning the table, and raises the step's `work_mem` when any table has
-/// many keys.
+/// Reads how many keys each of `tables` logged in the window and plans how each is read and
+/// applied; raises the step's `work_mem` when any table has many keys.
 async fn plan_reads(
     transaction: &tokio_postgres::Transaction<'_>,
     schema: &str,
     tables: &[&TableInfo],
     previous: &Snapshot,
-) -> Result<Vec<String>, tokio_postgres::Error> {
+) -> Result<Vec<(String, ReadPlan)>, tokio_postgres::Error> {
     if tables.is_empty() {
         return Ok(Vec::new());
     }
@@ -367,23 +406,28 @@ async fn plan_reads(
             &[&previous.xmin().to_string(), &previous.to_string()],
         )
         .await?;
-    let mut scans = Vec::new();
+    let mut plans = Vec::with_capacity(tables.len());
     let mut many = false;
     for (index, table) in tables.iter().enumerate() {
-        let keys: i64 = row.get(2 * index);
-        let bytes: i64 = row.get(2 * index + 1);
+        let keys: i64 = row.get(3 * index);
+        let inserted: bool = row.get(3 * index + 1);
+        let bytes: i64 = row.get(3 * index + 2);
         many |= keys >= SCAN_MIN_KEYS;
-        if scan_the_table(keys, bytes) {
+        let plan = ReadPlan {
+            scan: scan_the_table(keys, bytes),
+            fresh: inserted,
+        };
+        if plan.scan {
             tracing::debug!(table = %table.display(), keys, bytes, "reading the changed rows by scanning the table");
-            scans.push(table.display());
         }
+        plans.push((table.display(), plan));
     }
     if many {
         transaction
             .batch_execute(&format!("SET LOCAL work_mem = '{STEP_WORK_MEM}'"))
             .await?;
     }
-    Ok(scans)
+    Ok(plans)
 }
 
 /// The target now holds every commit that was visible before `position` was read.
