@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use tokio_postgres::{types::ToSql, Client};
+use tokio_postgres::{error::SqlState, types::ToSql, Client};
 
 use super::catalog::TableInfo;
 use crate::sql::quote_ident;
@@ -22,11 +22,12 @@ pub(crate) struct TableChanges {
     pub(crate) truncate: bool,
     /// Keys of rows to delete, in key-column order.
     pub(crate) deletes: Vec<Vec<String>>,
+    /// Whole rows whose keys cannot be on the target (they were inserted on the source since
+    /// the state the target holds): inserted without looking for a conflict, which costs the
+    /// target about a third less than an upsert.
+    pub(crate) inserts: Vec<Row>,
     /// Whole rows to insert or overwrite.
     pub(crate) upserts: Vec<Row>,
-    /// None of `upserts` can be on the target: they are inserted without looking for a
-    /// conflict, which costs the target about a third less than an upsert.
-    pub(crate) fresh: bool,
     /// Rows of which only some columns are known (the others are unchanged TOAST values in
     /// `logical` mode), grouped by which columns are present.
     pub(crate) updates: BTreeMap<Vec<bool>, Vec<Row>>,
@@ -36,12 +37,22 @@ impl TableChanges {
     pub(crate) fn is_empty(&self) -> bool {
         !self.truncate
             && self.deletes.is_empty()
+            && self.inserts.is_empty()
             && self.upserts.is_empty()
             && self.updates.is_empty()
     }
 
+    /// Whether `error`, returned by applying these changes, says that one of the inserted rows
+    /// is already on the target: something else wrote it there, and only upserts can go on.
+    pub(crate) fn insert_refused(&self, error: &tokio_postgres::Error) -> bool {
+        !self.inserts.is_empty() && error.code() == Some(&SqlState::UNIQUE_VIOLATION)
+    }
+
     pub(crate) fn rows(&self) -> usize {
-        self.deletes.len() + self.upserts.len() + self.updates.values().map(Vec::len).sum::<usize>()
+        self.deletes.len()
+            + self.inserts.len()
+            + self.upserts.len()
+            + self.updates.values().map(Vec::len).sum::<usize>()
     }
 }
 
@@ -215,8 +226,8 @@ impl TableSql {
         client.execute(&sql, &params).await
     }
 
-    /// Applies `changes` within `transaction`: truncate, then deletes, then upserts, then
-    /// partial updates. Returns the rows written.
+    /// Applies `changes` within `transaction`: truncate, then deletes, then inserts, then
+    /// upserts, then partial updates. Returns the rows written.
     pub(crate) async fn apply(
         &self,
         transaction: &Client,
@@ -238,19 +249,17 @@ impl TableSql {
                 .execute(&self.delete, &as_params(&columns))
                 .await?;
         }
-        if !changes.upserts.is_empty() {
+        for (rows, statement) in [
+            (&changes.inserts, &self.insert),
+            (&changes.upserts, &self.upsert),
+        ] {
+            if rows.is_empty() {
+                continue;
+            }
             let columns = transpose(
-                changes
-                    .upserts
-                    .iter()
-                    .map(|row| row.iter().map(Option::as_deref)),
+                rows.iter().map(|row| row.iter().map(Option::as_deref)),
                 self.table.columns.len(),
             );
-            let statement = if changes.fresh {
-                &self.insert
-            } else {
-                &self.upsert
-            };
             written += transaction.execute(statement, &as_params(&columns)).await?;
         }
         for (present, rows) in &changes.updates {

@@ -7,13 +7,13 @@
 //! last applied commit as the target's watermark. After a crash between the target's commit and
 //! the slot's advance, commits at or below the watermark are skipped.
 
-use std::collections::HashMap;
+use std::collections::{hash_map, HashMap};
 
 use futures_util::TryStreamExt as _;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    apply::{Row, TableChanges, TableSql},
+    apply::{Row, TableChanges},
     catalog::TableInfo,
     install,
     pgoutput::{self, Message, Value},
@@ -38,7 +38,9 @@ enum Entry {
 #[derive(Debug, Default)]
 struct Pending {
     truncate: bool,
-    entries: HashMap<Vec<String>, Entry>,
+    /// Each key's net change, and whether its first change since the target's state was an
+    /// INSERT (the key is then not on the target).
+    entries: HashMap<Vec<String>, (Entry, bool)>,
     bytes: usize,
 }
 
@@ -48,8 +50,9 @@ impl Pending {
             truncate: self.truncate,
             ..TableChanges::default()
         };
-        for (key, entry) in self.entries {
+        for (key, (entry, inserted)) in self.entries {
             match entry {
+                Entry::Upsert(row) if inserted => changes.inserts.push(row),
                 Entry::Upsert(row) => changes.upserts.push(row),
                 Entry::Delete => changes.deletes.push(key),
                 Entry::Partial(present, row) => {
@@ -83,6 +86,8 @@ struct Mapping {
 #[derive(Debug)]
 struct Folder<'a> {
     tables: &'a [TableInfo],
+    /// Rows of keys first inserted in this step are inserted without a conflict check.
+    plain_inserts: bool,
     relations: HashMap<u32, Mapping>,
     pending: Vec<Pending>,
     rows: usize,
@@ -90,9 +95,10 @@ struct Folder<'a> {
 }
 
 impl<'a> Folder<'a> {
-    fn new(tables: &'a [TableInfo]) -> Folder<'a> {
+    fn new(tables: &'a [TableInfo], plain_inserts: bool) -> Folder<'a> {
         Folder {
             tables,
+            plain_inserts,
             relations: HashMap::new(),
             pending: tables.iter().map(|_| Pending::default()).collect(),
             rows: 0,
@@ -141,7 +147,8 @@ impl<'a> Folder<'a> {
             .collect()
     }
 
-    fn set(&mut self, table: usize, key: Vec<String>, entry: Entry) {
+    /// Records `entry` as the net change of `key`; `inserted` when the change is an INSERT.
+    fn set(&mut self, table: usize, key: Vec<String>, entry: Entry, inserted: bool) {
         let size = key.iter().map(String::len).sum::<usize>()
             + match &entry {
                 Entry::Upsert(row) | Entry::Partial(_, row) => {
@@ -152,8 +159,12 @@ impl<'a> Folder<'a> {
         self.bytes += size;
         let pending = &mut self.pending[table];
         pending.bytes += size;
-        if pending.entries.insert(key, entry).is_none() {
-            self.rows += 1;
+        match pending.entries.entry(key) {
+            hash_map::Entry::Occupied(mut occupied) => occupied.get_mut().0 = entry,
+            hash_map::Entry::Vacant(vacant) => {
+                vacant.insert((entry, inserted && self.plain_inserts));
+                self.rows += 1;
+            }
         }
     }
 
@@ -193,7 +204,7 @@ impl<'a> Folder<'a> {
                 let table = mapping.table;
                 let (row, _) = self.row(mapping, &new)?;
                 let key = self.key(table, &row)?;
-                self.set(table, key, Entry::Upsert(row));
+                self.set(table, key, Entry::Upsert(row), true);
             }
             Message::Update {
                 relation,
@@ -229,7 +240,7 @@ impl<'a> Folder<'a> {
                 let earlier = self.pending[table]
                     .entries
                     .get(old_key.as_ref().unwrap_or(&key))
-                    .cloned();
+                    .map(|(entry, _)| entry.clone());
                 if present.iter().any(|p| !p) {
                     match earlier {
                         Some(Entry::Upsert(previous)) => {
@@ -261,14 +272,14 @@ impl<'a> Folder<'a> {
                             row,
                         }));
                     }
-                    self.set(table, old_key, Entry::Delete);
+                    self.set(table, old_key, Entry::Delete, false);
                 }
                 let entry = if complete {
                     Entry::Upsert(row)
                 } else {
                     Entry::Partial(present, row)
                 };
-                self.set(table, key, entry);
+                self.set(table, key, entry, false);
             }
             Message::Delete { relation, old, .. } => {
                 let Some(mapping) = self.relations.get(&relation) else {
@@ -277,7 +288,7 @@ impl<'a> Folder<'a> {
                 let table = mapping.table;
                 let (row, _) = self.row(mapping, &old)?;
                 let key = self.key(table, &row)?;
-                self.set(table, key, Entry::Delete);
+                self.set(table, key, Entry::Delete, false);
             }
             Message::Truncate { relations, .. } => {
                 for relation in relations {
@@ -317,15 +328,14 @@ impl<'a> Folder<'a> {
 }
 
 /// Applies folded changes within the target transaction.
-async fn apply_all(
-    target: &tokio_postgres::Client,
-    plans: &[TableSql],
-    changes: Vec<TableChanges>,
-) -> Result<u64, Error> {
+async fn apply_all(s: &Session, changes: Vec<TableChanges>) -> Result<u64, Error> {
     let mut rows = 0;
-    for (plan, changes) in plans.iter().zip(changes) {
+    for (plan, changes) in s.plans.iter().zip(changes) {
         if !changes.is_empty() {
-            rows += plan.apply(target, &changes).await.map_err(target_error)?;
+            rows += plan.apply(&s.target, &changes).await.map_err(|error| {
+                s.shared.note_apply_error(&s.spec.target, &changes, &error);
+                target_error(error)
+            })?;
         }
     }
     Ok(rows)
@@ -418,7 +428,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         .await
         .map_err(source_error)?;
     futures_util::pin_mut!(stream);
-    let mut folder = Folder::new(&s.tables);
+    let mut folder = Folder::new(&s.tables, !s.shared.always_upsert());
     let mut claimed = false;
     let mut skip = false;
     let mut last_commit: Option<Position> = None;
@@ -446,7 +456,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                         claim(&s.target, &schema, &s.spec.cluster, expected).await?;
                         claimed = true;
                     }
-                    rows += apply_all(&s.target, &s.plans, folder.take()).await?;
+                    rows += apply_all(s, folder.take()).await?;
                 }
             }
             // Relations are needed even for skipped transactions: they are sent once.
@@ -460,7 +470,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                         claim(&s.target, &schema, &s.spec.cluster, expected).await?;
                         claimed = true;
                     }
-                    rows += apply_all(&s.target, &s.plans, folder.take()).await?;
+                    rows += apply_all(s, folder.take()).await?;
                     rows += s.plans[moved.table]
                         .move_row(&s.target, &moved.old_key, &moved.present, &moved.row)
                         .await
@@ -475,7 +485,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             claim(&s.target, &schema, &s.spec.cluster, expected).await?;
             claimed = true;
         }
-        rows += apply_all(&s.target, &s.plans, folder.take()).await?;
+        rows += apply_all(s, folder.take()).await?;
     }
     let applied = claimed;
     let mut progress = s.progress.clone();
@@ -661,7 +671,7 @@ mod tests {
 
     fn folded(messages: Vec<Message>) -> (Vec<TableChanges>, Option<Move>) {
         let tables = tables();
-        let mut folder = Folder::new(&tables);
+        let mut folder = Folder::new(&tables, true);
         let mut moved = None;
         for message in std::iter::once(relation()).chain(messages) {
             if let Some(m) = folder.fold(message).expect("fold") {
@@ -687,7 +697,47 @@ mod tests {
             },
         ]);
         assert_eq!(changes[0].deletes, [vec!["1".to_owned()]]);
-        assert_eq!(changes[0].upserts, [row(&["2", "b", "y"])]);
+        assert_eq!(changes[0].inserts, [row(&["2", "b", "y"])]);
+        assert!(changes[0].upserts.is_empty());
+    }
+
+    #[test]
+    fn only_keys_first_inserted_in_the_step_are_inserted_without_a_conflict_check() {
+        let update = |id: &str, title: &str| Message::Update {
+            relation: 7,
+            old: None,
+            old_is_key_only: false,
+            new: vec![text(id), text(title), text("x")],
+        };
+        let delete = |id: &str| Message::Delete {
+            relation: 7,
+            old: vec![text(id), Value::Null, Value::Null],
+            old_is_key_only: true,
+        };
+        let (changes, _) = folded(vec![
+            // Inserted, then updated: still not on the target.
+            insert("1", "a", "x"),
+            update("1", "b"),
+            // Updated only: on the target.
+            update("2", "c"),
+            // Deleted, then inserted again: on the target until the delete is applied, which
+            // is not known here.
+            delete("3"),
+            insert("3", "d", "x"),
+        ]);
+        assert_eq!(changes[0].inserts, [row(&["1", "b", "x"])]);
+        let mut upserts = changes[0].upserts.clone();
+        upserts.sort();
+        assert_eq!(upserts, [row(&["2", "c", "x"]), row(&["3", "d", "x"])]);
+        // A folder told that the target refused a plain insert upserts everything.
+        let tables = tables();
+        let mut folder = Folder::new(&tables, false);
+        for message in [relation(), insert("1", "a", "x")] {
+            folder.fold(message).expect("fold");
+        }
+        let changes = folder.take();
+        assert!(changes[0].inserts.is_empty());
+        assert_eq!(changes[0].upserts, [row(&["1", "a", "x"])]);
     }
 
     #[test]
@@ -725,7 +775,7 @@ mod tests {
         );
         // After an insert of the same step, the value comes from the insert.
         let (changes, _) = folded(vec![insert("1", "a", "big"), update("b")]);
-        assert_eq!(changes[0].upserts, [row(&["1", "b", "big"])]);
+        assert_eq!(changes[0].inserts, [row(&["1", "b", "big"])]);
         // A key-only old image carries NULLs, not the value: it is not taken from there.
         let (changes, _) = folded(vec![Message::Update {
             relation: 7,
@@ -761,7 +811,7 @@ mod tests {
             insert("2", "b", "y"),
         ]);
         assert!(changes[0].truncate);
-        assert_eq!(changes[0].upserts, [row(&["2", "b", "y"])]);
+        assert_eq!(changes[0].inserts, [row(&["2", "b", "y"])]);
         assert!(changes[0].deletes.is_empty());
     }
 }

@@ -7,7 +7,7 @@
 //! committed batch ended.
 
 use std::{
-    sync::atomic::AtomicBool,
+    sync::atomic::{AtomicBool, Ordering},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -16,8 +16,11 @@ use tokio::sync::Notify;
 use tokio_postgres::{Client, Transaction};
 
 use super::{
-    apply::TableSql, catalog::TableInfo, install, logical, snapshot::Snapshot, trigger,
-    ReplicationState, ReplicationStatus,
+    apply::{TableChanges, TableSql},
+    catalog::TableInfo,
+    install, logical,
+    snapshot::Snapshot,
+    trigger, ReplicationState, ReplicationStatus,
 };
 use crate::{
     database::pool::Connector,
@@ -288,6 +291,29 @@ impl Shared {
             status: Mutex::new(status),
             reflects: Mutex::new(None),
             always_upsert: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether every later batch must upsert (see [`Shared::note_apply_error`]).
+    pub(crate) fn always_upsert(&self) -> bool {
+        self.always_upsert.load(Ordering::Relaxed)
+    }
+
+    /// Looks at an error of applying `changes` to `target`: when a row inserted without a
+    /// conflict check was already there, later batches upsert.
+    pub(crate) fn note_apply_error(
+        &self,
+        target: &str,
+        changes: &TableChanges,
+        error: &tokio_postgres::Error,
+    ) {
+        if changes.insert_refused(error) {
+            tracing::warn!(
+                target, %error,
+                "a row inserted on the source is already on the target (written there by \
+                 something else): upserting from now on"
+            );
+            self.always_upsert.store(true, Ordering::Relaxed);
         }
     }
 

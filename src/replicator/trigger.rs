@@ -4,13 +4,10 @@
 //! rows are read again in the new snapshot, so that after the batch each table on the target is
 //! exactly the primary's table as of that snapshot. A key whose row is gone becomes a delete.
 
-use std::{
-    sync::atomic::Ordering,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt as _;
-use tokio_postgres::{error::SqlState, Client};
+use tokio_postgres::Client;
 
 use super::{
     apply::TableChanges,
@@ -259,7 +256,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             let mut plans = plan_reads(&transaction, &settings.schema, &streamed, previous)
                 .await
                 .map_err(source_error)?;
-            if s.shared.always_upsert.load(Ordering::Relaxed) {
+            if s.shared.always_upsert() {
                 plans.iter_mut().for_each(|(_, plan)| plan.fresh = false);
             }
             plans
@@ -297,7 +294,6 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         }
         let mut changes = TableChanges {
             truncate: truncated.contains(&table.display()),
-            fresh: read.fresh,
             ..TableChanges::default()
         };
         let mut bytes = 0;
@@ -323,7 +319,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                     let values: Vec<Option<String>> =
                         (1 + width..row.len()).map(|i| row.get(i)).collect();
                     bytes += values.iter().flatten().map(String::len).sum::<usize>();
-                    changes.upserts.push(values);
+                    if read.fresh {
+                        changes.inserts.push(values);
+                    } else {
+                        changes.upserts.push(values);
+                    }
                 }
             }
             let full = changes.rows() >= settings.batch_rows || bytes >= settings.batch_bytes;
@@ -341,21 +341,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 rows += match plan.apply(&s.target, &changes).await {
                     Ok(rows) => rows,
                     Err(error) => {
-                        if changes.fresh && error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-                            tracing::warn!(
-                                target = %s.spec.target, table = %name, %error,
-                                "a row inserted on the source is already on the target (written \
-                                 there by something else): upserting from now on"
-                            );
-                            s.shared.always_upsert.store(true, Ordering::Relaxed);
-                        }
+                        s.shared.note_apply_error(&s.spec.target, &changes, &error);
                         return Err(target_error(error));
                     }
                 };
-                changes = TableChanges {
-                    fresh: read.fresh,
-                    ..TableChanges::default()
-                };
+                changes = TableChanges::default();
                 bytes = 0;
             }
             if next.is_none() {
