@@ -292,11 +292,6 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 .map_err(source_error)?;
             scanning = scan;
         }
-        let mut changes = TableChanges {
-            truncate: truncated.contains(&table.display()),
-            ..TableChanges::default()
-        };
-        let mut bytes = 0;
         let statement = dirty_sql(&settings.schema, table);
         let stream = transaction
             .query_raw(
@@ -306,50 +301,41 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             .await
             .map_err(source_error)?;
         futures_util::pin_mut!(stream);
-        let width = table.key.len();
+        let limits = (settings.batch_rows, settings.batch_bytes);
+        let mut chunk = read_chunk(&mut stream, table, read.fresh, limits)
+            .await
+            .map_err(source_error)?;
+        chunk.changes.truncate = truncated.contains(&name);
         loop {
-            let next = stream.try_next().await.map_err(source_error)?;
-            if let Some(row) = &next {
-                let gone: bool = row.get(0);
-                if gone {
-                    let key: Vec<String> = (1..=width).map(|i| row.get(i)).collect();
-                    bytes += key.iter().map(String::len).sum::<usize>();
-                    changes.deletes.push(key);
-                } else {
-                    let values: Vec<Option<String>> =
-                        (1 + width..row.len()).map(|i| row.get(i)).collect();
-                    bytes += values.iter().flatten().map(String::len).sum::<usize>();
-                    if read.fresh {
-                        changes.inserts.push(values);
-                    } else {
-                        changes.upserts.push(values);
-                    }
-                }
-            }
-            let full = changes.rows() >= settings.batch_rows || bytes >= settings.batch_bytes;
-            if full || next.is_none() {
-                let read = u64::try_from(changes.rows()).unwrap_or(u64::MAX);
-                s.shared.update(|status| {
-                    *status.lag_rows.get_or_insert(0) += read;
-                });
-            }
-            if (full || next.is_none()) && !changes.is_empty() {
-                if !claimed {
-                    claim(&s.target, &schema, &s.spec.cluster, expected).await?;
-                    claimed = true;
-                }
-                rows += match plan.apply(&s.target, &changes).await {
-                    Ok(rows) => rows,
-                    Err(error) => {
-                        s.shared.note_apply_error(&s.spec.target, &changes, &error);
-                        return Err(target_error(error));
-                    }
-                };
-                changes = TableChanges::default();
-                bytes = 0;
-            }
-            if next.is_none() {
+            s.shared.update(|status| {
+                *status.lag_rows.get_or_insert(0) += chunk.changes.rows() as u64;
+            });
+            if chunk.changes.is_empty() {
                 break;
+            }
+            if !claimed {
+                claim(&s.target, &schema, &s.spec.cluster, expected).await?;
+                claimed = true;
+            }
+            // The next chunk is read (and converted) while this one is applied: the primary
+            // and this process work while the target does.
+            let (applied, next) = if chunk.last {
+                (plan.apply(&s.target, &chunk.changes).await, None)
+            } else {
+                let (applied, next) = futures_util::join!(
+                    plan.apply(&s.target, &chunk.changes),
+                    read_chunk(&mut stream, table, read.fresh, limits)
+                );
+                (applied, Some(next))
+            };
+            rows += applied.map_err(|error| {
+                s.shared
+                    .note_apply_error(&s.spec.target, &chunk.changes, &error);
+                target_error(error)
+            })?;
+            match next {
+                Some(next) => chunk = next.map_err(source_error)?,
+                None => break,
             }
         }
     }
@@ -376,6 +362,56 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         Step::Applied { rows, more: false }
     } else {
         Step::Idle
+    })
+}
+
+/// One chunk of a table's changed rows, bounded in rows and bytes.
+struct Chunk {
+    changes: TableChanges,
+    /// The table has no more changed rows in this step.
+    last: bool,
+}
+
+/// Reads the next chunk of the dirty query's rows (see [`dirty_sql`]): a row whose key is
+/// gone is a delete, any other an insert when the table's window only inserted (`fresh`),
+/// else an upsert. At most `limits` rows and bytes.
+async fn read_chunk<S>(
+    stream: &mut std::pin::Pin<&mut S>,
+    table: &TableInfo,
+    fresh: bool,
+    (max_rows, max_bytes): (usize, usize),
+) -> Result<Chunk, tokio_postgres::Error>
+where
+    S: futures_util::Stream<Item = Result<tokio_postgres::Row, tokio_postgres::Error>>,
+{
+    let width = table.key.len();
+    let mut changes = TableChanges::default();
+    let mut bytes = 0;
+    while changes.rows() < max_rows && bytes < max_bytes {
+        let Some(row) = stream.try_next().await? else {
+            return Ok(Chunk {
+                changes,
+                last: true,
+            });
+        };
+        let gone: bool = row.get(0);
+        if gone {
+            let key: Vec<String> = (1..=width).map(|i| row.get(i)).collect();
+            bytes += key.iter().map(String::len).sum::<usize>();
+            changes.deletes.push(key);
+        } else {
+            let values: Vec<Option<String>> = (1 + width..row.len()).map(|i| row.get(i)).collect();
+            bytes += values.iter().flatten().map(String::len).sum::<usize>();
+            if fresh {
+                changes.inserts.push(values);
+            } else {
+                changes.upserts.push(values);
+            }
+        }
+    }
+    Ok(Chunk {
+        changes,
+        last: false,
     })
 }
 
