@@ -23,8 +23,8 @@ pub(crate) struct TableChanges {
     /// Keys of rows to delete, in key-column order.
     pub(crate) deletes: Vec<Vec<String>>,
     /// Whole rows whose keys cannot be on the target (they were inserted on the source since
-    /// the state the target holds): inserted without looking for a conflict, which costs the
-    /// target about a third less than an upsert.
+    /// the state the target holds): inserted without looking for a conflict, which cost the
+    /// target 15 to 40% less than an upsert in the replication benchmark.
     pub(crate) inserts: Vec<Row>,
     /// Whole rows to insert or overwrite.
     pub(crate) upserts: Vec<Row>,
