@@ -25,7 +25,15 @@ async fn topology(logical: bool) -> Topology {
 }
 
 fn herd(topology: &Topology, mode: CaptureMode) -> Herd {
+    herd_in_chunks(topology, mode, None)
+}
+
+/// A herd whose steps apply at most `batch_rows` rows at a time.
+fn herd_in_chunks(topology: &Topology, mode: CaptureMode, batch_rows: Option<usize>) -> Herd {
     let mut settings = topology.settings();
+    if let Some(batch_rows) = batch_rows {
+        settings.replicator.batch_rows = batch_rows;
+    }
     settings.replicator.mode = mode;
     settings.replicator.tables = vec!["items".to_owned(), "public.pairs".to_owned()];
     settings.replicator.retry_interval = Duration::from_millis(200);
@@ -64,7 +72,7 @@ async fn converge(topology: &Topology) {
     .await;
 }
 
-async fn basic_changes(mode: CaptureMode) {
+async fn basic_changes(mode: CaptureMode, batch_rows: Option<usize>) {
     let topology = topology(mode == CaptureMode::Logical).await;
     let primary = topology.primary().connect().await.expect("connect");
     primary
@@ -74,7 +82,7 @@ async fn basic_changes(mode: CaptureMode) {
         )
         .await
         .expect("rows before the herd starts (the initial copy)");
-    let herd = herd(&topology, mode);
+    let herd = herd_in_chunks(&topology, mode, batch_rows);
     herd.wait_ready(Duration::from_secs(15))
         .await
         .expect("ready");
@@ -106,12 +114,20 @@ async fn basic_changes(mode: CaptureMode) {
 
 #[actix_rt::test]
 async fn trigger_mode_keeps_the_replica_equal() {
-    basic_changes(CaptureMode::Trigger).await;
+    basic_changes(CaptureMode::Trigger, None).await;
 }
 
 #[actix_rt::test]
 async fn logical_mode_keeps_the_replica_equal() {
-    basic_changes(CaptureMode::Logical).await;
+    basic_changes(CaptureMode::Logical, None).await;
+}
+
+/// The same changes applied in chunks of 7 rows: source transactions and tables split across
+/// chunks of one target transaction (a key changed in several chunks, a TRUNCATE between them).
+#[actix_rt::test]
+async fn small_chunks_keep_the_replica_equal_in_both_modes() {
+    basic_changes(CaptureMode::Trigger, Some(7)).await;
+    basic_changes(CaptureMode::Logical, Some(7)).await;
 }
 
 /// Rows known to be new on the source (a window in which a table only had rows inserted, in

@@ -107,16 +107,16 @@ impl<'a> Folder<'a> {
     }
 
     /// A row of the stream in the table's column order, with which columns are present.
-    fn row(&self, mapping: &Mapping, tuple: &[Value]) -> Result<(Row, Vec<bool>), Error> {
+    fn row(&self, mapping: &Mapping, tuple: Vec<Value>) -> Result<(Row, Vec<bool>), Error> {
         let width = self.tables[mapping.table].columns.len();
         let mut row = vec![None; width];
         let mut present = vec![false; width];
-        for (value, column) in tuple.iter().zip(&mapping.columns) {
+        for (value, column) in tuple.into_iter().zip(&mapping.columns) {
             let Some(column) = *column else { continue };
             match value {
                 Value::Null => present[column] = true,
                 Value::Text(text) => {
-                    row[column] = Some(text.clone());
+                    row[column] = Some(text);
                     present[column] = true;
                 }
                 Value::UnchangedToast => {}
@@ -202,7 +202,7 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (row, _) = self.row(mapping, &new)?;
+                let (row, _) = self.row(mapping, new)?;
                 let key = self.key(table, &row)?;
                 self.set(table, key, Entry::Upsert(row), true);
             }
@@ -216,8 +216,8 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (mut row, mut present) = self.row(mapping, &new)?;
-                let old = match &old {
+                let (mut row, mut present) = self.row(mapping, new)?;
+                let old = match old {
                     Some(old) => Some(self.row(mapping, old)?),
                     None => None,
                 };
@@ -237,11 +237,11 @@ impl<'a> Folder<'a> {
                         }
                     }
                 }
-                let earlier = self.pending[table]
-                    .entries
-                    .get(old_key.as_ref().unwrap_or(&key))
-                    .map(|(entry, _)| entry.clone());
                 if present.iter().any(|p| !p) {
+                    let earlier = self.pending[table]
+                        .entries
+                        .get(old_key.as_ref().unwrap_or(&key))
+                        .map(|(entry, _)| entry);
                     match earlier {
                         Some(Entry::Upsert(previous)) => {
                             for i in 0..row.len() {
@@ -286,7 +286,7 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (row, _) = self.row(mapping, &old)?;
+                let (row, _) = self.row(mapping, old)?;
                 let key = self.key(table, &row)?;
                 self.set(table, key, Entry::Delete, false);
             }
@@ -312,10 +312,6 @@ impl<'a> Folder<'a> {
         Ok(None)
     }
 
-    fn is_empty(&self) -> bool {
-        self.rows == 0 && self.pending.iter().all(|p| !p.truncate)
-    }
-
     /// Takes everything folded so far.
     fn take(&mut self) -> Vec<TableChanges> {
         self.rows = 0;
@@ -325,6 +321,80 @@ impl<'a> Folder<'a> {
             .map(|p| std::mem::take(p).into_changes())
             .collect()
     }
+}
+
+/// Where a step is in the stream of a peek.
+struct Reading {
+    /// The end of the last commit the target holds.
+    watermark: Position,
+    /// Transactions visible in this snapshot and committed before `copy_lsn` came with the copy.
+    copy_snapshot: Option<Snapshot>,
+    copy_lsn: Position,
+    /// `batch_rows` and `batch_bytes`: the size of a chunk.
+    limits: (usize, usize),
+    /// The current source transaction is already on the target.
+    skip: bool,
+    /// The end of the last commit read.
+    last_commit: Option<Position>,
+    /// Messages read.
+    changes: usize,
+}
+
+/// What ended a chunk of the stream.
+enum ChunkEnd {
+    /// The folded changes reached `batch_rows` or `batch_bytes`.
+    Full,
+    /// The peek has nothing more.
+    Drained,
+    /// A key change to apply on its own, after what was folded before it.
+    Move(Move),
+}
+
+/// Reads and folds the peek's messages until the folded changes fill a chunk, the peek ends,
+/// or a key change must be applied on its own.
+async fn fold_chunk<S>(
+    stream: &mut std::pin::Pin<&mut S>,
+    folder: &mut Folder<'_>,
+    reading: &mut Reading,
+    source_error: impl Fn(tokio_postgres::Error) -> Error,
+) -> Result<ChunkEnd, Error>
+where
+    S: futures_util::Stream<Item = Result<tokio_postgres::Row, tokio_postgres::Error>>,
+{
+    let (max_rows, max_bytes) = reading.limits;
+    while let Some(row) = stream.try_next().await.map_err(&source_error)? {
+        reading.changes += 1;
+        let data: &[u8] = row.get(2);
+        let message = pgoutput::parse(data).map_err(|e| Error::mapping(e.to_string()))?;
+        match &message {
+            Message::Begin { final_lsn, xid, .. } => {
+                let seen = *final_lsn < reading.watermark.lsn();
+                let copied = *final_lsn < reading.copy_lsn.lsn()
+                    && reading
+                        .copy_snapshot
+                        .as_ref()
+                        .is_some_and(|snapshot| snapshot.visible(snapshot.widen(*xid)));
+                reading.skip = seen || copied;
+            }
+            Message::Commit { end_lsn, .. } => {
+                reading.last_commit = Some(Position::new(*end_lsn));
+            }
+            // Relations are needed even for skipped transactions: they are sent once.
+            Message::Relation(_) => {
+                folder.fold(message)?;
+            }
+            _ if reading.skip => {}
+            _ => {
+                if let Some(moved) = folder.fold(message)? {
+                    return Ok(ChunkEnd::Move(moved));
+                }
+            }
+        }
+        if folder.rows >= max_rows || folder.bytes >= max_bytes {
+            return Ok(ChunkEnd::Full);
+        }
+    }
+    Ok(ChunkEnd::Drained)
 }
 
 /// Applies folded changes within the target transaction.
@@ -429,64 +499,55 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         .map_err(source_error)?;
     futures_util::pin_mut!(stream);
     let mut folder = Folder::new(&s.tables, !s.shared.always_upsert());
+    let mut reading = Reading {
+        watermark,
+        copy_snapshot,
+        copy_lsn,
+        limits: (settings.batch_rows, settings.batch_bytes),
+        skip: false,
+        last_commit: None,
+        changes: 0,
+    };
     let mut claimed = false;
-    let mut skip = false;
-    let mut last_commit: Option<Position> = None;
-    let mut changes = 0usize;
     let mut rows = 0;
     let schema = s.schema();
     let expected = s.progress.batch;
-    while let Some(row) = stream.try_next().await.map_err(source_error)? {
-        changes += 1;
-        let data: &[u8] = row.get(2);
-        let message = pgoutput::parse(data).map_err(|e| Error::mapping(e.to_string()))?;
-        match &message {
-            Message::Begin { final_lsn, xid, .. } => {
-                let seen = *final_lsn < watermark.lsn();
-                let copied = *final_lsn < copy_lsn.lsn()
-                    && copy_snapshot
-                        .as_ref()
-                        .is_some_and(|snapshot| snapshot.visible(snapshot.widen(*xid)));
-                skip = seen || copied;
-            }
-            Message::Commit { end_lsn, .. } => {
-                last_commit = Some(Position::new(*end_lsn));
-                if folder.rows >= settings.batch_rows || folder.bytes >= settings.batch_bytes {
-                    if !claimed {
-                        claim(&s.target, &schema, &s.spec.cluster, expected).await?;
-                        claimed = true;
-                    }
-                    rows += apply_all(s, folder.take()).await?;
-                }
-            }
-            // Relations are needed even for skipped transactions: they are sent once.
-            Message::Relation(_) => {
-                folder.fold(message)?;
-            }
-            _ if skip => {}
-            _ => {
-                if let Some(moved) = folder.fold(message)? {
-                    if !claimed {
-                        claim(&s.target, &schema, &s.spec.cluster, expected).await?;
-                        claimed = true;
-                    }
-                    rows += apply_all(s, folder.take()).await?;
-                    rows += s.plans[moved.table]
-                        .move_row(&s.target, &moved.old_key, &moved.present, &moved.row)
-                        .await
-                        .map_err(target_error)?;
-                }
-            }
-        }
-    }
-    let drained = changes < usize::try_from(limit).unwrap_or(usize::MAX);
-    if !folder.is_empty() {
-        if !claimed {
+    let mut end = fold_chunk(&mut stream, &mut folder, &mut reading, source_error).await?;
+    loop {
+        let chunk = folder.take();
+        let moved = matches!(end, ChunkEnd::Move(_));
+        if !claimed && (moved || chunk.iter().any(|c| !c.is_empty())) {
             claim(&s.target, &schema, &s.spec.cluster, expected).await?;
             claimed = true;
         }
-        rows += apply_all(s, folder.take()).await?;
+        match end {
+            // The next chunk is read and folded while this one is applied: the primary and this
+            // process work while the target does. A source transaction larger than a chunk is
+            // applied in several chunks of the same target transaction.
+            ChunkEnd::Full => {
+                let (applied, next) = futures_util::join!(
+                    apply_all(s, chunk),
+                    fold_chunk(&mut stream, &mut folder, &mut reading, source_error)
+                );
+                rows += applied?;
+                end = next?;
+            }
+            ChunkEnd::Move(moved) => {
+                rows += apply_all(s, chunk).await?;
+                rows += s.plans[moved.table]
+                    .move_row(&s.target, &moved.old_key, &moved.present, &moved.row)
+                    .await
+                    .map_err(target_error)?;
+                end = fold_chunk(&mut stream, &mut folder, &mut reading, source_error).await?;
+            }
+            ChunkEnd::Drained => {
+                rows += apply_all(s, chunk).await?;
+                break;
+            }
+        }
     }
+    let last_commit = reading.last_commit;
+    let drained = reading.changes < usize::try_from(limit).unwrap_or(usize::MAX);
     let applied = claimed;
     let mut progress = s.progress.clone();
     if let Some(end) = last_commit {
