@@ -98,12 +98,13 @@ pub struct ReplicatorSettings {
     ///
     /// Default: `"pgherd"`.
     pub schema: String,
-    /// The most rows moved in one step of a batch; a larger batch is applied in steps within the
-    /// same target transaction, so memory stays bounded.
+    /// The most rows in one chunk of a batch; a larger batch is applied in chunks within the
+    /// same target transaction, and a step holds at most two chunks (one applied while the
+    /// next is read), so memory stays bounded.
     ///
     /// Default: `10000`.
     pub batch_rows: usize,
-    /// The most bytes of row data held in one step of a batch.
+    /// The most bytes of row data in one chunk of a batch.
     ///
     /// Default: `8388608` (8 MiB).
     pub batch_bytes: usize,
