@@ -40,6 +40,19 @@ fn herd_in_chunks(topology: &Topology, mode: CaptureMode, batch_rows: Option<usi
     Herd::start(settings).expect("start")
 }
 
+/// Waits until the herd's (first) target has finished its initial copy and streams.
+async fn streaming(herd: &Herd) {
+    eventually("the replicator streams", Duration::from_secs(30), || {
+        let status = herd.replication();
+        async move {
+            status
+                .first()
+                .is_some_and(|s| s.state == ReplicationState::Streaming && s.applied.is_some())
+        }
+    })
+    .await;
+}
+
 async fn digest(client: &tokio_postgres::Client, table: &str, order: &str) -> String {
     client
         .query_one(
@@ -141,11 +154,7 @@ async fn a_row_written_on_the_target_by_something_else_is_overwritten(mode: Capt
     herd.wait_ready(Duration::from_secs(15))
         .await
         .expect("ready");
-    eventually("the initial copy is done", Duration::from_secs(20), || {
-        let status = herd.replication();
-        async move { status[0].state == ReplicationState::Streaming && status[0].applied.is_some() }
-    })
-    .await;
+    streaming(&herd).await;
     topology
         .node("replica")
         .connect()
@@ -365,7 +374,7 @@ mod edges {
     use pgherd::{
         settings::{CaptureMode, FailoverMode},
         testkit::{workload, Topology},
-        ErrorKind, Herd, Read, ReplicationState, Routable, Write,
+        ErrorKind, Herd, Read, Routable, Write,
     };
 
     use super::{
@@ -384,15 +393,7 @@ mod edges {
             .expect("ready");
         // The initial copy is done and recorded with the old primary's timeline before the
         // workload starts, so that the failover lands in the middle of streaming.
-        eventually("the replicator streams", Duration::from_secs(30), || {
-            let status = herd.replication();
-            async move {
-                status
-                    .first()
-                    .is_some_and(|s| s.state == ReplicationState::Streaming && s.applied.is_some())
-            }
-        })
-        .await;
+        super::streaming(&herd).await;
         let mut spec = workload::WorkloadSpec::new(31);
         spec.transactions = 50;
         workload::run(&topology.primary().config(), &spec)
