@@ -132,6 +132,9 @@ impl ServerConf {
             // skipping fsync loses nothing the tests can observe and keeps them fast.
             format!("fsync = {}", if self.durable { "on" } else { "off" }),
             "jit = off".to_owned(),
+            // Dynamic shared memory in files under the data directory, removed with it: with the
+            // default (`posix`), every killed server leaves its segments in /dev/shm for good.
+            "dynamic_shared_memory_type = mmap".to_owned(),
             "timezone = 'UTC'".to_owned(),
             "log_line_prefix = '%m [%p] %q%a '".to_owned(),
             "log_min_messages = warning".to_owned(),
