@@ -244,7 +244,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             .collect(),
         None => Vec::new(),
     };
-    let scans = match &previous {
+    let read_plans = match &previous {
         Some(previous) => {
             let streamed: Vec<&TableInfo> = s
                 .tables
@@ -279,7 +279,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         }
         let Some(previous) = &previous else { continue };
         let name = table.display();
-        let read = scans
+        let read = read_plans
             .iter()
             .find(|(table, _)| *table == name)
             .map_or_else(ReadPlan::default, |(_, plan)| *plan);
