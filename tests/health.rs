@@ -253,6 +253,11 @@ async fn a_stalled_application_thread_is_not_taken_for_dead_servers() {
         .start()
         .expect("start");
     herd.wait_ready(ROOMY).await.expect("ready");
+    // Subscribers hear of the first primary asynchronously: wait for it before counting.
+    eventually("the first primary to be reported", ROOMY, || async {
+        !failovers.events().is_empty()
+    })
+    .await;
     let accepted = failovers.events().len();
     // The application's thread is saturated for three seconds: a hundred tasks burn the CPU in
     // 5 ms slices, so each task waits about half a second for its turn, longer than the probe
