@@ -118,6 +118,16 @@ async fn basic_changes(mode: CaptureMode, batch_rows: Option<usize>) {
         .await
         .expect("changes");
     converge(&topology).await;
+    // Only inserts: applied by COPY in both modes, with what its text format reserves.
+    primary
+        .batch_execute(
+            "INSERT INTO items (id, name, big, tags, doc) VALUES
+                 (9001, 'tab\there\nnewline\rreturn\\backslash', '\\N', '{1,NULL}', '{\"q\": \"a\\\\tb\"}'),
+                 (9002, '\\.', '', NULL, 'null');",
+        )
+        .await
+        .expect("inserts");
+    converge(&topology).await;
     let status = herd.replication();
     assert_eq!(status.len(), 1);
     assert_eq!(status[0].state, ReplicationState::Streaming, "{status:?}");
