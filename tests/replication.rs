@@ -755,6 +755,51 @@ mod targets {
     }
 }
 
+/// While the replicated tables are quiet and another table is written, the slot still moves: it
+/// holds no WAL back and its peeks do not decode that WAL again.
+#[actix_rt::test]
+async fn a_slot_whose_tables_are_quiet_follows_the_rest_of_the_database() {
+    let topology = topology(true).await;
+    let herd = herd(&topology, CaptureMode::Logical);
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
+    streaming(&herd).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute(
+            "CREATE TABLE unreplicated (id bigint PRIMARY KEY, pad text);
+             INSERT INTO unreplicated SELECT g, md5(g::text) FROM generate_series(1, 20000) g;",
+        )
+        .await
+        .expect("writes to a table that is not replicated");
+    let written: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("position")
+        .get(0);
+    eventually(
+        "the slot to pass the other table's writes",
+        Duration::from_secs(10),
+        || {
+            let (primary, written) = (&primary, &written);
+            async move {
+                primary
+                    .query_one(
+                        "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots \
+                         WHERE slot_name = 'pgherd_replica'",
+                        &[written],
+                    )
+                    .await
+                    .expect("slot")
+                    .get::<_, bool>(0)
+            }
+        },
+    )
+    .await;
+    herd.shutdown().await;
+}
+
 mod added {
     //! A table added to the settings later is copied, and the others go on streaming.
 

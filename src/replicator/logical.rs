@@ -364,7 +364,7 @@ where
     let (max_rows, max_bytes) = reading.limits;
     while let Some(row) = stream.try_next().await.map_err(&source_error)? {
         reading.changes += 1;
-        let data: &[u8] = row.get(2);
+        let data: &[u8] = row.get(0);
         let message = pgoutput::parse(data).map_err(|e| Error::mapping(e.to_string()))?;
         match &message {
             Message::Begin { final_lsn, xid, .. } => {
@@ -425,7 +425,9 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             &format!(
                 "SELECT pg_current_wal_flush_lsn()::text, now()::text, {}, \
                  (SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = $1), \
-                 EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+                 EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1), \
+                 (SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots \
+                  WHERE slot_name = $1)",
                 Identity::SQL
             ),
             &[&slot],
@@ -443,6 +445,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     };
     let wal_status: Option<String> = row.get(4);
     let exists: bool = row.get(5);
+    let confirmed: Option<Position> = row
+        .get::<_, Option<String>>(6)
+        .map(|lsn| lsn.parse())
+        .transpose()
+        .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
     let configured: Vec<String> = s.tables.iter().map(TableInfo::display).collect();
     let mut fresh = s.progress.mode != "logical"
         || s.progress.lsn.is_none()
@@ -491,7 +498,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     let stream = s
         .source
         .query_raw(
-            "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes(\
+            "SELECT data FROM pg_logical_slot_peek_binary_changes(\
              $1, $2::text::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)",
             params,
         )
@@ -556,10 +563,12 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             progress.batch += 1;
             Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
         }
+    }
+    if let Some(to) = slot_advance(drained, last_commit, flushed, confirmed) {
         s.source
             .query_one(
                 "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
-                &[&slot, &end.to_string()],
+                &[&slot, &to.to_string()],
             )
             .await
             .map_err(source_error)?;
@@ -588,6 +597,24 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     } else {
         Step::Idle
     })
+}
+
+/// Where the slot moves after a step, if anywhere: past the last commit read, and when the peek
+/// drained, to the flushed position it decoded up to, even if no replicated table changed.
+/// Otherwise a slot whose tables are quiet while the rest of the database is busy would hold
+/// back WAL and make every peek decode it again. A transaction whose commit ends past the new
+/// position is decoded whole by a later peek. Never backwards: the server refuses that.
+fn slot_advance(
+    drained: bool,
+    last_commit: Option<Position>,
+    flushed: Position,
+    confirmed: Option<Position>,
+) -> Option<Position> {
+    let to = match (drained, last_commit) {
+        (true, commit) => commit.map_or(flushed, |commit| commit.max(flushed)),
+        (false, commit) => commit?,
+    };
+    (confirmed.is_none_or(|confirmed| to > confirmed)).then_some(to)
 }
 
 /// Creates the slot afresh and copies every table under a snapshot taken after it: decoded
@@ -744,6 +771,34 @@ mod tests {
 
     fn row(values: &[&str]) -> Row {
         values.iter().map(|v| Some((*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn the_slot_moves_to_what_was_decoded_and_never_back() {
+        let at = |lsn: u64| Position::new(lsn);
+        // Drained: up to the flushed position, even without a commit of a replicated table.
+        assert_eq!(
+            slot_advance(true, None, at(500), Some(at(100))),
+            Some(at(500))
+        );
+        assert_eq!(
+            slot_advance(true, Some(at(300)), at(500), Some(at(100))),
+            Some(at(500))
+        );
+        // A commit record that straddles the flushed position was read whole.
+        assert_eq!(
+            slot_advance(true, Some(at(600)), at(500), Some(at(100))),
+            Some(at(600))
+        );
+        // Not drained: only past the last commit read.
+        assert_eq!(
+            slot_advance(false, Some(at(300)), at(500), Some(at(100))),
+            Some(at(300))
+        );
+        assert_eq!(slot_advance(false, None, at(500), Some(at(100))), None);
+        // Never backwards, and not again to where it is.
+        assert_eq!(slot_advance(true, None, at(500), Some(at(500))), None);
+        assert_eq!(slot_advance(true, None, at(400), Some(at(500))), None);
     }
 
     #[test]
