@@ -801,6 +801,8 @@ struct LagResult {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    /// CPU of the primary's and the replica's server processes while the load ran.
+    cpu: Cpu,
 }
 
 /// The writer has not finished.
@@ -882,6 +884,8 @@ async fn lag(topology: &Topology, mode: CaptureMode, duration: Duration) -> Outc
     create_table(topology, target, &table, LAG_TABLE).await?;
     let schema = format!("pgherd_lag_{}", mode.as_str());
     let running = start_path(topology, path, target, &table, &schema).await?;
+    let endpoints = Endpoints::of(topology, target);
+    let cpu_before = Cpu::now(&endpoints);
     let written = Arc::new(AtomicI64::new(WRITING));
     let writer = {
         let (primary, table, written) = (
@@ -911,6 +915,7 @@ async fn lag(topology: &Topology, mode: CaptureMode, duration: Duration) -> Outc
         off_thread(move || watch_lag(replica, table, written, what))
     };
     let (writer, checker) = tokio::join!(writer, checker);
+    let cpu = Cpu::now(&endpoints).since(cpu_before);
     let stopped = stop_path(topology, running, target).await;
     let (commits, elapsed) = writer?;
     let seen = checker?;
@@ -928,6 +933,7 @@ async fn lag(topology: &Topology, mode: CaptureMode, duration: Duration) -> Outc
         p50: percentile(&lags, 0.50),
         p99: percentile(&lags, 0.99),
         max: lags.last().copied().unwrap_or_default(),
+        cpu,
     })
 }
 
@@ -1163,27 +1169,36 @@ async fn section_b(topology: &Topology, seconds: u64) -> Outcome<Duration> {
         lags.push(lag(topology, mode, duration).await?);
     }
     println!(
-        "{:<8} | {:>12} | {:>8} | {:>8} | {:>8} | {:>8}",
-        "mode", "transactions", "tx/s", "p50 ms", "p99 ms", "max ms"
+        "{:<8} | {:>12} | {:>8} | {:>8} | {:>8} | {:>8} | {:>15} | {:>15}",
+        "mode",
+        "transactions",
+        "tx/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "primary CPU ms",
+        "replica CPU ms"
     );
     for result in &lags {
         println!(
-            "{:<8} | {:>12} | {:>8.0} | {:>8.1} | {:>8.1} | {:>8.1}",
+            "{:<8} | {:>12} | {:>8.0} | {:>8.1} | {:>8.1} | {:>8.1} | {:>15.0} | {:>15.0}",
             result.mode.as_str(),
             result.transactions,
             result.rate,
             ms(result.p50),
             ms(result.p99),
             ms(result.max),
+            ms(result.cpu.primary),
+            ms(result.cpu.replica),
         );
     }
     let defaults = ReplicatorSettings::default();
     println!(
-        "(trigger mode: notify {}, poll_interval {} ms; logical mode: poll_interval {} ms, no \
-         notification)",
+        "(trigger mode: notify {}; both modes: the next step 5 ms after a step that applied \
+         changes, up to poll_interval {} ms after idle steps; logical mode has no notification; \
+         CPU from the start of the load to its end, the writes included)",
         if defaults.notify { "on" } else { "off" },
         defaults.poll_interval.as_millis(),
-        defaults.poll_interval.as_millis()
     );
 
     Ok(lags

@@ -698,8 +698,11 @@ fn replicator_mode_and_timings_are_checked() {
     let text = format!("{VALID}\n[replicator]\nmode = \"wal2json\"\n");
     let message = expect_problem(&text, &[], "replicator.mode");
     assert!(message.contains("\"trigger\""), "{message}");
-    let text = format!("{VALID}\n[replicator]\npoll_interval = \"0s\"\nbatch_rows = 0\n");
+    let text = format!(
+        "{VALID}\n[replicator]\npoll_interval = \"0s\"\npoll_after_changes = \"0s\"\nbatch_rows = 0\n"
+    );
     expect_problem(&text, &[], "replicator.poll_interval");
+    expect_problem(&text, &[], "replicator.poll_after_changes");
     expect_problem(&text, &[], "replicator.batch_rows");
 }
 
@@ -711,6 +714,11 @@ fn replicator_settings_load_and_targets_default_to_the_replicas() {
          tables = [\"accounts\", \"shop.orders\"]\npoll_interval = \"20ms\"\n"
     );
     let settings = Fixture::new().load(&text).expect("valid");
+    assert_eq!(
+        settings.replicator.poll_after_changes,
+        std::time::Duration::from_millis(10),
+        "the default"
+    );
     assert_eq!(
         settings.replicator.mode,
         pgherd::settings::CaptureMode::Logical

@@ -403,6 +403,7 @@ async fn session(
         }
     };
     let source_name = Arc::clone(&session.source_name);
+    let mut wait = settings.poll_interval;
     loop {
         if spec.routing.primary_of(&spec.cluster).as_ref() != Some(&source_name) {
             tracing::info!(target = %spec.target, "the primary changed; following it");
@@ -426,6 +427,7 @@ async fn session(
             })?;
         // On an error the session ends: a new one re-reads the progress row (another replicator
         // may have applied the batch first) and the dropped connection rolls back what was begun.
+        let applied = matches!(step, Ok(Step::Applied { rows, .. }) if rows > 0);
         match step? {
             Step::Stop(reason) => return Ok(Ended::Stopped(reason)),
             Step::Applied { rows, more } => {
@@ -448,7 +450,21 @@ async fn session(
                 shared.reflects_from(started);
             }
         }
-        let _ = tokio::time::timeout(settings.poll_interval, wake.notified()).await;
+        wait = next_wait(wait, applied, settings);
+        let _ = tokio::time::timeout(wait, wake.notified()).await;
+    }
+}
+
+/// How long a session waits (unless woken) before its next step, after waiting `previous`
+/// before a step that `applied` changes or did not: `poll_after_changes` after changes, since
+/// more tend to follow (this is what keeps `logical` mode's lag low, with no notification to
+/// wake it), then twice as long after each step that found nothing, up to `poll_interval`.
+fn next_wait(previous: Duration, applied: bool, settings: &ReplicatorSettings) -> Duration {
+    let soon = settings.poll_after_changes.min(settings.poll_interval);
+    if applied {
+        soon
+    } else {
+        (previous * 2).clamp(soon, settings.poll_interval)
     }
 }
 
@@ -620,4 +636,32 @@ pub(crate) async fn copy_table(
         sink.send(chunk).await.map_err(target_error)?;
     }
     sink.as_mut().finish().await.map_err(target_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_come_soon_after_changes_and_back_off_to_the_poll_interval_when_idle() {
+        let ms = Duration::from_millis;
+        let mut settings = ReplicatorSettings {
+            poll_interval: ms(50),
+            poll_after_changes: ms(5),
+            ..ReplicatorSettings::default()
+        };
+        assert_eq!(next_wait(ms(50), true, &settings), ms(5));
+        assert_eq!(next_wait(ms(5), true, &settings), ms(5));
+        let mut wait = ms(5);
+        let mut idle = Vec::new();
+        for _ in 0..5 {
+            wait = next_wait(wait, false, &settings);
+            idle.push(wait.as_millis());
+        }
+        assert_eq!(idle, [10, 20, 40, 50, 50]);
+        // Equal intervals: a fixed poll.
+        settings.poll_after_changes = ms(50);
+        assert_eq!(next_wait(ms(50), true, &settings), ms(50));
+        assert_eq!(next_wait(ms(50), false, &settings), ms(50));
+    }
 }

@@ -108,11 +108,20 @@ pub struct ReplicatorSettings {
     ///
     /// Default: `8388608` (8 MiB).
     pub batch_bytes: usize,
-    /// How often the primary is checked for changes when no notification arrives.
+    /// How often the primary is checked for changes when no notification arrives and the last
+    /// steps found none (the wait doubles from `poll_after_changes` after each such step).
     ///
     /// Default: `"50ms"`.
     #[serde(deserialize_with = "duration::required")]
     pub poll_interval: Duration,
+    /// The wait before the next check after a step that applied changes, since more tend to
+    /// follow. This is what bounds `logical` mode's lag, which has no notification. Shorter
+    /// costs the primary more in `logical` mode: each check decodes the WAL again from the
+    /// slot's restart position (BENCHMARKS.md has the lag and CPU of several values).
+    ///
+    /// Default: `"10ms"`; a value above `poll_interval` counts as `poll_interval`.
+    #[serde(deserialize_with = "duration::required")]
+    pub poll_after_changes: Duration,
     /// Whether the capture triggers send a notification that wakes the replicator at once
     /// (`trigger` mode; polling remains the fallback).
     ///
@@ -149,6 +158,7 @@ impl Default for ReplicatorSettings {
             batch_rows: 10_000,
             batch_bytes: 8 << 20,
             poll_interval: Duration::from_millis(50),
+            poll_after_changes: Duration::from_millis(10),
             notify: true,
             retry_interval: Duration::from_secs(1),
             step_timeout: Duration::from_secs(60),

@@ -179,6 +179,11 @@ fn check_replicator(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
         problems,
     );
     check_timeout(
+        "replicator.poll_after_changes",
+        replicator.poll_after_changes,
+        problems,
+    );
+    check_timeout(
         "replicator.retry_interval",
         replicator.retry_interval,
         problems,
