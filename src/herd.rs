@@ -217,6 +217,23 @@ impl Herd {
             .collect()
     }
 
+    /// Fault injection for tests (feature `testkit`): the replication loop of `target` panics
+    /// once, just before its next commit on the target (a batch, or an initial copy), as a bug
+    /// would. The supervisor restarts the replicator, and the batch is applied again from the
+    /// target's progress row. Returns `false` when `target` is not a replication target.
+    #[cfg(feature = "testkit")]
+    pub fn inject_replicator_panic(&self, target: &str) -> bool {
+        self.shared
+            .replication
+            .get(target)
+            .map(|shared| {
+                shared
+                    .panic_before_commit
+                    .store(true, std::sync::atomic::Ordering::SeqCst)
+            })
+            .is_some()
+    }
+
     /// Why the herd stopped (shut down, or its supervisor gave up), once it did.
     pub fn failure(&self) -> Option<String> {
         self.shared.failure()

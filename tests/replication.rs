@@ -241,10 +241,14 @@ mod convergence {
     use pgherd::{
         settings::CaptureMode,
         testkit::{workload, FaultMode, Topology},
-        Herd, ReplicationState, Settings,
+        ChildId, ExitReason, Herd, ReplicationState, Settings, SupervisorEvent,
     };
 
-    use super::{support::eventually, workload_settings, workload_topology};
+    use super::{
+        streaming,
+        support::{eventually, EventLog},
+        workload_settings, workload_topology,
+    };
 
     async fn topology(logical: bool) -> Topology {
         workload_topology(
@@ -362,6 +366,62 @@ mod convergence {
             "the waiting herd took over: {status:?}"
         );
         follower.shutdown().await;
+    }
+
+    /// The replication loop panics mid-stream, just before a batch's commit on the target (as a
+    /// bug would): the supervisor restarts the replicator, which applies the batch again from
+    /// the target's progress row.
+    async fn panic_mid_stream(mode: CaptureMode) {
+        let topology = topology(mode == CaptureMode::Logical).await;
+        let log = EventLog::default();
+        let herd = Herd::builder(settings(&topology, mode))
+            .subscribe(log.recipient())
+            .start()
+            .expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        streaming(&herd).await;
+        let config = topology.primary().config();
+        let mut spec = workload::WorkloadSpec::new(31);
+        spec.transactions = 300;
+        let writes = tokio::spawn(async move { workload::run(&config, &spec).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(herd.inject_replicator_panic("replica"));
+        assert!(!herd.inject_replicator_panic("primary"), "not a target");
+        let replicator =
+            |child: &ChildId| matches!(child, ChildId::Replicator(name) if &**name == "replica");
+        eventually(
+            "the replicator to be restarted after its panic",
+            Duration::from_secs(15),
+            || {
+                let restarted = log.any(|e| {
+                    matches!(e, SupervisorEvent::Exited { child, reason: ExitReason::Poisoned(why), .. }
+                        if replicator(child) && why.contains("panicked"))
+                }) && log.any(|e| {
+                    matches!(e, SupervisorEvent::Started { child, generation }
+                        if replicator(child) && *generation > 1)
+                });
+                async move { restarted }
+            },
+        )
+        .await;
+        let report = writes.await.expect("join").expect("workload");
+        assert!(report.committed > 500, "{report:?}");
+        converged(&topology).await;
+        let status = herd.replication();
+        assert_eq!(status[0].state, ReplicationState::Streaming, "{status:?}");
+        herd.shutdown().await;
+    }
+
+    #[actix_rt::test]
+    async fn trigger_mode_converges_after_the_replicator_panics_mid_stream() {
+        panic_mid_stream(CaptureMode::Trigger).await;
+    }
+
+    #[actix_rt::test]
+    async fn logical_mode_converges_after_the_replicator_panics_mid_stream() {
+        panic_mid_stream(CaptureMode::Logical).await;
     }
 
     #[actix_rt::test]

@@ -561,6 +561,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         progress.lsn = Some(end.max(watermark));
         if claimed {
             progress.batch += 1;
+            s.shared.before_commit();
             Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
         }
     }
@@ -699,6 +700,7 @@ async fn copy(
         timeline: Some(identity.timeline),
         tables: s.tables.iter().map(TableInfo::display).collect(),
     };
+    s.shared.before_commit();
     Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
     transaction.commit().await.map_err(source_error)?;
     s.progress = progress;

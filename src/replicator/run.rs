@@ -283,6 +283,9 @@ pub(crate) struct Shared {
     /// The target refused a row inserted without looking for a conflict (somebody else wrote
     /// it there): every later batch upserts.
     pub(crate) always_upsert: AtomicBool,
+    /// Fault injection for tests: the loop panics before its next commit on the target.
+    #[cfg(feature = "testkit")]
+    pub(crate) panic_before_commit: AtomicBool,
 }
 
 impl Shared {
@@ -291,6 +294,17 @@ impl Shared {
             status: Mutex::new(status),
             reflects: Mutex::new(None),
             always_upsert: AtomicBool::new(false),
+            #[cfg(feature = "testkit")]
+            panic_before_commit: AtomicBool::new(false),
+        }
+    }
+
+    /// Called where a batch (or a copy) is about to commit on the target: panics there once
+    /// when a test asked for it ([`Herd::inject_replicator_panic`](crate::Herd)).
+    pub(crate) fn before_commit(&self) {
+        #[cfg(feature = "testkit")]
+        if self.panic_before_commit.swap(false, Ordering::SeqCst) {
+            panic!("a panic injected before a batch's commit on the target (testkit)");
         }
     }
 

@@ -351,6 +351,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         tables: s.tables.iter().map(TableInfo::display).collect(),
     };
     if claimed {
+        s.shared.before_commit();
         Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
     }
     transaction.commit().await.map_err(source_error)?;
