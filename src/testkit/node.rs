@@ -590,6 +590,7 @@ impl Node {
         child
             .wait()
             .map_err(TestkitError::io(format!("reaping server `{}`", self.name)))?;
+        remove_sysv_segment(&self.data_dir());
         Ok(())
     }
 
@@ -683,6 +684,36 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.kill();
     }
+}
+
+/// Removes the System V shared memory segment of a killed server. A server that exits removes
+/// its own, but one killed keeps it until a server starts again in the same data directory; the
+/// testkit deletes the directory, so killed servers used to leave one segment each, and the
+/// kernel allows only 4096 (`kernel.shmmni`): then no server can start. The segment's id is in
+/// the last line of `postmaster.pid` ("key id"); `ipcrm` removes it (at once, since no process is
+/// attached any more).
+fn remove_sysv_segment(data_dir: &Path) {
+    let Ok(pid_file) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(id) = sysv_segment_id(&pid_file) else {
+        return;
+    };
+    let _ = Command::new("ipcrm")
+        .arg("-m")
+        .arg(id.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The shared memory id recorded in a `postmaster.pid` file (its seventh line: key, then id).
+fn sysv_segment_id(pid_file: &str) -> Option<u64> {
+    let line = pid_file.lines().nth(6)?;
+    let mut fields = line.split_whitespace();
+    let _key: u64 = fields.next()?.parse().ok()?;
+    fields.next()?.parse().ok()
 }
 
 async fn connect(
@@ -809,6 +840,18 @@ mod tests {
         let parent = parent_of(me).expect("a parent");
         assert!(parent > 0);
         assert!(children_of(parent).contains(&me));
+    }
+
+    #[test]
+    fn the_shared_memory_id_is_read_from_the_pid_file() {
+        let pid_file = "29314\n/tmp/exp/d\n1795293353\n5499\n/tmp/exp\nlocalhost\n \
+                        10321994    922793\nready   \n";
+        assert_eq!(sysv_segment_id(pid_file), Some(922_793));
+        assert_eq!(
+            sysv_segment_id("29314\n/tmp/exp/d\n"),
+            None,
+            "still starting"
+        );
     }
 
     #[test]

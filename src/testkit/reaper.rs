@@ -14,7 +14,8 @@ use std::{
 use super::TestkitError;
 
 /// Kills the servers under `$1/*/data` whose command line names that directory (the postmaster
-/// and its children, which PostgreSQL puts in process groups of their own), then removes `$1`.
+/// and its children, which PostgreSQL puts in process groups of their own) and removes their
+/// System V shared memory segments, then removes `$1`.
 /// The check against `/proc/<pid>/cmdline` keeps a stale pid file from killing an unrelated process.
 const SCRIPT: &str = r#"
 read -r _ignored
@@ -30,6 +31,9 @@ for pidfile in "$1"/*/data/postmaster.pid; do
       [ "$parent" = "$pid" ] && kill -KILL "$child" 2>/dev/null
     done
     kill -KILL "$pid" 2>/dev/null
+    # Its System V shared memory segment outlives it: remove it (seventh line: key, then id).
+    shmid=$(sed -n 7p "$pidfile" | awk '{print $2}')
+    case "$shmid" in ''|*[!0-9]*) ;; *) sleep 0.1; ipcrm -m "$shmid" 2>/dev/null ;; esac
   fi
 done
 rm -rf -- "$1"
