@@ -385,8 +385,18 @@ mod convergence {
         let config = topology.primary().config();
         let mut spec = workload::WorkloadSpec::new(31);
         spec.transactions = 300;
+        let before = herd.replication()[0].batches;
         let writes = tokio::spawn(async move { workload::run(&config, &spec).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        eventually(
+            "a batch of the workload to be applied",
+            Duration::from_secs(15),
+            || {
+                let applied = herd.replication()[0].batches > before;
+                async move { applied }
+            },
+        )
+        .await;
+        assert!(!writes.is_finished(), "the workload still runs");
         assert!(herd.inject_replicator_panic("replica"));
         assert!(!herd.inject_replicator_panic("primary"), "not a target");
         let replicator =

@@ -287,9 +287,7 @@ impl TableSql {
         }
         Ok(written)
     }
-}
 
-impl TableSql {
     /// `COPY`s `rows` into the table, sent in pieces of about 256 kB so the target parses while
     /// the rest is encoded.
     async fn copy_in(&self, client: &Client, rows: &[Row]) -> Result<u64, tokio_postgres::Error> {
