@@ -825,6 +825,85 @@ mod targets {
     }
 }
 
+/// A primary whose sessions write dates, intervals and floats differently from the replica's
+/// (`DateStyle`, `IntervalStyle`, `extra_float_digits`): the values still arrive exactly, by
+/// the initial copy and by streaming, because the replicator sets how its own sessions write.
+async fn values_cross_servers_configured_differently(mode: CaptureMode) {
+    let topology = topology(mode == CaptureMode::Logical).await;
+    let table =
+        "CREATE TABLE styled (id int PRIMARY KEY, d date, ts timestamp, iv interval, f float8)";
+    let dbname = topology.primary().login().dbname.clone();
+    let admin = topology.primary().connect_admin().await.expect("admin");
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{dbname}\" SET DateStyle = 'SQL, DMY';
+             ALTER DATABASE \"{dbname}\" SET IntervalStyle = 'sql_standard';
+             ALTER DATABASE \"{dbname}\" SET extra_float_digits = 0;"
+        ))
+        .await
+        .expect("the primary's defaults");
+    let rows = |first: i32| {
+        format!(
+            "INSERT INTO styled SELECT g, date '2026-11-03' + g, timestamp '2026-02-01 04:05:06.789' + g * interval '1 day', \
+             interval '-1 day -2:03:04' * g, 0.1::float8 * g + 0.2 FROM generate_series({first}, {first} + 9) g"
+        )
+    };
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    // Compared in one way of writing, whatever the servers' defaults.
+    let canonical =
+        "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3;";
+    for client in [&primary, &replica] {
+        client
+            .batch_execute(&format!("{table}; {canonical}"))
+            .await
+            .expect("schema");
+    }
+    let fresh = topology.primary().connect().await.expect("connect");
+    let shown: String = fresh
+        .query_one("SELECT current_setting('DateStyle')", &[])
+        .await
+        .expect("setting")
+        .get(0);
+    assert_eq!(shown, "SQL, DMY", "the primary's sessions write dates their own way");
+    primary
+        .batch_execute(&rows(1))
+        .await
+        .expect("rows for the copy");
+    let mut settings = topology.settings();
+    settings.replicator.mode = mode;
+    settings.replicator.tables = vec!["styled".to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
+    streaming(&herd).await;
+    primary
+        .batch_execute(&rows(100))
+        .await
+        .expect("rows streamed");
+    eventually(
+        "the replica to equal the primary",
+        Duration::from_secs(20),
+        || async {
+            digest(&primary, "styled", "id").await == digest(&replica, "styled", "id").await
+        },
+    )
+    .await;
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn trigger_mode_values_cross_servers_configured_differently() {
+    values_cross_servers_configured_differently(CaptureMode::Trigger).await;
+}
+
+#[actix_rt::test]
+async fn logical_mode_values_cross_servers_configured_differently() {
+    values_cross_servers_configured_differently(CaptureMode::Logical).await;
+}
+
 /// Identity columns (`GENERATED ALWAYS`) take the source's values on the target, and stored
 /// generated columns are computed there: by COPY for new rows, by the upsert for the others.
 async fn identity_and_generated_columns(mode: CaptureMode) {
