@@ -13,14 +13,7 @@ const SCHEMA: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text, big 
 
 async fn topology(logical: bool) -> Topology {
     let topology = start(Topology::builder().replica("replica").logical(logical)).await;
-    for node in [topology.primary(), topology.node("replica")] {
-        node.connect()
-            .await
-            .expect("connect")
-            .batch_execute(SCHEMA)
-            .await
-            .expect("schema");
-    }
+    on_both(&topology, SCHEMA).await;
     topology
 }
 
@@ -51,6 +44,37 @@ async fn streaming(herd: &Herd) {
         }
     })
     .await;
+}
+
+/// Runs `sql` on the primary and on the replica (the same schema on both).
+async fn on_both(topology: &Topology, sql: &str) {
+    for node in [topology.primary(), topology.node("replica")] {
+        node.connect()
+            .await
+            .expect("connect")
+            .batch_execute(sql)
+            .await
+            .expect("schema");
+    }
+}
+
+/// A herd that replicates `table` alone in `mode`, once it streams.
+async fn streaming_herd(topology: &Topology, mode: CaptureMode, table: &str) -> Herd {
+    let mut settings = topology.settings();
+    settings.replicator.mode = mode;
+    settings.replicator.tables = vec![table.to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
+    streaming(&herd).await;
+    herd
+}
+
+/// The count a `SELECT count(*) ...` returns.
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect("count").get(0)
 }
 
 async fn digest(client: &tokio_postgres::Client, table: &str, order: &str) -> String {
@@ -855,15 +879,7 @@ async fn a_replica_table_shaped_differently(mode: CaptureMode) {
         .batch_execute("INSERT INTO shaped SELECT g, 'n' || g, g * 10 FROM generate_series(1, 5) g")
         .await
         .expect("rows for the copy");
-    let mut settings = topology.settings();
-    settings.replicator.mode = mode;
-    settings.replicator.tables = vec!["shaped".to_owned()];
-    settings.replicator.retry_interval = Duration::from_millis(200);
-    let herd = Herd::start(settings).expect("start");
-    herd.wait_ready(Duration::from_secs(15))
-        .await
-        .expect("ready");
-    streaming(&herd).await;
+    let herd = streaming_herd(&topology, mode, "shaped").await;
     primary
         .batch_execute(
             "INSERT INTO shaped SELECT g, 'n' || g, g * 10 FROM generate_series(6, 10) g;
@@ -880,11 +896,7 @@ async fn a_replica_table_shaped_differently(mode: CaptureMode) {
         a == b
     })
     .await;
-    let local: i64 = replica
-        .query_one("SELECT count(*) FROM shaped WHERE note = 'local'", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let local = count(&replica, "SELECT count(*) FROM shaped WHERE note = 'local'").await;
     assert_eq!(local, 9, "the replica's own column keeps its default");
     herd.shutdown().await;
 }
@@ -914,20 +926,13 @@ async fn exotic_types(mode: CaptureMode) {
             pos "Shop".positive, r int4range, tr tstzrange, ip inet, net cidr, mac macaddr,
             bits varbit, doc xml, words tsvector, pt point, bx box, grid int[], f float8,
             n numeric, d date, j jsonb, "Odd ""Name""" text, PRIMARY KEY ("Id", at));"#;
-    for node in [topology.primary(), topology.node("replica")] {
-        node.connect()
-            .await
-            .expect("connect")
-            .batch_execute(schema)
-            .await
-            .expect("schema");
-    }
+    on_both(&topology, schema).await;
     let rows = |first: i32| {
         format!(
             r#"INSERT INTO "Shop"."Exotic Rows" SELECT
                  md5(g::text)::uuid, timestamptz '2026-03-29 01:30:00+01' + g * interval '1 hour',
                  (enum_range(NULL::"Shop"."Mood"))[1 + g % 3],
-                 ROW(g, 'a "quoted", back\slash' || E'	' || g)::"Shop".pair,
+                 ROW(g, 'a "quoted", back\slash' || E'\t' || g)::"Shop".pair,
                  ARRAY[ROW(g, 'x,y')::"Shop".pair, ROW(-g, NULL)::"Shop".pair],
                  g, int4range(g, g + 10), tstzrange(now() - interval '1 day', NULL),
                  ('10.0.' || g % 256 || '.1/24')::inet, '192.168.0.0/16', '08:00:2b:01:02:03',
@@ -937,11 +942,8 @@ async fn exotic_types(mode: CaptureMode) {
                  (ARRAY['NaN', 'Infinity', '-Infinity', '-0', '1.5e300'])[1 + g % 5]::float8,
                  (ARRAY['NaN', 'Infinity', '-Infinity', '0.000000000000000000001', '123456789012345678901234567890.5'])[1 + g % 5]::numeric,
                  (ARRAY['infinity', '-infinity', '2026-11-21'])[1 + g % 3]::date,
-                 jsonb_build_object('é', g, 'nested', jsonb_build_array('a', E'line
-break')),
-                 E'multi
-line
-' || repeat('x', g)
+                 jsonb_build_object('é', g, 'nested', jsonb_build_array('a\b', E'line\nbreak')),
+                 E'multi\nline\r\n' || repeat('x', g)
                FROM generate_series({first}, {first} + 19) g"#
         )
     };
@@ -951,15 +953,7 @@ line
         .batch_execute(&rows(1))
         .await
         .expect("rows for the copy");
-    let mut settings = topology.settings();
-    settings.replicator.mode = mode;
-    settings.replicator.tables = vec!["Shop.Exotic Rows".to_owned()];
-    settings.replicator.retry_interval = Duration::from_millis(200);
-    let herd = Herd::start(settings).expect("start");
-    herd.wait_ready(Duration::from_secs(15))
-        .await
-        .expect("ready");
-    streaming(&herd).await;
+    let herd = streaming_herd(&topology, mode, "Shop.Exotic Rows").await;
     let table = r#""Shop"."Exotic Rows""#;
     let order = r#""Id", at"#;
     let equal =
@@ -969,7 +963,7 @@ line
     eventually("the inserts", Duration::from_secs(20), equal).await;
     primary
         .batch_execute(
-            r#"UPDATE "Shop"."Exotic Rows" SET mood = 'Happy "Days"', p = ROW(0, E'new\value')
+            r#"UPDATE "Shop"."Exotic Rows" SET mood = 'Happy "Days"', p = ROW(0, E'new\\value')
                  WHERE pos % 2 = 0;
                UPDATE "Shop"."Exotic Rows" SET at = at + interval '1 year' WHERE pos % 5 = 0;
                DELETE FROM "Shop"."Exotic Rows" WHERE pos % 7 = 0;"#,
@@ -977,12 +971,8 @@ line
         .await
         .expect("changes");
     eventually("the changes", Duration::from_secs(20), equal).await;
-    let count: i64 = replica
-        .query_one(r#"SELECT count(*) FROM "Shop"."Exotic Rows""#, &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(count, 35, "40 rows, less pos 7, 14, 105, 112 and 119");
+    let rows = count(&replica, r#"SELECT count(*) FROM "Shop"."Exotic Rows""#).await;
+    assert_eq!(rows, 35, "40 rows, less pos 7, 14, 105, 112 and 119");
     herd.shutdown().await;
 }
 
@@ -1044,15 +1034,7 @@ async fn values_cross_servers_configured_differently(mode: CaptureMode) {
         .batch_execute(&rows(1))
         .await
         .expect("rows for the copy");
-    let mut settings = topology.settings();
-    settings.replicator.mode = mode;
-    settings.replicator.tables = vec!["styled".to_owned()];
-    settings.replicator.retry_interval = Duration::from_millis(200);
-    let herd = Herd::start(settings).expect("start");
-    herd.wait_ready(Duration::from_secs(15))
-        .await
-        .expect("ready");
-    streaming(&herd).await;
+    let herd = streaming_herd(&topology, mode, "styled").await;
     primary
         .batch_execute(&rows(100))
         .await
@@ -1082,17 +1064,12 @@ async fn logical_mode_values_cross_servers_configured_differently() {
 /// generated columns are computed there: by COPY for new rows, by the upsert for the others.
 async fn identity_and_generated_columns(mode: CaptureMode) {
     let topology = topology(mode == CaptureMode::Logical).await;
-    for node in [topology.primary(), topology.node("replica")] {
-        node.connect()
-            .await
-            .expect("connect")
-            .batch_execute(
-                "CREATE TABLE numbered (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
-                   v text, shout text GENERATED ALWAYS AS (upper(v)) STORED)",
-            )
-            .await
-            .expect("schema");
-    }
+    on_both(
+        &topology,
+        "CREATE TABLE numbered (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+           v text, shout text GENERATED ALWAYS AS (upper(v)) STORED)",
+    )
+    .await;
     let primary = topology.primary().connect().await.expect("connect");
     primary
         .batch_execute(
@@ -1100,15 +1077,7 @@ async fn identity_and_generated_columns(mode: CaptureMode) {
         )
         .await
         .expect("rows for the initial copy");
-    let mut settings = topology.settings();
-    settings.replicator.mode = mode;
-    settings.replicator.tables = vec!["numbered".to_owned()];
-    settings.replicator.retry_interval = Duration::from_millis(200);
-    let herd = Herd::start(settings).expect("start");
-    herd.wait_ready(Duration::from_secs(15))
-        .await
-        .expect("ready");
-    streaming(&herd).await;
+    let herd = streaming_herd(&topology, mode, "numbered").await;
     let replica = topology.node("replica").connect().await.expect("connect");
     let equal = || async {
         digest(&primary, "numbered", "id").await == digest(&replica, "numbered", "id").await
@@ -1136,11 +1105,11 @@ async fn identity_and_generated_columns(mode: CaptureMode) {
         equal,
     )
     .await;
-    let shouted: i64 = replica
-        .query_one("SELECT count(*) FROM numbered WHERE shout = upper(v)", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let shouted = count(
+        &replica,
+        "SELECT count(*) FROM numbered WHERE shout = upper(v)",
+    )
+    .await;
     assert_eq!(
         shouted,
         55 - 55 / 7,
