@@ -1194,9 +1194,10 @@ async fn section_b(topology: &Topology, seconds: u64) -> Outcome<Duration> {
     }
     let defaults = ReplicatorSettings::default();
     println!(
-        "(trigger mode: notify {}; both modes: the next step poll_after_changes {} ms after a \
-         step that applied changes, up to poll_interval {} ms after idle steps; logical mode has \
-         no notification; CPU from the start of the load to its end, the writes included)",
+        "(trigger mode: notify {}, which ends idle waits; both modes: a pause of \
+         poll_after_changes {} ms after a step that applied changes, waits doubling up to \
+         poll_interval {} ms after idle steps; CPU from the start of the load to its end, the \
+         writes included)",
         if defaults.notify { "on" } else { "off" },
         defaults.poll_after_changes.as_millis(),
         defaults.poll_interval.as_millis(),

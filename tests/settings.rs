@@ -699,7 +699,7 @@ fn replicator_mode_and_timings_are_checked() {
     let message = expect_problem(&text, &[], "replicator.mode");
     assert!(message.contains("\"trigger\""), "{message}");
     let text = format!(
-        "{VALID}\n[replicator]\npoll_interval = \"0s\"\npoll_after_changes = \"0s\"\nbatch_rows = 0\n"
+        "{VALID}\n[replicator]\npoll_interval = \"0s\"\npoll_after_changes = \"25h\"\nbatch_rows = 0\n"
     );
     expect_problem(&text, &[], "replicator.poll_interval");
     expect_problem(&text, &[], "replicator.poll_after_changes");

@@ -108,16 +108,19 @@ pub struct ReplicatorSettings {
     ///
     /// Default: `8388608` (8 MiB).
     pub batch_bytes: usize,
-    /// How often the primary is checked for changes when no notification arrives and the last
-    /// steps found none (the wait doubles from `poll_after_changes` after each such step).
+    /// The longest wait between checks for changes while the last steps found none (the wait
+    /// doubles from `poll_after_changes` after each such step). A notification of the capture
+    /// triggers (`trigger` mode) ends the wait at once.
     ///
     /// Default: `"50ms"`.
     #[serde(deserialize_with = "duration::required")]
     pub poll_interval: Duration,
-    /// The wait before the next check after a step that applied changes, since more tend to
-    /// follow. This is what bounds `logical` mode's lag, which has no notification. Shorter
-    /// costs the primary more in `logical` mode: each check decodes the WAL again from the
-    /// slot's restart position (BENCHMARKS.md has the lag and CPU of several values).
+    /// The pause after a step that applied changes, before the next step; notifications do not
+    /// shorten it. Under a steady load it sets how often steps run: changes that arrive in the
+    /// meantime are gathered into the next batch instead of costing a step each. Shorter means
+    /// less lag and more CPU on the primary (in `logical` mode each check also decodes WAL
+    /// again); `"0ms"` starts the next step at once. BENCHMARKS.md has the lag and CPU of
+    /// several values.
     ///
     /// Default: `"10ms"`; a value above `poll_interval` counts as `poll_interval`.
     #[serde(deserialize_with = "duration::required")]

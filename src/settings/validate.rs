@@ -178,7 +178,8 @@ fn check_replicator(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
         replicator.poll_interval,
         problems,
     );
-    check_timeout(
+    // 0 is allowed: the next step starts as soon as one has applied changes.
+    check_longest(
         "replicator.poll_after_changes",
         replicator.poll_after_changes,
         problems,
