@@ -35,6 +35,7 @@ mod logical;
 pub(crate) mod pgoutput;
 pub(crate) mod run;
 mod snapshot;
+mod stream;
 mod trigger;
 
 pub use self::setup::{install, survey, InstallReport, TargetLag};

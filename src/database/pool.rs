@@ -108,6 +108,16 @@ impl Connector {
         &self.tls
     }
 
+    /// The driver's settings with the current password, for a connection this crate opens
+    /// itself (the replication stream).
+    pub(crate) fn config_with_password(&self) -> Config {
+        let mut config = self.config.clone();
+        if let Some(password) = self.password() {
+            config.password(password.expose_secret());
+        }
+        config
+    }
+
     /// Opens one connection outside any pool (for probes and promotions). The connection
     /// closes when the client is dropped.
     pub(crate) async fn connect(&self) -> Result<Client, tokio_postgres::Error> {

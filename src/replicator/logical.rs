@@ -1,6 +1,9 @@
-//! `logical` capture: a `pgoutput` slot and publication per target, read over an ordinary
-//! connection with `pg_logical_slot_peek_binary_changes`, applied, and only then advanced
-//! (`get_changes` would consume the changes even when the apply fails).
+//! `logical` capture: a `pgoutput` slot and publication per target, read over a replication
+//! connection (`START_REPLICATION`, see [`super::stream`]) or, with `logical_stream = false`,
+//! peeked over an ordinary connection with `pg_logical_slot_peek_binary_changes`; applied, and
+//! only then advanced: the stream reports the position the target committed, a peek is followed
+//! by `pg_replication_slot_advance` (`get_changes` would consume the changes even when the
+//! apply fails).
 //!
 //! Transactions come in commit order; the changes of one step are folded per key (the last
 //! change of a key wins) and applied set-based in one target transaction, with the end of the
@@ -9,6 +12,7 @@
 
 use std::collections::{hash_map, HashMap};
 
+use bytes::Bytes;
 use futures_util::TryStreamExt as _;
 use tokio_postgres::types::ToSql;
 
@@ -22,6 +26,7 @@ use super::{
         Session, Step,
     },
     snapshot::Snapshot,
+    stream::{self, Frame, ReplicationStream, Wait},
 };
 use crate::{error::Error, position::Position, settings::ResyncPolicy};
 
@@ -74,9 +79,13 @@ struct Move {
     row: Row,
 }
 
+/// The relations a stream announced, by id. A replication connection sends each one once, so
+/// the map lives as long as the connection; a peek sends them again every time.
+pub(crate) type Relations = HashMap<u32, Mapping>;
+
 /// How a relation of the stream maps onto a replicated table.
 #[derive(Debug)]
-struct Mapping {
+pub(crate) struct Mapping {
     table: usize,
     /// For each column of the stream, its position in the table's columns.
     columns: Vec<Option<usize>>,
@@ -323,6 +332,79 @@ impl<'a> Folder<'a> {
     }
 }
 
+/// Where a step's decoded messages come from.
+enum Changes<'a, S> {
+    /// The rows of a peek.
+    Peek(std::pin::Pin<&'a mut S>),
+    /// What the replication stream already holds; a transaction that has begun is read to its
+    /// commit.
+    Stream {
+        stream: &'a mut ReplicationStream,
+        /// Messages after which the step ends at the next commit.
+        limit: usize,
+        /// The walsender had sent every commit before this when the step last was between
+        /// transactions.
+        sent: Option<Position>,
+        /// The step ended at `limit`, not because nothing more was there.
+        full: bool,
+    },
+}
+
+/// One decoded message as it came.
+enum Payload {
+    Row(tokio_postgres::Row),
+    Bytes(Bytes),
+}
+
+impl Payload {
+    fn data(&self) -> &[u8] {
+        match self {
+            Payload::Row(row) => row.get(0),
+            Payload::Bytes(bytes) => bytes,
+        }
+    }
+}
+
+impl<S> Changes<'_, S>
+where
+    S: futures_util::Stream<Item = Result<tokio_postgres::Row, tokio_postgres::Error>>,
+{
+    async fn next(
+        &mut self,
+        reading: &Reading,
+        source_error: &impl Fn(tokio_postgres::Error) -> Error,
+    ) -> Result<Option<Payload>, Error> {
+        match self {
+            Changes::Peek(rows) => Ok(rows
+                .try_next()
+                .await
+                .map_err(source_error)?
+                .map(Payload::Row)),
+            Changes::Stream {
+                stream,
+                limit,
+                sent,
+                full,
+            } => loop {
+                let inside = reading.inside;
+                if !inside && reading.changes >= *limit {
+                    *full = true;
+                    return Ok(None);
+                }
+                let wait = if inside { Wait::Yes } else { Wait::No };
+                match stream.next(wait).await? {
+                    None => return Ok(None),
+                    Some(Frame::Data(bytes)) => return Ok(Some(Payload::Bytes(bytes))),
+                    Some(Frame::Sent(end)) if !inside => {
+                        *sent = Some(sent.map_or(end, |sent| sent.max(end)));
+                    }
+                    Some(Frame::Sent(_)) => {}
+                }
+            },
+        }
+    }
+}
+
 /// Where a step is in the stream of a peek.
 struct Reading {
     /// The end of the last commit the target holds.
@@ -338,6 +420,8 @@ struct Reading {
     last_commit: Option<Position>,
     /// Messages read.
     changes: usize,
+    /// Between the begin and the commit of a transaction.
+    inside: bool,
 }
 
 /// What ended a chunk of the stream.
@@ -353,7 +437,7 @@ enum ChunkEnd {
 /// Reads and folds the peek's messages until the folded changes fill a chunk, the peek ends,
 /// or a key change must be applied on its own.
 async fn fold_chunk<S>(
-    stream: &mut std::pin::Pin<&mut S>,
+    changes: &mut Changes<'_, S>,
     folder: &mut Folder<'_>,
     reading: &mut Reading,
     source_error: impl Fn(tokio_postgres::Error) -> Error,
@@ -362,12 +446,12 @@ where
     S: futures_util::Stream<Item = Result<tokio_postgres::Row, tokio_postgres::Error>>,
 {
     let (max_rows, max_bytes) = reading.limits;
-    while let Some(row) = stream.try_next().await.map_err(&source_error)? {
+    while let Some(payload) = changes.next(reading, &source_error).await? {
         reading.changes += 1;
-        let data: &[u8] = row.get(0);
-        let message = pgoutput::parse(data).map_err(|e| Error::mapping(e.to_string()))?;
+        let message = pgoutput::parse(payload.data()).map_err(|e| Error::mapping(e.to_string()))?;
         match &message {
             Message::Begin { final_lsn, xid, .. } => {
+                reading.inside = true;
                 let seen = *final_lsn < reading.watermark.lsn();
                 let copied = *final_lsn < reading.copy_lsn.lsn()
                     && reading
@@ -377,6 +461,7 @@ where
                 reading.skip = seen || copied;
             }
             Message::Commit { end_lsn, .. } => {
+                reading.inside = false;
                 reading.last_commit = Some(Position::new(*end_lsn));
             }
             // Relations are needed even for skipped transactions: they are sent once.
@@ -493,19 +578,55 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     let copy_lsn = s.progress.copy_lsn.unwrap_or_default();
     let limit = i32::try_from(settings.batch_rows).unwrap_or(i32::MAX);
     let publication = slot.clone();
-    let flushed_text = flushed.to_string();
-    let params: [&(dyn ToSql + Sync); 4] = [&slot, &flushed_text, &limit, &publication];
-    let stream = s
-        .source
-        .query_raw(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(\
-             $1, $2::text::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)",
-            params,
-        )
-        .await
-        .map_err(source_error)?;
-    futures_util::pin_mut!(stream);
+    let mut taken = if settings.logical_stream {
+        Some(match s.stream.take() {
+            Some(stream) => stream,
+            None => {
+                let endpoint = stream::Endpoint {
+                    config: s.source_connector.config_with_password(),
+                    tls: s.source_connector.tls().clone(),
+                };
+                let wake = std::sync::Arc::clone(&s.wake);
+                stream::open(endpoint, &slot, &publication, watermark, wake)
+                    .await
+                    .map_err(|e| e.with_endpoint(&source_name))?
+            }
+        })
+    } else {
+        None
+    };
+    let peek = match taken {
+        Some(_) => None,
+        None => {
+            let flushed_text = flushed.to_string();
+            let params: [&(dyn ToSql + Sync); 4] = [&slot, &flushed_text, &limit, &publication];
+            let rows = s
+                .source
+                .query_raw(
+                    "SELECT data FROM pg_logical_slot_peek_binary_changes(\
+                     $1, $2::text::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)",
+                    params,
+                )
+                .await
+                .map_err(source_error)?;
+            Some(rows)
+        }
+    };
+    futures_util::pin_mut!(peek);
     let mut folder = Folder::new(&s.tables, !s.shared.always_upsert());
+    if let Some(stream) = taken.as_mut() {
+        folder.relations = std::mem::take(&mut stream.relations);
+    }
+    let mut stream = match (taken.as_mut(), peek.as_mut().as_pin_mut()) {
+        (Some(stream), _) => Changes::Stream {
+            stream,
+            limit: settings.batch_rows,
+            sent: None,
+            full: false,
+        },
+        (None, Some(rows)) => Changes::Peek(rows),
+        (None, None) => return Err(Error::mapping("a logical step with nothing to read")),
+    };
     let mut reading = Reading {
         watermark,
         copy_snapshot,
@@ -514,6 +635,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         skip: false,
         last_commit: None,
         changes: 0,
+        inside: false,
     };
     let mut claimed = false;
     let mut rows = 0;
@@ -553,8 +675,15 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             }
         }
     }
+    let (sent, full) = match &stream {
+        Changes::Stream { sent, full, .. } => (*sent, *full),
+        Changes::Peek(_) => (None, false),
+    };
     let last_commit = reading.last_commit;
-    let drained = reading.changes < usize::try_from(limit).unwrap_or(usize::MAX);
+    let drained = match taken {
+        Some(_) => !full,
+        None => reading.changes < usize::try_from(limit).unwrap_or(usize::MAX),
+    };
     let applied = claimed;
     let mut progress = s.progress.clone();
     if let Some(end) = last_commit {
@@ -565,20 +694,34 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
         }
     }
-    if let Some(to) = slot_advance(drained, last_commit, flushed, confirmed) {
-        s.source
-            .query_one(
-                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
-                &[&slot, &to.to_string()],
-            )
-            .await
-            .map_err(source_error)?;
+    let held = progress
+        .lsn
+        .unwrap_or_default()
+        .max(sent.unwrap_or_default());
+    match taken {
+        // The slot moves when the server hears what the target holds.
+        Some(mut stream) => {
+            stream.relations = std::mem::take(&mut folder.relations);
+            stream.hold(held);
+            s.stream = Some(stream);
+        }
+        None => {
+            if let Some(to) = slot_advance(drained, last_commit, flushed, confirmed) {
+                s.source
+                    .query_one(
+                        "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
+                        &[&slot, &to.to_string()],
+                    )
+                    .await
+                    .map_err(source_error)?;
+            }
+        }
     }
     s.progress = progress;
-    let reached = if drained {
-        flushed.max(s.progress.lsn.unwrap_or_default())
-    } else {
-        s.progress.lsn.unwrap_or_default()
+    let reached = match (settings.logical_stream, drained) {
+        (true, _) => held,
+        (false, true) => flushed.max(s.progress.lsn.unwrap_or_default()),
+        (false, false) => s.progress.lsn.unwrap_or_default(),
     };
     s.shared.update(|status| {
         status.applied = Some(reached);
@@ -618,6 +761,30 @@ fn slot_advance(
     (confirmed.is_none_or(|confirmed| to > confirmed)).then_some(to)
 }
 
+/// Drops `slot`, waiting up to 5 s for the walsender of a closed replication connection to let
+/// go of it.
+async fn drop_slot(
+    source: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let mut tries = 0;
+    loop {
+        match source
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            Err(error)
+                if error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && tries < 250 =>
+            {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            outcome => return outcome.map(drop),
+        }
+    }
+}
+
 /// Creates the slot afresh and copies every table under a snapshot taken after it: decoded
 /// transactions visible in that snapshot came with the copy and are skipped.
 async fn copy(
@@ -642,11 +809,10 @@ async fn copy(
         .await
         .map_err(target_error)?;
     s.progress.lsn = None;
+    // The slot is busy while a replication connection reads it.
+    s.stream = None;
     if exists {
-        s.source
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .map_err(source_error)?;
+        drop_slot(&s.source, slot).await.map_err(source_error)?;
     }
     let created: String = s
         .source

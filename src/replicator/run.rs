@@ -143,6 +143,12 @@ pub(crate) struct Session {
     /// The connection that listens for the capture triggers' notifications, kept open with
     /// the session.
     _listener: Option<Client>,
+    /// How to reach the source again (`logical` mode's replication connection).
+    pub(crate) source_connector: Arc<Connector>,
+    /// Woken when changes arrive (notifications, or the replication stream).
+    pub(crate) wake: Arc<Notify>,
+    /// `logical` mode with `logical_stream`: the open replication stream.
+    pub(crate) stream: Option<super::stream::ReplicationStream>,
 }
 
 impl Session {
@@ -616,6 +622,9 @@ async fn open(
         last_cleanup: None,
         registered: false,
         _listener: listener,
+        source_connector: Arc::clone(connector),
+        wake: Arc::clone(wake),
+        stream: None,
     };
     Ok(Ok(session))
 }

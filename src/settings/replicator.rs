@@ -130,6 +130,17 @@ pub struct ReplicatorSettings {
     ///
     /// Default: `true`.
     pub notify: bool,
+    /// How `logical` mode reads its slot. `true`: over a replication connection
+    /// (`START_REPLICATION`, the protocol native subscribers use): the primary decodes the WAL
+    /// while it is written and sends each transaction as it commits, and the slot moves when the
+    /// target reports what it holds. `false`: a peek over a normal connection at every step
+    /// (`pg_logical_slot_peek_binary_changes`), which decodes from the slot's restart position
+    /// each time and materializes a whole transaction before its first row; for a primary that
+    /// is only reachable through something that refuses replication connections (a pooler).
+    /// Both apply each batch in one target transaction with the same exactly-once guard.
+    ///
+    /// Default: `true`.
+    pub logical_stream: bool,
     /// How long a target waits before trying again after an error (an unreachable target or
     /// primary, a failed batch).
     ///
@@ -163,6 +174,7 @@ impl Default for ReplicatorSettings {
             poll_interval: Duration::from_millis(50),
             poll_after_changes: Duration::from_millis(10),
             notify: true,
+            logical_stream: true,
             retry_interval: Duration::from_secs(1),
             step_timeout: Duration::from_secs(60),
             on_source_change: ResyncPolicy::Resync,
