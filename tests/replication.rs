@@ -18,15 +18,28 @@ async fn topology(logical: bool) -> Topology {
 }
 
 fn herd(topology: &Topology, mode: CaptureMode) -> Herd {
-    herd_in_chunks(topology, mode, None)
+    herd_in_chunks(topology, mode, None, Read::Stream)
+}
+
+/// How `logical` mode reads its slot (`replicator.logical_stream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Stream,
+    Peek,
 }
 
 /// A herd whose steps apply at most `batch_rows` rows at a time.
-fn herd_in_chunks(topology: &Topology, mode: CaptureMode, batch_rows: Option<usize>) -> Herd {
+fn herd_in_chunks(
+    topology: &Topology,
+    mode: CaptureMode,
+    batch_rows: Option<usize>,
+    read: Read,
+) -> Herd {
     let mut settings = topology.settings();
     if let Some(batch_rows) = batch_rows {
         settings.replicator.batch_rows = batch_rows;
     }
+    settings.replicator.logical_stream = read == Read::Stream;
     settings.replicator.mode = mode;
     settings.replicator.tables = vec!["items".to_owned(), "public.pairs".to_owned()];
     settings.replicator.retry_interval = Duration::from_millis(200);
@@ -109,7 +122,7 @@ async fn converge(topology: &Topology) {
     .await;
 }
 
-async fn basic_changes(mode: CaptureMode, batch_rows: Option<usize>) {
+async fn basic_changes(mode: CaptureMode, batch_rows: Option<usize>, read: Read) {
     let topology = topology(mode == CaptureMode::Logical).await;
     let primary = topology.primary().connect().await.expect("connect");
     primary
@@ -119,7 +132,7 @@ async fn basic_changes(mode: CaptureMode, batch_rows: Option<usize>) {
         )
         .await
         .expect("rows before the herd starts (the initial copy)");
-    let herd = herd_in_chunks(&topology, mode, batch_rows);
+    let herd = herd_in_chunks(&topology, mode, batch_rows, read);
     herd.wait_ready(Duration::from_secs(15))
         .await
         .expect("ready");
@@ -161,20 +174,26 @@ async fn basic_changes(mode: CaptureMode, batch_rows: Option<usize>) {
 
 #[actix_rt::test]
 async fn trigger_mode_keeps_the_replica_equal() {
-    basic_changes(CaptureMode::Trigger, None).await;
+    basic_changes(CaptureMode::Trigger, None, Read::Stream).await;
 }
 
 #[actix_rt::test]
 async fn logical_mode_keeps_the_replica_equal() {
-    basic_changes(CaptureMode::Logical, None).await;
+    basic_changes(CaptureMode::Logical, None, Read::Stream).await;
+}
+
+#[actix_rt::test]
+async fn logical_mode_keeps_the_replica_equal_by_peeking() {
+    basic_changes(CaptureMode::Logical, None, Read::Peek).await;
 }
 
 /// The same changes applied in chunks of 7 rows: source transactions and tables split across
 /// chunks of one target transaction (a key changed in several chunks, a TRUNCATE between them).
 #[actix_rt::test]
 async fn small_chunks_keep_the_replica_equal_in_both_modes() {
-    basic_changes(CaptureMode::Trigger, Some(7)).await;
-    basic_changes(CaptureMode::Logical, Some(7)).await;
+    basic_changes(CaptureMode::Trigger, Some(7), Read::Stream).await;
+    basic_changes(CaptureMode::Logical, Some(7), Read::Stream).await;
+    basic_changes(CaptureMode::Logical, Some(7), Read::Peek).await;
 }
 
 /// Rows known to be new on the source (a window in which a table only had rows inserted, in
@@ -307,9 +326,11 @@ mod convergence {
         }
     }
 
-    async fn seeds(mode: CaptureMode) {
+    async fn seeds(mode: CaptureMode, logical_stream: bool) {
         let topology = topology(mode == CaptureMode::Logical).await;
-        let herd = Herd::start(settings(&topology, mode)).expect("start");
+        let mut settings = settings(&topology, mode);
+        settings.replicator.logical_stream = logical_stream;
+        let herd = Herd::start(settings).expect("start");
         herd.wait_ready(Duration::from_secs(15))
             .await
             .expect("ready");
@@ -326,12 +347,58 @@ mod convergence {
 
     #[actix_rt::test]
     async fn trigger_mode_converges_over_several_seeds() {
-        seeds(CaptureMode::Trigger).await;
+        seeds(CaptureMode::Trigger, true).await;
     }
 
     #[actix_rt::test]
     async fn logical_mode_converges_over_several_seeds() {
-        seeds(CaptureMode::Logical).await;
+        seeds(CaptureMode::Logical, true).await;
+    }
+
+    #[actix_rt::test]
+    async fn logical_mode_converges_over_several_seeds_by_peeking() {
+        seeds(CaptureMode::Logical, false).await;
+    }
+
+    /// The primary ends the replication connection (its walsender terminated) several times
+    /// while the workload runs: each time the session ends, a new one streams from what the
+    /// target committed, and nothing is lost or applied twice.
+    #[actix_rt::test]
+    async fn logical_mode_converges_when_its_replication_connection_is_cut() {
+        let topology = topology(true).await;
+        let herd = Herd::start(settings(&topology, CaptureMode::Logical)).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        streaming(&herd).await;
+        let config = topology.primary().config();
+        let mut spec = workload::WorkloadSpec::new(41);
+        spec.transactions = 400;
+        let writes = tokio::spawn(async move { workload::run(&config, &spec).await });
+        let primary = topology.primary().connect().await.expect("connect");
+        let mut cut = 0;
+        while cut < 4 && !writes.is_finished() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cut += primary
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(active_pid)) \
+                     FROM pg_replication_slots WHERE slot_name = 'pgherd_replica' AND active",
+                    &[],
+                )
+                .await
+                .expect("terminate the walsender")
+                .get::<_, i64>(0);
+        }
+        let report = writes.await.expect("join").expect("workload");
+        assert!(cut >= 2, "the replication connection was cut {cut} times");
+        assert!(report.committed > 400, "{report:?}");
+        converged(&topology).await;
+        let status = herd.replication();
+        assert!(
+            status[0].errors >= 2,
+            "each cut ended a session: {status:?}"
+        );
+        herd.shutdown().await;
     }
 
     /// While the workload runs: the target cut off by the proxy, then killed and restarted; a
@@ -1132,8 +1199,19 @@ async fn logical_mode_replicates_identity_and_generated_columns() {
 /// holds no WAL back and its peeks do not decode that WAL again.
 #[actix_rt::test]
 async fn a_slot_whose_tables_are_quiet_follows_the_rest_of_the_database() {
+    quiet_slot(Read::Stream).await;
+}
+
+#[actix_rt::test]
+async fn a_peeked_slot_whose_tables_are_quiet_follows_the_rest_of_the_database() {
+    quiet_slot(Read::Peek).await;
+}
+
+/// The slot of a target whose tables do not change still moves with the rest of the database
+/// (or it would hold back WAL, and every peek would decode it again).
+async fn quiet_slot(read: Read) {
     let topology = topology(true).await;
-    let herd = herd(&topology, CaptureMode::Logical);
+    let herd = herd_in_chunks(&topology, CaptureMode::Logical, None, read);
     herd.wait_ready(Duration::from_secs(15))
         .await
         .expect("ready");
@@ -1238,4 +1316,66 @@ mod added {
         converge(&topology).await;
         herd.shutdown().await;
     }
+}
+
+/// Rows only ever inserted, in many small transactions, while the replication loop panics just
+/// before a batch's commit on the target, three times: no later change of those rows could
+/// repair a lost batch, so the replica holds every row only if the source was told nothing
+/// (the stream's report, a peek's slot advance) before the target committed.
+async fn inserts_through_panics(read: Read) {
+    let topology = start(Topology::builder().replica("replica").logical(true)).await;
+    on_both(
+        &topology,
+        "CREATE TABLE appended (id bigint PRIMARY KEY, at timestamptz DEFAULT now())",
+    )
+    .await;
+    let mut settings = topology.settings();
+    settings.replicator.mode = CaptureMode::Logical;
+    settings.replicator.logical_stream = read == Read::Stream;
+    settings.replicator.tables = vec!["appended".to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
+    streaming(&herd).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    for round in 0..3_i64 {
+        assert!(herd.inject_replicator_panic("replica"));
+        for i in 0..200 {
+            primary
+                .execute(
+                    "INSERT INTO appended (id) VALUES ($1)",
+                    &[&(round * 200 + i)],
+                )
+                .await
+                .expect("insert");
+        }
+        let expected = (round + 1) * 200;
+        eventually(
+            "every inserted row on the replica",
+            Duration::from_secs(20),
+            || {
+                let replica = &replica;
+                async move { count(replica, "SELECT count(*) FROM appended").await == expected }
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        digest(&primary, "appended", "id").await,
+        digest(&replica, "appended", "id").await
+    );
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn logical_mode_loses_no_insert_when_the_loop_panics_before_commits() {
+    inserts_through_panics(Read::Stream).await;
+}
+
+#[actix_rt::test]
+async fn logical_mode_by_peeking_loses_no_insert_when_the_loop_panics_before_commits() {
+    inserts_through_panics(Read::Peek).await;
 }
