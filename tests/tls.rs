@@ -149,3 +149,89 @@ async fn an_unreadable_authority_file_is_a_settings_error() {
         "{error}"
     );
 }
+
+/// `logical` mode's replication connection (which this crate opens itself) is encrypted and
+/// verified like the others, and streams over TLS.
+#[actix_rt::test]
+async fn the_replication_stream_uses_tls() {
+    let topology = start(
+        Topology::builder()
+            .tls(true)
+            .logical(true)
+            .replica("replica"),
+    )
+    .await;
+    let table = "CREATE TABLE streamed (id bigint PRIMARY KEY, v text)";
+    for node in [topology.primary(), topology.node("replica")] {
+        let client = node.connect().await.expect("connect");
+        client.batch_execute(table).await.expect("table");
+    }
+    let ca = topology.tls().expect("tls files").ca.clone();
+    let mut settings = settings(&topology, "localhost", SslMode::VerifyFull, Some(ca));
+    settings.replicator.mode = pgherd::settings::CaptureMode::Logical;
+    settings.replicator.tables = vec!["streamed".to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    primary
+        .batch_execute("INSERT INTO streamed SELECT g, md5(g::text) FROM generate_series(1, 100) g")
+        .await
+        .expect("rows");
+    support::eventually(
+        "the rows streamed to the replica",
+        Duration::from_secs(20),
+        || {
+            let replica = &replica;
+            async move {
+                replica
+                    .query_one("SELECT count(*) FROM streamed", &[])
+                    .await
+                    .is_ok_and(|row| row.get::<_, i64>(0) == 100)
+            }
+        },
+    )
+    .await;
+    // The stream opens in the step after the copy.
+    support::eventually(
+        "the replicator's walsender, over TLS",
+        Duration::from_secs(10),
+        || {
+            let primary = &primary;
+            async move {
+                let walsenders: Vec<(String, bool)> = primary
+                    .query(
+                        "SELECT a.application_name, s.ssl FROM pg_stat_activity a \
+                         JOIN pg_stat_ssl s USING (pid) WHERE a.backend_type = 'walsender'",
+                        &[],
+                    )
+                    .await
+                    .expect("the walsenders")
+                    .iter()
+                    .map(|row| (row.get(0), row.get(1)))
+                    .collect();
+                walsenders == [("pgherd replicator".to_owned(), true)]
+            }
+        },
+    )
+    .await;
+    primary
+        .batch_execute("INSERT INTO streamed SELECT g, 'streamed' FROM generate_series(101, 200) g")
+        .await
+        .expect("rows");
+    support::eventually(
+        "the rows streamed over TLS",
+        Duration::from_secs(20),
+        || {
+            let replica = &replica;
+            async move {
+                replica
+                    .query_one("SELECT count(*) FROM streamed WHERE v = 'streamed'", &[])
+                    .await
+                    .is_ok_and(|row| row.get::<_, i64>(0) == 100)
+            }
+        },
+    )
+    .await;
+    herd.shutdown().await;
+}
