@@ -4,8 +4,8 @@
 //! - `trigger` (no `wal_level` change, no REPLICATION role): statement-level triggers log the
 //!   keys of changed rows with their transaction id; a batch is cut between two transaction
 //!   snapshots, and the rows are read again in the newer one.
-//! - `logical`: a `pgoutput` slot per target, peeked over an ordinary connection, applied, then
-//!   advanced.
+//! - `logical`: a `pgoutput` slot per target, streamed over a replication connection (or peeked
+//!   over an ordinary one), applied, then advanced.
 //!
 //! Both apply a batch in one target transaction with set-based statements, and move the target's
 //! progress row in that same transaction, claiming the batch first: a batch is applied once even

@@ -719,6 +719,11 @@ fn replicator_settings_load_and_targets_default_to_the_replicas() {
         std::time::Duration::from_millis(10),
         "the default"
     );
+    assert!(settings.replicator.logical_stream, "streams by default");
+    let peeking = Fixture::new()
+        .load(&format!("{text}logical_stream = false\n"))
+        .expect("valid");
+    assert!(!peeking.replicator.logical_stream);
     assert_eq!(
         settings.replicator.mode,
         pgherd::settings::CaptureMode::Logical

@@ -15,8 +15,8 @@ pub enum CaptureMode {
     /// cut at transaction snapshots and rows are re-read in the batch's snapshot (`"trigger"`).
     /// Needs no `wal_level` change and no REPLICATION role; works on managed PostgreSQL.
     Trigger,
-    /// A `pgoutput` slot and publication per target, read with
-    /// `pg_logical_slot_peek_binary_changes` (`"logical"`). Needs `wal_level = logical` and a
+    /// A `pgoutput` slot and publication per target, read over a replication connection (or
+    /// peeked, see [`ReplicatorSettings::logical_stream`]) (`"logical"`). Needs `wal_level = logical` and a
     /// login with the REPLICATION attribute; no trigger on the application's tables.
     Logical,
 }
