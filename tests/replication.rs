@@ -378,6 +378,7 @@ mod convergence {
         let primary = topology.primary().connect().await.expect("connect");
         let mut cut = 0;
         while cut < 4 && !writes.is_finished() {
+            // The spacing of the cuts is the fault under test: each lands mid-workload.
             tokio::time::sleep(Duration::from_millis(300)).await;
             cut += primary
                 .query_one(
