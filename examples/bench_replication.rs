@@ -1194,11 +1194,13 @@ async fn section_b(topology: &Topology, seconds: u64) -> Outcome<Duration> {
     }
     let defaults = ReplicatorSettings::default();
     println!(
-        "(trigger mode: notify {}, which ends idle waits; both modes: a pause of \
-         poll_after_changes {} ms after a step that applied changes, waits doubling up to \
-         poll_interval {} ms after idle steps; CPU from the start of the load to its end, the \
-         writes included)",
+        "(idle waits end early on a trigger-mode notification (notify {}) or on changes \
+         arriving over logical mode's replication connection (logical_stream {}); both modes: \
+         a pause of poll_after_changes {} ms after a step that applied changes, waits doubling \
+         up to poll_interval {} ms after idle steps; CPU from the start of the load to its \
+         end, the writes included)",
         if defaults.notify { "on" } else { "off" },
+        if defaults.logical_stream { "on" } else { "off" },
         defaults.poll_after_changes.as_millis(),
         defaults.poll_interval.as_millis(),
     );

@@ -484,7 +484,8 @@ async fn session(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pause {
     length: Duration,
-    /// Whether a notification of the capture triggers ends it early.
+    /// Whether a wake-up ends it early: a notification of the capture triggers, or changes
+    /// arriving over `logical` mode's replication connection.
     interruptible: bool,
 }
 
@@ -495,10 +496,10 @@ struct Pause {
 /// follow, and they are better gathered into the next batch than fetched by a step per
 /// notification: in the replication benchmark at 1,000 transactions/s, `trigger` mode's primary
 /// used a third of the CPU for a lag p99 of 19 ms instead of 10. This is also what keeps
-/// `logical` mode's lag low, with no notification to wake it.
+/// `logical` mode's lag low when it peeks, with nothing to wake it.
 ///
 /// After a step that found nothing: twice the previous pause, from `poll_after_changes` up to
-/// `poll_interval`, and a notification ends it at once.
+/// `poll_interval`, and a wake-up ends it at once.
 fn next_pause(previous: Duration, applied: bool, settings: &ReplicatorSettings) -> Pause {
     let soon = settings.poll_after_changes.min(settings.poll_interval);
     if applied {

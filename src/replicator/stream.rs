@@ -359,30 +359,23 @@ async fn pump(
 ) {
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     let outcome: Result<(), Error> = async {
+        // Room in the queue first, then a message: while the session is behind, the walsender
+        // waits (and the position is still reported).
+        let mut room = None;
         loop {
-            // Room in the queue first: while the session is behind, the walsender waits (and
-            // the position is still reported).
-            let permit = tokio::select! {
-                permit = frames.reserve() => match permit {
-                    Ok(permit) => permit,
+            let (permit, tag, mut body) = tokio::select! {
+                permit = frames.reserve(), if room.is_none() => match permit {
+                    Ok(permit) => {
+                        room = Some(permit);
+                        continue;
+                    }
                     Err(_) => return Ok(()),
                 },
-                _ = tick.tick() => {
-                    let position = *held.borrow_and_update();
-                    report(&mut io, position).await?;
-                    continue;
+                message = reader.message(&mut io), if room.is_some() => {
+                    let (tag, body) = message?;
+                    let Some(permit) = room.take() else { continue };
+                    (permit, tag, body)
                 }
-                changed = held.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                    let position = *held.borrow_and_update();
-                    report(&mut io, position).await?;
-                    continue;
-                }
-            };
-            let (tag, mut body) = tokio::select! {
-                message = reader.message(&mut io) => message?,
                 _ = tick.tick() => {
                     let position = *held.borrow_and_update();
                     report(&mut io, position).await?;
