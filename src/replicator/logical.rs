@@ -17,7 +17,7 @@ use futures_util::TryStreamExt as _;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    apply::{Row, TableChanges},
+    apply::{Key, Row, TableChanges},
     catalog::TableInfo,
     install,
     pgoutput::{self, Message, Value},
@@ -45,8 +45,7 @@ struct Pending {
     truncate: bool,
     /// Each key's net change, and whether its first change since the target's state was an
     /// INSERT (the key is then not on the target).
-    entries: HashMap<Vec<String>, (Entry, bool)>,
-    bytes: usize,
+    entries: HashMap<Key, (Entry, bool), foldhash::quality::RandomState>,
 }
 
 impl Pending {
@@ -74,7 +73,7 @@ impl Pending {
 #[derive(Debug)]
 struct Move {
     table: usize,
-    old_key: Vec<String>,
+    old_key: Key,
     present: Vec<bool>,
     row: Row,
 }
@@ -89,6 +88,15 @@ pub(crate) struct Mapping {
     table: usize,
     /// For each column of the stream, its position in the table's columns.
     columns: Vec<Option<usize>>,
+    /// Every column of the table is in the stream.
+    covers_table: bool,
+}
+
+impl Mapping {
+    /// Whether `tuple` holds a value for every column of the table (no unchanged TOAST value).
+    fn whole(&self, tuple: &[Value]) -> bool {
+        self.covers_table && !tuple.iter().any(|v| matches!(v, Value::UnchangedToast))
+    }
 }
 
 /// Folds decoded changes, table by table.
@@ -100,6 +108,8 @@ struct Folder<'a> {
     relations: HashMap<u32, Mapping>,
     pending: Vec<Pending>,
     rows: usize,
+    /// The size of the messages folded since the last `take`: folded rows share their bytes,
+    /// so this bounds the memory they hold.
     bytes: usize,
 }
 
@@ -115,31 +125,43 @@ impl<'a> Folder<'a> {
         }
     }
 
-    /// A row of the stream in the table's column order, with which columns are present.
-    fn row(&self, mapping: &Mapping, tuple: Vec<Value>) -> Result<(Row, Vec<bool>), Error> {
+    /// A row of the stream in the table's column order; `present`, when given, is set to which
+    /// columns came (an unchanged TOAST value does not).
+    fn row(
+        &self,
+        mapping: &Mapping,
+        tuple: Vec<Value>,
+        mut present: Option<&mut Vec<bool>>,
+    ) -> Result<Row, Error> {
         let width = self.tables[mapping.table].columns.len();
         let mut row = vec![None; width];
-        let mut present = vec![false; width];
+        if let Some(present) = present.as_deref_mut() {
+            present.clear();
+            present.resize(width, false);
+        }
         for (value, column) in tuple.into_iter().zip(&mapping.columns) {
             let Some(column) = *column else { continue };
-            match value {
-                Value::Null => present[column] = true,
+            let came = match value {
+                Value::Null => true,
                 Value::Text(text) => {
                     row[column] = Some(text);
-                    present[column] = true;
+                    true
                 }
-                Value::UnchangedToast => {}
+                Value::UnchangedToast => false,
                 Value::Binary(_) => {
                     return Err(Error::mapping(
                         "pgoutput sent a binary value without being asked to",
                     ))
                 }
+            };
+            if let Some(present) = present.as_deref_mut() {
+                present[column] = came;
             }
         }
-        Ok((row, present))
+        Ok(row)
     }
 
-    fn key(&self, table: usize, row: &Row) -> Result<Vec<String>, Error> {
+    fn key(&self, table: usize, row: &Row) -> Result<Key, Error> {
         self.tables[table]
             .key
             .iter()
@@ -157,18 +179,8 @@ impl<'a> Folder<'a> {
     }
 
     /// Records `entry` as the net change of `key`; `inserted` when the change is an INSERT.
-    fn set(&mut self, table: usize, key: Vec<String>, entry: Entry, inserted: bool) {
-        let size = key.iter().map(String::len).sum::<usize>()
-            + match &entry {
-                Entry::Upsert(row) | Entry::Partial(_, row) => {
-                    row.iter().flatten().map(String::len).sum()
-                }
-                Entry::Delete => 0,
-            };
-        self.bytes += size;
-        let pending = &mut self.pending[table];
-        pending.bytes += size;
-        match pending.entries.entry(key) {
+    fn set(&mut self, table: usize, key: Key, entry: Entry, inserted: bool) {
+        match self.pending[table].entries.entry(key) {
             hash_map::Entry::Occupied(mut occupied) => occupied.get_mut().0 = entry,
             hash_map::Entry::Vacant(vacant) => {
                 vacant.insert((entry, inserted && self.plain_inserts));
@@ -197,9 +209,17 @@ impl<'a> Folder<'a> {
                                     .iter()
                                     .position(|t| t.name == c.name)
                             })
-                            .collect();
-                        self.relations
-                            .insert(relation.id, Mapping { table, columns });
+                            .collect::<Vec<_>>();
+                        let width = self.tables[table].columns.len();
+                        let covers_table = (0..width).all(|i| columns.contains(&Some(i)));
+                        self.relations.insert(
+                            relation.id,
+                            Mapping {
+                                table,
+                                columns,
+                                covers_table,
+                            },
+                        );
                     }
                     None => {
                         self.relations.remove(&relation.id);
@@ -211,7 +231,7 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (row, _) = self.row(mapping, new)?;
+                let row = self.row(mapping, new, None)?;
                 let key = self.key(table, &row)?;
                 self.set(table, key, Entry::Upsert(row), true);
             }
@@ -225,9 +245,16 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (mut row, mut present) = self.row(mapping, new)?;
+                // Which columns came is tracked only when some did not.
+                let whole = mapping.whole(&new);
+                let mut present = Vec::new();
+                let mut row = self.row(mapping, new, (!whole).then_some(&mut present))?;
                 let old = match old {
-                    Some(old) => Some(self.row(mapping, old)?),
+                    Some(old) => {
+                        let mut old_present = Vec::new();
+                        let tracked = (!whole && !old_is_key_only).then_some(&mut old_present);
+                        Some((self.row(mapping, old, tracked)?, old_present))
+                    }
                     None => None,
                 };
                 let key = self.key(table, &row)?;
@@ -238,7 +265,8 @@ impl<'a> Folder<'a> {
                 // Unchanged TOAST values: take them from the old image when it is the whole row
                 // (REPLICA IDENTITY FULL; a key-only image has NULL in the other columns), or
                 // from an earlier change of this step.
-                if let Some((old_row, old_present)) = old.as_ref().filter(|_| !old_is_key_only) {
+                let partial = old.as_ref().filter(|_| !whole && !old_is_key_only);
+                if let Some((old_row, old_present)) = partial {
                     for i in 0..row.len() {
                         if !present[i] && old_present[i] && !self.tables[table].key.contains(&i) {
                             row[i].clone_from(&old_row[i]);
@@ -246,7 +274,7 @@ impl<'a> Folder<'a> {
                         }
                     }
                 }
-                if present.iter().any(|p| !p) {
+                if !whole && present.iter().any(|p| !p) {
                     let earlier = self.pending[table]
                         .entries
                         .get(old_key.as_ref().unwrap_or(&key))
@@ -271,7 +299,7 @@ impl<'a> Folder<'a> {
                         Some(Entry::Delete) | None => {}
                     }
                 }
-                let complete = present.iter().all(|p| *p);
+                let complete = whole || present.iter().all(|p| *p);
                 if let Some(old_key) = old_key {
                     if !complete {
                         return Ok(Some(Move {
@@ -295,7 +323,7 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let (row, _) = self.row(mapping, old)?;
+                let row = self.row(mapping, old, None)?;
                 let key = self.key(table, &row)?;
                 self.set(table, key, Entry::Delete, false);
             }
@@ -304,7 +332,6 @@ impl<'a> Folder<'a> {
                     if let Some(mapping) = self.relations.get(&relation) {
                         let pending = &mut self.pending[mapping.table];
                         self.rows -= pending.entries.len();
-                        self.bytes -= pending.bytes;
                         *pending = Pending {
                             truncate: true,
                             ..Pending::default()
@@ -350,21 +377,6 @@ enum Changes<'a, S> {
     },
 }
 
-/// One decoded message as it came.
-enum Payload {
-    Row(tokio_postgres::Row),
-    Bytes(Bytes),
-}
-
-impl Payload {
-    fn data(&self) -> &[u8] {
-        match self {
-            Payload::Row(row) => row.get(0),
-            Payload::Bytes(bytes) => bytes,
-        }
-    }
-}
-
 impl<S> Changes<'_, S>
 where
     S: futures_util::Stream<Item = Result<tokio_postgres::Row, tokio_postgres::Error>>,
@@ -373,13 +385,14 @@ where
         &mut self,
         reading: &Reading,
         source_error: &impl Fn(tokio_postgres::Error) -> Error,
-    ) -> Result<Option<Payload>, Error> {
+    ) -> Result<Option<Bytes>, Error> {
         match self {
+            // One copy per message, which the folded values then share.
             Changes::Peek(rows) => Ok(rows
                 .try_next()
                 .await
                 .map_err(source_error)?
-                .map(Payload::Row)),
+                .map(|row| Bytes::copy_from_slice(row.get(0)))),
             Changes::Stream {
                 stream,
                 limit,
@@ -394,7 +407,7 @@ where
                 let wait = if inside { Wait::Yes } else { Wait::No };
                 match stream.next(wait).await? {
                     None => return Ok(None),
-                    Some(Frame::Data(bytes)) => return Ok(Some(Payload::Bytes(bytes))),
+                    Some(Frame::Data(bytes)) => return Ok(Some(bytes)),
                     Some(Frame::Sent(end)) if !inside => {
                         *sent = Some(sent.map_or(end, |sent| sent.max(end)));
                     }
@@ -446,9 +459,9 @@ where
     S: futures_util::Stream<Item = Result<tokio_postgres::Row, tokio_postgres::Error>>,
 {
     let (max_rows, max_bytes) = reading.limits;
-    while let Some(payload) = changes.next(reading, &source_error).await? {
+    while let Some(data) = changes.next(reading, &source_error).await? {
         reading.changes += 1;
-        let message = pgoutput::parse(payload.data()).map_err(|e| Error::mapping(e.to_string()))?;
+        let message = pgoutput::parse(&data).map_err(|e| Error::mapping(e.to_string()))?;
         match &message {
             Message::Begin { final_lsn, xid, .. } => {
                 reading.inside = true;
@@ -470,6 +483,7 @@ where
             }
             _ if reading.skip => {}
             _ => {
+                folder.bytes += data.len();
                 if let Some(moved) = folder.fold(message)? {
                     return Ok(ChunkEnd::Move(moved));
                 }
@@ -877,6 +891,7 @@ async fn copy(
 mod tests {
     use super::*;
     use crate::replicator::{
+        apply::Text,
         catalog::ColumnInfo,
         pgoutput::{Column, Relation},
     };
@@ -915,7 +930,7 @@ mod tests {
     }
 
     fn text(value: &str) -> Value {
-        Value::Text(value.to_owned())
+        Value::Text(Text::from(value))
     }
 
     fn insert(id: &str, title: &str, body: &str) -> Message {
@@ -938,7 +953,7 @@ mod tests {
     }
 
     fn row(values: &[&str]) -> Row {
-        values.iter().map(|v| Some((*v).to_owned())).collect()
+        values.iter().map(|v| Some(Text::from(*v))).collect()
     }
 
     #[test]
@@ -980,7 +995,7 @@ mod tests {
                 old_is_key_only: true,
             },
         ]);
-        assert_eq!(changes[0].deletes, [vec!["1".to_owned()]]);
+        assert_eq!(changes[0].deletes, [vec![Text::from("1")]]);
         assert_eq!(changes[0].inserts, [row(&["2", "b", "y"])]);
         assert!(changes[0].upserts.is_empty());
     }
@@ -1033,7 +1048,7 @@ mod tests {
             new: vec![text("9"), text("a"), text("x")],
         }]);
         assert!(moved.is_none());
-        assert_eq!(changes[0].deletes, [vec!["1".to_owned()]]);
+        assert_eq!(changes[0].deletes, [vec![Text::from("1")]]);
         assert_eq!(changes[0].upserts, [row(&["9", "a", "x"])]);
     }
 
@@ -1052,8 +1067,8 @@ mod tests {
         assert_eq!(
             changes[0].updates.get(&present),
             Some(&vec![vec![
-                Some("1".to_owned()),
-                Some("b".to_owned()),
+                Some(Text::from("1")),
+                Some(Text::from("b")),
                 None
             ]])
         );
@@ -1079,7 +1094,7 @@ mod tests {
             new: vec![text("2"), text("b"), Value::UnchangedToast],
         }]);
         let moved = moved.expect("a move");
-        assert_eq!(moved.old_key, ["1"]);
+        assert_eq!(moved.old_key, [Text::from("1")]);
         assert_eq!(moved.present, [true, true, false]);
     }
 

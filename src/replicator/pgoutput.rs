@@ -18,6 +18,10 @@
 
 use std::fmt;
 
+use bytes::Bytes;
+
+use super::apply::Text;
+
 /// One decoded message.
 // `Message::Message` is PostgreSQL's own name for what `pg_logical_emit_message` writes.
 #[allow(clippy::enum_variant_names)]
@@ -149,8 +153,8 @@ pub(crate) enum Value {
     Null,
     /// A TOASTed value that the update did not change, and that is not sent (`u`).
     UnchangedToast,
-    /// A value in text format (`t`).
-    Text(String),
+    /// A value in text format (`t`), sharing the message's bytes.
+    Text(Text),
     /// A value in binary format (`b`).
     Binary(Vec<u8>),
 }
@@ -171,8 +175,12 @@ impl fmt::Display for ParseError {
 impl std::error::Error for ParseError {}
 
 /// Decodes one `pgoutput` message (protocol version 1).
-pub(crate) fn parse(data: &[u8]) -> Result<Message, ParseError> {
-    let mut c = Cursor { rest: data, pos: 0 };
+pub(crate) fn parse(data: &Bytes) -> Result<Message, ParseError> {
+    let mut c = Cursor {
+        whole: data,
+        rest: data,
+        pos: 0,
+    };
     // Struct fields are evaluated in the order they are written, which is the order on the wire.
     let message = match c.u8("a message type byte")? {
         b'B' => Message::Begin {
@@ -291,6 +299,7 @@ pub(crate) fn parse(data: &[u8]) -> Result<Message, ParseError> {
 
 /// Reads a message from the front; `pos` is the offset of `rest` in the message, for errors.
 struct Cursor<'a> {
+    whole: &'a Bytes,
     rest: &'a [u8],
     pos: usize,
 }
@@ -397,8 +406,10 @@ impl<'a> Cursor<'a> {
                     b't' => {
                         let length = self.length("the length of a text value (Int32)")?;
                         let start = self.pos;
-                        let text = self.bytes(length, "a text value")?;
-                        utf8(text, start, "a text value").map(Value::Text)
+                        self.bytes(length, "a text value")?;
+                        Text::new(self.whole.slice(start..start + length))
+                            .map(Value::Text)
+                            .map_err(|e| not_utf8(e, start, "a text value"))
                     }
                     b'b' => {
                         let length = self.length("the length of a binary value (Int32)")?;
@@ -418,12 +429,16 @@ impl<'a> Cursor<'a> {
 }
 
 fn utf8(bytes: &[u8], start: usize, what: &str) -> Result<String, ParseError> {
-    std::str::from_utf8(bytes).map(str::to_owned).map_err(|e| {
-        error(format!(
-            "expected {what} in UTF-8 at byte {start}, found an invalid byte at byte {}",
-            start + e.valid_up_to()
-        ))
-    })
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|e| not_utf8(e, start, what))
+}
+
+fn not_utf8(e: std::str::Utf8Error, start: usize, what: &str) -> ParseError {
+    error(format!(
+        "expected {what} in UTF-8 at byte {start}, found an invalid byte at byte {}",
+        start + e.valid_up_to()
+    ))
 }
 
 fn error(reason: String) -> ParseError {
@@ -442,6 +457,10 @@ fn show(byte: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(data: &[u8]) -> Result<Message, ParseError> {
+        super::parse(&bytes::Bytes::copy_from_slice(data))
+    }
 
     /// Builds a message field by field, big-endian.
     struct Bytes(Vec<u8>);
@@ -491,7 +510,7 @@ mod tests {
     }
 
     fn text(s: &str) -> Value {
-        Value::Text(s.to_owned())
+        Value::Text(Text::from(s))
     }
 
     fn reason(data: &[u8]) -> String {

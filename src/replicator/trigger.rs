@@ -10,7 +10,7 @@ use futures_util::TryStreamExt as _;
 use tokio_postgres::Client;
 
 use super::{
-    apply::TableChanges,
+    apply::{Key, Row, TableChanges, Text},
     catalog::TableInfo,
     install,
     run::{
@@ -397,12 +397,16 @@ where
         };
         let gone: bool = row.get(0);
         if gone {
-            let key: Vec<String> = (1..=width).map(|i| row.get(i)).collect();
-            bytes += key.iter().map(String::len).sum::<usize>();
+            let key: Key = (1..=width)
+                .map(|i| Text::from(row.get::<_, String>(i)))
+                .collect();
+            bytes += key.iter().map(Text::len).sum::<usize>();
             changes.deletes.push(key);
         } else {
-            let values: Vec<Option<String>> = (1 + width..row.len()).map(|i| row.get(i)).collect();
-            bytes += values.iter().flatten().map(String::len).sum::<usize>();
+            let values: Row = (1 + width..row.len())
+                .map(|i| row.get::<_, Option<String>>(i).map(Text::from))
+                .collect();
+            bytes += values.iter().flatten().map(Text::len).sum::<usize>();
             if fresh {
                 changes.inserts.push(values);
             } else {
