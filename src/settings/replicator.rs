@@ -104,7 +104,8 @@ pub struct ReplicatorSettings {
     ///
     /// Default: `10000`.
     pub batch_rows: usize,
-    /// The most bytes of row data in one chunk of a batch.
+    /// The most bytes of row data in one chunk of a batch (in `logical` mode: of the decoded
+    /// messages folded into the chunk, whose bytes its rows share).
     ///
     /// Default: `8388608` (8 MiB).
     pub batch_bytes: usize,
