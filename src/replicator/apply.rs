@@ -384,6 +384,13 @@ fn copy_text_row(out: &mut Vec<u8>, row: &Row) {
             continue;
         };
         let bytes = value.as_bytes();
+        // Most values need no escape: one pass that the compiler can vectorize decides.
+        if !bytes.iter().fold(false, |escape, &b| {
+            escape | matches!(b, b'\\' | b'\n' | b'\r' | b'\t')
+        }) {
+            out.extend_from_slice(bytes);
+            continue;
+        }
         let mut start = 0;
         for (at, byte) in bytes.iter().enumerate() {
             let escaped: &[u8] = match byte {

@@ -354,7 +354,18 @@ impl<'a> Folder<'a> {
         self.bytes = 0;
         self.pending
             .iter_mut()
-            .map(|p| std::mem::take(p).into_changes())
+            .map(|pending| {
+                // A table that filled this chunk likely fills the next: room for as many keys
+                // saves growing the map (and hashing every key again) step by step.
+                let room = Pending {
+                    entries: HashMap::with_capacity_and_hasher(
+                        pending.entries.len(),
+                        foldhash::quality::RandomState::default(),
+                    ),
+                    ..Pending::default()
+                };
+                std::mem::replace(pending, room).into_changes()
+            })
             .collect()
     }
 }
