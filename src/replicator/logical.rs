@@ -10,7 +10,9 @@
 //! last applied commit as the target's watermark. After a crash between the target's commit and
 //! the slot's advance, commits at or below the watermark are skipped.
 
-use std::collections::{hash_map, HashMap};
+use std::collections::HashMap;
+
+use indexmap::{map::Entry as Slot, IndexMap};
 
 use bytes::Bytes;
 use futures_util::TryStreamExt as _;
@@ -44,8 +46,11 @@ enum Entry {
 struct Pending {
     truncate: bool,
     /// Each key's net change, and whether its first change since the target's state was an
-    /// INSERT (the key is then not on the target).
-    entries: HashMap<Key, (Entry, bool), foldhash::quality::RandomState>,
+    /// INSERT (the key is then not on the target), in the order the keys first changed: the
+    /// target then writes its rows in the source's order, which keeps its index and heap
+    /// accesses close together (in hash order, upserting 10,000 updated rows took the target
+    /// 90 to 150 ms instead of 60 to 100).
+    entries: IndexMap<Key, (Entry, bool), foldhash::quality::RandomState>,
 }
 
 impl Pending {
@@ -181,8 +186,8 @@ impl<'a> Folder<'a> {
     /// Records `entry` as the net change of `key`; `inserted` when the change is an INSERT.
     fn set(&mut self, table: usize, key: Key, entry: Entry, inserted: bool) {
         match self.pending[table].entries.entry(key) {
-            hash_map::Entry::Occupied(mut occupied) => occupied.get_mut().0 = entry,
-            hash_map::Entry::Vacant(vacant) => {
+            Slot::Occupied(mut occupied) => occupied.get_mut().0 = entry,
+            Slot::Vacant(vacant) => {
                 vacant.insert((entry, inserted && self.plain_inserts));
                 self.rows += 1;
             }
@@ -358,7 +363,7 @@ impl<'a> Folder<'a> {
                 // A table that filled this chunk likely fills the next: room for as many keys
                 // saves growing the map (and hashing every key again) step by step.
                 let room = Pending {
-                    entries: HashMap::with_capacity_and_hasher(
+                    entries: IndexMap::with_capacity_and_hasher(
                         pending.entries.len(),
                         foldhash::quality::RandomState::default(),
                     ),
@@ -1009,6 +1014,21 @@ mod tests {
         assert_eq!(changes[0].deletes, [vec![Text::from("1")]]);
         assert_eq!(changes[0].inserts, [row(&["2", "b", "y"])]);
         assert!(changes[0].upserts.is_empty());
+    }
+
+    #[test]
+    fn rows_are_applied_in_the_order_their_keys_first_changed() {
+        let keys = ["5", "3", "9", "1", "7", "2", "8", "4", "6"];
+        let mut messages: Vec<Message> = keys.iter().map(|k| insert(k, "a", "x")).collect();
+        messages.push(insert("3", "b", "y"));
+        let (changes, _) = folded(messages);
+        let order: Vec<Text> = changes[0]
+            .inserts
+            .iter()
+            .filter_map(|row| row[0].clone())
+            .collect();
+        assert_eq!(order, keys.map(Text::from));
+        assert_eq!(changes[0].inserts[1], row(&["3", "b", "y"]));
     }
 
     #[test]
