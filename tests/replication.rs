@@ -196,6 +196,74 @@ async fn small_chunks_keep_the_replica_equal_in_both_modes() {
     basic_changes(CaptureMode::Logical, Some(7), Read::Peek).await;
 }
 
+/// A step that starts while a table rewrite (`ALTER TABLE ... TYPE`) is in progress on the
+/// primary waits for it before taking its snapshot: a snapshot older than the rewrite sees the
+/// table empty, which would turn the step's changed keys into deletes that nothing repairs.
+#[actix_rt::test]
+async fn trigger_mode_reads_a_table_rewritten_while_a_step_waited_for_it() {
+    let topology = topology(false).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute(
+            "INSERT INTO items (id, name, tags) SELECT g, 'n' || g, ARRAY[g] FROM generate_series(1, 50) g",
+        )
+        .await
+        .expect("rows");
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "items").await;
+    converge(&topology).await;
+    herd.shutdown().await;
+    drop(herd);
+
+    // Changes for the next step to read, then a rewrite left open (the replica first, as schema
+    // changes go).
+    primary
+        .batch_execute(
+            "UPDATE items SET name = 'changed' WHERE id <= 10;
+             INSERT INTO items (id, name, tags) SELECT g, 'n' || g, ARRAY[g] FROM generate_series(51, 60) g",
+        )
+        .await
+        .expect("changes");
+    let rewrite_sql = "ALTER TABLE items ALTER COLUMN tags TYPE bigint[]";
+    topology
+        .node("replica")
+        .connect()
+        .await
+        .expect("connect")
+        .batch_execute(rewrite_sql)
+        .await
+        .expect("the rewrite on the replica");
+    let rewrite = topology.primary().connect().await.expect("connect");
+    rewrite
+        .batch_execute(&format!("BEGIN; {rewrite_sql}"))
+        .await
+        .expect("the rewrite, left open");
+
+    let mut settings = topology.settings();
+    settings.replicator.mode = CaptureMode::Trigger;
+    settings.replicator.tables = vec!["items".to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    eventually(
+        "the replicator waits for the rewritten table",
+        Duration::from_secs(20),
+        || {
+            let primary = &primary;
+            async move {
+                count(
+                    primary,
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'items'::regclass",
+                )
+                .await
+                    > 0
+            }
+        },
+    )
+    .await;
+    rewrite.batch_execute("COMMIT").await.expect("commit");
+    converge(&topology).await;
+    herd.shutdown().await;
+}
+
 /// Rows known to be new on the source (a window in which a table only had rows inserted, in
 /// `trigger` mode; keys whose first change in the step is an INSERT, in `logical` mode) are
 /// applied with plain INSERTs; a row that something else wrote on the target makes that fail

@@ -864,7 +864,7 @@ async fn copy(
     let consistent: Position = created
         .parse()
         .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
-    let transaction = snapshot_transaction(&mut s.source)
+    let transaction = snapshot_transaction(&mut s.source, &s.tables)
         .await
         .map_err(source_error)?;
     let row = transaction

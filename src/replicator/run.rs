@@ -632,15 +632,36 @@ async fn open(
 
 /// Starts the read-only, repeatable-read transaction a batch or a copy reads the source in: its
 /// snapshot is the one `pg_current_snapshot()` reports inside it.
-pub(crate) async fn snapshot_transaction(
-    source: &mut Client,
-) -> Result<Transaction<'_>, tokio_postgres::Error> {
-    source
+///
+/// `tables` are locked (`ACCESS SHARE`) before the snapshot is taken, as `pg_dump` does: a
+/// table rewrite (`ALTER TABLE ... TYPE`, a `DEFAULT` computed per row) is not MVCC-safe, and
+/// a snapshot taken before it commits sees the rewritten table empty. Read under such a
+/// snapshot, a batch's keys would all become deletes and a copy would be empty, and the rewrite
+/// fires no trigger and decodes to no change that would repair them. The lock waits for a
+/// rewrite in progress to commit, and holds off the next one until the transaction ends.
+pub(crate) async fn snapshot_transaction<'a>(
+    source: &'a mut Client,
+    tables: &[TableInfo],
+) -> Result<Transaction<'a>, tokio_postgres::Error> {
+    let transaction = source
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
-        .await
+        .await?;
+    if !tables.is_empty() {
+        let names: Vec<String> = tables
+            .iter()
+            .map(|table| format!("ONLY {}", table.qualified()))
+            .collect();
+        transaction
+            .batch_execute(&format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE",
+                names.join(", ")
+            ))
+            .await?;
+    }
+    Ok(transaction)
 }
 
 /// A snapshot read from the server as text.

@@ -163,7 +163,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         .map_err(source_error)?;
     let position = position_of(&position);
     let schema = s.schema();
-    let transaction = snapshot_transaction(&mut s.source)
+    let transaction = snapshot_transaction(&mut s.source, &s.tables)
         .await
         .map_err(source_error)?;
     let row = transaction
