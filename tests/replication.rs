@@ -787,6 +787,72 @@ mod edges {
         assert!(error.to_string().contains("public.logbook"), "{error}");
     }
 
+    /// Statement triggers fire only on the table a statement names: in `trigger` mode a
+    /// partition's triggers would miss the writes made through its parent, so partitions and
+    /// inheritance parents are refused; `logical` mode replicates a partition.
+    #[actix_rt::test]
+    async fn trigger_mode_refuses_partitions_and_inheritance_parents() {
+        let topology = start(Topology::builder().replica("replica").logical(true)).await;
+        for node in [topology.primary(), topology.node("replica")] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute(
+                    "CREATE TABLE measures (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+                     CREATE TABLE measures_2026 PARTITION OF measures FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+                     CREATE TABLE animals (id int PRIMARY KEY, name text);
+                     CREATE TABLE cats (lives int) INHERITS (animals);",
+                )
+                .await
+                .expect("schema");
+        }
+        let mut settings = topology.settings();
+        for (table, expected) in [
+            (
+                "measures_2026",
+                "is a partition or an inheritance child of measures",
+            ),
+            ("animals", "has inheritance children"),
+        ] {
+            settings.replicator.mode = CaptureMode::Trigger;
+            settings.replicator.tables = vec![table.to_owned()];
+            let error = pgherd::replicator::install(&settings)
+                .await
+                .expect_err("refused");
+            assert_eq!(error.kind(), ErrorKind::Config);
+            assert!(error.to_string().contains(expected), "{error}");
+            assert!(error.to_string().contains("mode = \"logical\""), "{error}");
+        }
+
+        // In logical mode the partition is replicated, whichever table a write names.
+        settings.replicator.mode = CaptureMode::Logical;
+        settings.replicator.tables = vec!["measures_2026".to_owned()];
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        let herd = Herd::start(settings).expect("start");
+        super::streaming(&herd).await;
+        let primary = topology.primary().connect().await.expect("connect");
+        primary
+            .batch_execute(
+                "INSERT INTO measures SELECT g, '2026-03-01', g FROM generate_series(1, 20) g;
+                 UPDATE measures SET v = -v WHERE id <= 5;
+                 DELETE FROM measures WHERE id > 15;",
+            )
+            .await
+            .expect("writes through the parent");
+        let replica = topology.node("replica").connect().await.expect("connect");
+        eventually("the partition is replicated", Duration::from_secs(20), || {
+            let (primary, replica) = (&primary, &replica);
+            async move {
+                let sql = "SELECT count(*)::text || ':' || coalesce(sum(v), 0)::text FROM measures_2026";
+                let one: String = primary.query_one(sql, &[]).await.expect("primary").get(0);
+                let other: String = replica.query_one(sql, &[]).await.expect("replica").get(0);
+                one == other
+            }
+        })
+        .await;
+        herd.shutdown().await;
+    }
+
     #[actix_rt::test]
     async fn a_read_after_a_position_sent_to_a_replica_sees_the_write() {
         for mode in [CaptureMode::Trigger, CaptureMode::Logical] {

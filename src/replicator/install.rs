@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 use super::catalog::{self, CatalogProblem, TableInfo};
 use crate::{
     error::{Error, ErrorKind},
-    settings::{split_table, ReplicatorSettings},
+    settings::{split_table, CaptureMode, ReplicatorSettings},
     sql::{quote_ident, quote_literal},
 };
 
@@ -33,8 +33,8 @@ pub(crate) async fn tables(
             Err(CatalogProblem::Missing) => {
                 return Err(config(format!(
                     "table {schema}.{table} (replicator.tables) does not exist on `{endpoint}`, or is \
-                     not a plain table (a partitioned table is not supported: list its \
-                     partitions): create it there, or remove it from replicator.tables"
+                     not a plain table (a partitioned table is not supported: in `logical` mode, \
+                     list its partitions): create it there, or remove it from replicator.tables"
                 )))
             }
             Err(CatalogProblem::NoPrimaryKey) => {
@@ -47,7 +47,49 @@ pub(crate) async fn tables(
             }
         }
     }
+    if settings.mode == CaptureMode::Trigger {
+        for table in &tables {
+            refuse_inheritance(client, table, endpoint).await?;
+        }
+    }
     Ok(tables)
+}
+
+/// Refuses, in `trigger` mode, a table with an inheritance parent (a partition included) or
+/// children: statement triggers fire only on the table a statement names, so the capture
+/// triggers of a partition never see the writes made through its parent, and those of a parent
+/// would log its children's keys as its own.
+async fn refuse_inheritance(
+    client: &Client,
+    table: &TableInfo,
+    endpoint: &str,
+) -> Result<(), Error> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT string_agg(format('%s', i.inhparent::regclass), ', ') \
+                     FROM pg_catalog.pg_inherits i WHERE i.inhrelid = $1::text::regclass), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhparent = $1::text::regclass)",
+            &[&table.qualified()],
+        )
+        .await
+        .map_err(Error::from_postgres)?;
+    let (parents, children): (Option<String>, bool) = (row.get(0), row.get(1));
+    let why = match (parents, children) {
+        (Some(parents), _) => format!(
+            "is a partition or an inheritance child of {parents}: its capture triggers would \
+             miss every write made through {parents}"
+        ),
+        (None, true) => "has inheritance children: writes through it to its children would be \
+                         captured as its own rows"
+            .to_owned(),
+        (None, false) => return Ok(()),
+    };
+    Err(config(format!(
+        "table {} on `{endpoint}` {why} (statement triggers fire only on the table a statement \
+         names); replicate it with mode = \"logical\", which sees every row where it is stored, \
+         or remove it from replicator.tables",
+        table.display()
+    )))
 }
 
 /// The types of `table`'s columns on a target, checking that the target has every column.
@@ -312,7 +354,11 @@ pub(crate) async fn install_publication(
     tables: &[TableInfo],
 ) -> Result<(), tokio_postgres::Error> {
     let name = publication(settings, target);
-    let list: Vec<String> = tables.iter().map(TableInfo::qualified).collect();
+    // ONLY: an inheritance parent's children are not replicated through it.
+    let list: Vec<String> = tables
+        .iter()
+        .map(|table| format!("ONLY {}", table.qualified()))
+        .collect();
     let exists = client
         .query_opt(
             "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
