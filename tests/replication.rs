@@ -264,6 +264,73 @@ async fn trigger_mode_reads_a_table_rewritten_while_a_step_waited_for_it() {
     herd.shutdown().await;
 }
 
+/// A key changed to an equal but different value (`1.0` to `1.00` in a numeric key): the
+/// capture sees no key change (the values are equal), and the target row, found under its old
+/// value, gets the new one.
+async fn a_key_changed_to_an_equal_value(mode: CaptureMode) {
+    let topology = topology(mode == CaptureMode::Logical).await;
+    on_both(
+        &topology,
+        "CREATE TABLE prices (k numeric PRIMARY KEY, v int); CREATE TABLE marks (k numeric PRIMARY KEY);",
+    )
+    .await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    let mut settings = topology.settings();
+    settings.replicator.mode = mode;
+    settings.replicator.tables = vec!["prices".to_owned(), "marks".to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    streaming(&herd).await;
+    primary
+        .batch_execute(
+            "INSERT INTO prices VALUES (1.0, 1), (2.5, 2); INSERT INTO marks VALUES (1.0), (2.5);",
+        )
+        .await
+        .expect("rows");
+    let equal = || async {
+        let mut same = true;
+        for table in ["prices", "marks"] {
+            same &= digest(&primary, table, "k").await == digest(&replica, table, "k").await;
+        }
+        same
+    };
+    eventually("the rows to be replicated", Duration::from_secs(20), equal).await;
+    primary
+        .batch_execute(
+            "UPDATE prices SET k = 1.00, v = 10 WHERE k = 1; UPDATE prices SET k = 2.50 WHERE k = 2.5;
+             UPDATE marks SET k = 1.000 WHERE k = 1;",
+        )
+        .await
+        .expect("key changes to equal values");
+    eventually(
+        "the new key values to be replicated",
+        Duration::from_secs(20),
+        equal,
+    )
+    .await;
+    let keys: String = replica
+        .query_one(
+            "SELECT string_agg(k::text, ' ' ORDER BY k) FROM prices",
+            &[],
+        )
+        .await
+        .expect("keys")
+        .get(0);
+    assert_eq!(keys, "1.00 2.50");
+    herd.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn trigger_mode_replicates_a_key_changed_to_an_equal_value() {
+    a_key_changed_to_an_equal_value(CaptureMode::Trigger).await;
+}
+
+#[actix_rt::test]
+async fn logical_mode_replicates_a_key_changed_to_an_equal_value() {
+    a_key_changed_to_an_equal_value(CaptureMode::Logical).await;
+}
+
 /// Rows known to be new on the source (a window in which a table only had rows inserted, in
 /// `trigger` mode; keys whose first change in the step is an INSERT, in `logical` mode) are
 /// applied with plain INSERTs; a row that something else wrote on the target makes that fail

@@ -165,27 +165,30 @@ impl TableSql {
             .enumerate()
             .map(|(i, c)| format!("u.c{i}::{}", c.type_name))
             .collect();
-        let others: Vec<&String> = columns
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !table.key.contains(i))
-            .map(|(_, c)| c)
-            .collect();
         // Every listed key changed on the source, so the row is overwritten without comparing:
         // a comparison would need an equality operator (json, xml and point have none) and
         // would skip changes between equal but different values (1.0 and 1.00, 'Bob' and 'BOB'
-        // under a case-insensitive collation).
-        let on_conflict = if others.is_empty() {
+        // under a case-insensitive collation). For the same reason the key columns are set too:
+        // a key changed to an equal value finds the row under its old value. Integer keys are
+        // left out: equal integers are the same value, and an identity column `GENERATED
+        // ALWAYS` (always an integer) refuses any value in an UPDATE.
+        let set: Vec<String> = table
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| {
+                !table.key.contains(i)
+                    || !matches!(c.type_name.as_str(), "smallint" | "integer" | "bigint")
+            })
+            .map(|(_, c)| {
+                let column = quote_ident(&c.name);
+                format!("{column} = EXCLUDED.{column}")
+            })
+            .collect();
+        let on_conflict = if set.is_empty() {
             "DO NOTHING".to_owned()
         } else {
-            format!(
-                "DO UPDATE SET {}",
-                others
-                    .iter()
-                    .map(|c| format!("{c} = EXCLUDED.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
+            format!("DO UPDATE SET {}", set.join(", "))
         };
         let upsert = format!(
             "INSERT INTO {name} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) \
@@ -472,7 +475,8 @@ mod tests {
             sql.upsert,
             "INSERT INTO \"shop\".\"Or\"\"ders\" AS t (\"region\", \"amount\", \"no\") OVERRIDING SYSTEM VALUE \
              SELECT u.c0::text, u.c1::numeric(12,2), u.c2::integer FROM unnest($1::text[], $2::text[], $3::text[]) \
-             AS u(c0, c1, c2) ON CONFLICT (\"region\", \"no\") DO UPDATE SET \"amount\" = EXCLUDED.\"amount\""
+             AS u(c0, c1, c2) ON CONFLICT (\"region\", \"no\") DO UPDATE SET \"region\" = EXCLUDED.\"region\", \
+             \"amount\" = EXCLUDED.\"amount\""
         );
         assert_eq!(sql.truncate, "TRUNCATE \"shop\".\"Or\"\"ders\"");
     }
@@ -517,11 +521,19 @@ mod tests {
     }
 
     #[test]
-    fn a_table_of_keys_only_ignores_conflicts() {
+    fn a_table_of_keys_only_sets_a_key_only_where_equal_values_can_differ() {
         let mut table = orders();
         table.columns.truncate(1);
         table.key = vec![0];
         let sql = TableSql::new(&table, &["text".to_owned()]);
+        assert!(
+            sql.upsert.ends_with(
+                "ON CONFLICT (\"region\") DO UPDATE SET \"region\" = EXCLUDED.\"region\""
+            ),
+            "{}",
+            sql.upsert
+        );
+        let sql = TableSql::new(&table, &["bigint".to_owned()]);
         assert!(
             sql.upsert.ends_with("ON CONFLICT (\"region\") DO NOTHING"),
             "{}",
