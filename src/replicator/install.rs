@@ -273,15 +273,8 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let name = table.qualified();
         let display = quote_literal(&table.display());
         let trigger = |event: &str| quote_ident(&format!("{}_capture_{event}", settings.schema));
-        sql.push_str(&format!(
-            "{begin}\
-             LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE;\n\
-             CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
-               inserted boolean NOT NULL DEFAULT false, {});\n\
-             ALTER TABLE {log} ADD COLUMN IF NOT EXISTS inserted boolean NOT NULL DEFAULT false;\n\
-             {storage}\
-             CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
-             CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $pgherd$\n\
+        let capture_body = format!(
+            "\n\
              BEGIN\n\
                IF TG_OP = 'INSERT' THEN\n\
                  INSERT INTO {log} (inserted, {keys}) {inserted_rows};\n\
@@ -294,14 +287,27 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
                END IF;\n\
                {notify}\n\
                RETURN NULL;\n\
-             END\n\
-             $pgherd$;\n\
-             CREATE OR REPLACE FUNCTION {key_function}() RETURNS trigger LANGUAGE plpgsql AS $pgherd$\n\
+             END\n"
+        );
+        let key_body = format!(
+            "\n\
              BEGIN\n\
                INSERT INTO {log} ({keys}) VALUES ({});\n\
                RETURN NULL;\n\
-             END\n\
-             $pgherd$;\n\
+             END\n",
+            old_key.join(", ")
+        );
+        let tag = dollar_tag(&[&capture_body, &key_body]);
+        sql.push_str(&format!(
+            "{begin}\
+             LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE;\n\
+             CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
+               inserted boolean NOT NULL DEFAULT false, {});\n\
+             ALTER TABLE {log} ADD COLUMN IF NOT EXISTS inserted boolean NOT NULL DEFAULT false;\n\
+             {storage}\
+             CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
+             CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {tag}{capture_body}{tag};\n\
+             CREATE OR REPLACE FUNCTION {key_function}() RETURNS trigger LANGUAGE plpgsql AS {tag}{key_body}{tag};\n\
              CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {name} REFERENCING NEW TABLE AS new_rows \
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
              CREATE OR REPLACE TRIGGER {} AFTER UPDATE ON {name} REFERENCING NEW TABLE AS new_rows \
@@ -314,7 +320,6 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
              COMMIT;\n",
             key_defs.join(", "),
-            old_key.join(", "),
             trigger("insert"),
             trigger("update"),
             trigger("key"),
@@ -324,6 +329,18 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         ));
     }
     sql
+}
+
+/// A dollar-quote tag that occurs in none of `bodies` (which hold quoted names, and a name may
+/// contain anything): `$pgherd$`, or `$pgherd1$`, `$pgherd2$`, ...
+fn dollar_tag(bodies: &[&str]) -> String {
+    let mut tag = "$pgherd$".to_owned();
+    let mut n = 0;
+    while bodies.iter().any(|body| body.contains(&tag)) {
+        n += 1;
+        tag = format!("$pgherd{n}$");
+    }
+    tag
 }
 
 /// Installs (or re-applies) trigger capture for `tables` on `client`, the primary.
@@ -474,5 +491,21 @@ mod tests {
         );
         assert!(sql.contains("AFTER TRUNCATE ON \"shop\".\"Or\"\"ders\""));
         assert!(sql.contains("pg_notify('pgherd_changes', '')"));
+        assert!(sql.contains("LANGUAGE plpgsql AS $pgherd$\nBEGIN"), "{sql}");
+    }
+
+    #[test]
+    fn function_bodies_are_quoted_with_a_tag_they_do_not_contain() {
+        assert_eq!(dollar_tag(&["BEGIN x END"]), "$pgherd$");
+        assert_eq!(dollar_tag(&["a", "\"t$pgherd$\" $pgherd1$"]), "$pgherd2$");
+        let sql = trigger_sql(
+            &ReplicatorSettings::default(),
+            &[table("shop", "t$pgherd$; DROP TABLE x; $pgherd$")],
+        );
+        assert!(
+            sql.contains("LANGUAGE plpgsql AS $pgherd1$\nBEGIN"),
+            "{sql}"
+        );
+        assert!(!sql.contains("LANGUAGE plpgsql AS $pgherd$"), "{sql}");
     }
 }
