@@ -331,6 +331,75 @@ async fn logical_mode_replicates_a_key_changed_to_an_equal_value() {
     a_key_changed_to_an_equal_value(CaptureMode::Logical).await;
 }
 
+/// A key column widened on the primary (`integer` to `bigint`), as docs/replication.md says:
+/// the key trigger depends on the column, so it is dropped in the migration's transaction;
+/// until the capture is installed again the change table refuses keys past `integer` (and
+/// fails the write), and installing retypes it.
+#[actix_rt::test]
+async fn trigger_mode_follows_a_key_column_widened_on_the_primary() {
+    let topology = topology(false).await;
+    on_both(
+        &topology,
+        "CREATE TABLE counters (id int PRIMARY KEY, v int)",
+    )
+    .await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    primary
+        .batch_execute("INSERT INTO counters SELECT g, g FROM generate_series(1, 10) g")
+        .await
+        .expect("rows");
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "counters").await;
+    let equal = || async {
+        digest(&primary, "counters", "id").await == digest(&replica, "counters", "id").await
+    };
+    eventually("the copy", Duration::from_secs(20), equal).await;
+    herd.shutdown().await;
+    drop(herd);
+
+    let widen = "ALTER TABLE counters ALTER COLUMN id TYPE bigint";
+    replica
+        .batch_execute(widen)
+        .await
+        .expect("widen on the replica");
+    let refused = primary
+        .batch_execute(widen)
+        .await
+        .expect_err("the key trigger depends on the column");
+    assert!(
+        format!("{refused:?}").contains("pgherd_capture_key"),
+        "{refused:?}"
+    );
+    primary
+        .batch_execute(&format!(
+            "BEGIN; DROP TRIGGER pgherd_capture_key ON counters; {widen}; COMMIT;"
+        ))
+        .await
+        .expect("widen on the primary");
+    let error = primary
+        .batch_execute("INSERT INTO counters VALUES (5000000000, 1)")
+        .await
+        .expect_err("the change table still holds integer keys");
+    assert!(format!("{error:?}").contains("out of range"), "{error:?}");
+
+    let mut settings = topology.settings();
+    settings.replicator.tables = vec!["counters".to_owned()];
+    pgherd::replicator::install(&settings)
+        .await
+        .expect("install again");
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "counters").await;
+    primary
+        .batch_execute(
+            "INSERT INTO counters VALUES (5000000000, 1), (11, 11);
+             UPDATE counters SET v = -v WHERE id <= 3;
+             UPDATE counters SET id = 6000000000 WHERE id = 4;",
+        )
+        .await
+        .expect("keys past integer, once the change table follows");
+    eventually("the widened keys", Duration::from_secs(20), equal).await;
+    herd.shutdown().await;
+}
+
 /// Rows known to be new on the source (a window in which a table only had rows inserted, in
 /// `trigger` mode; keys whose first change in the step is an INSERT, in `logical` mode) are
 /// applied with plain INSERTs; a row that something else wrote on the target makes that fail

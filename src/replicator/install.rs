@@ -255,6 +255,27 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
             "{schema}.{}",
             quote_ident(&object_name(table, "/capture_key"))
         );
+        // A key column whose type changed on the primary (`integer` to `bigint`) gets the new
+        // type in the change table too: the old one could refuse the new values, and the
+        // capture trigger would fail the application's writes.
+        let retype: String = table
+            .key_columns()
+            .map(|c| {
+                let column = quote_ident(&c.name);
+                let wanted = format!("{}[]", c.type_name);
+                let body = format!(
+                    "BEGIN IF (SELECT format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute \
+                     WHERE attrelid = {}::regclass AND attname = {}) IS DISTINCT FROM {} THEN \
+                     ALTER TABLE {log} ALTER COLUMN {column} TYPE {wanted} USING {column}::text::{wanted}; \
+                     END IF; END",
+                    quote_literal(&log),
+                    quote_literal(&c.name),
+                    quote_literal(&wanted),
+                );
+                let tag = dollar_tag(&[&body]);
+                format!("DO {tag}{body}{tag};\n")
+            })
+            .collect();
         // Large arrays stay uncompressed: compressing the keys of a bulk statement costs the
         // statement more than the space is worth (the rows live until every target applied them).
         let storage: String = table
@@ -304,6 +325,7 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
              CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
                inserted boolean NOT NULL DEFAULT false, {});\n\
              ALTER TABLE {log} ADD COLUMN IF NOT EXISTS inserted boolean NOT NULL DEFAULT false;\n\
+             {retype}\
              {storage}\
              CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
              CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {tag}{capture_body}{tag};\n\

@@ -35,7 +35,8 @@ const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 /// The suffixes of the capture triggers' names, one trigger each per table.
 const TRIGGER_EVENTS: [&str; 5] = ["insert", "update", "key", "delete", "truncate"];
 
-/// Installs the change tables and triggers when some are missing.
+/// Installs the change tables and triggers when some are missing, or when a change table's key
+/// column no longer has its key's type.
 pub(crate) async fn ensure_installed(
     source: &Client,
     settings: &ReplicatorSettings,
@@ -50,20 +51,42 @@ pub(crate) async fn ensure_installed(
         .iter()
         .map(|table| install::change_table(&settings.schema, table))
         .collect();
+    // The change tables' key columns, with the types the keys have now.
+    let (mut key_logs, mut key_columns, mut key_types) = (Vec::new(), Vec::new(), Vec::new());
+    for (table, log) in tables.iter().zip(&logs) {
+        for column in table.key_columns() {
+            key_logs.push(log.clone());
+            key_columns.push(column.name.clone());
+            key_types.push(format!("{}[]", column.type_name));
+        }
+    }
     let row = source
         .query_one(
             "SELECT (SELECT count(*) FROM pg_catalog.pg_trigger t \
                JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid \
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                WHERE t.tgname = ANY($1) AND n.nspname || '.' || c.relname = ANY($2)), \
-             (SELECT count(to_regclass(log)) FROM unnest($3::text[]) AS log)",
-            &[&triggers, &names, &logs],
+             (SELECT count(to_regclass(log)) FROM unnest($3::text[]) AS log), \
+             (SELECT count(*) FROM unnest($4::text[], $5::text[], $6::text[]) AS k(log, col, typ) \
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(k.log) \
+                 AND a.attname = k.col AND NOT a.attisdropped \
+               WHERE format_type(a.atttypid, a.atttypmod) = k.typ)",
+            &[
+                &triggers,
+                &names,
+                &logs,
+                &key_logs,
+                &key_columns,
+                &key_types,
+            ],
         )
         .await?;
-    let (found_triggers, found_logs): (i64, i64) = (row.get(0), row.get(1));
+    let (found_triggers, found_logs, found_keys): (i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2));
     let complete = usize::try_from(found_triggers).ok()
         == Some(TRIGGER_EVENTS.len() * tables.len())
-        && usize::try_from(found_logs).ok() == Some(tables.len());
+        && usize::try_from(found_logs).ok() == Some(tables.len())
+        && usize::try_from(found_keys).ok() == Some(key_types.len());
     if !complete {
         tracing::info!(tables = ?names, "installing the capture triggers");
         install::install_triggers(source, settings, tables).await?;
