@@ -400,6 +400,75 @@ async fn trigger_mode_follows_a_key_column_widened_on_the_primary() {
     herd.shutdown().await;
 }
 
+/// Values stored out of line (TOAST) and left unchanged by an UPDATE are not in the stream: an
+/// UPDATE that changes nothing else (`SET body = body`), and a primary key stored out of line
+/// (the server then sends the old key, which holds it).
+#[actix_rt::test]
+async fn logical_mode_replicates_updates_that_leave_out_of_line_values_unchanged() {
+    let topology = topology(true).await;
+    on_both(
+        &topology,
+        "CREATE TABLE docs (id int PRIMARY KEY, body text);
+         CREATE TABLE long_keys (k text PRIMARY KEY, v int);",
+    )
+    .await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    let mut settings = topology.settings();
+    settings.replicator.mode = CaptureMode::Logical;
+    settings.replicator.tables = vec!["docs".to_owned(), "long_keys".to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    streaming(&herd).await;
+    primary
+        .batch_execute(
+            "INSERT INTO docs SELECT 1, string_agg(md5(random()::text), '') FROM generate_series(1, 2000);
+             INSERT INTO long_keys SELECT string_agg(md5(g::text), ''), 1 FROM generate_series(1, 78) g;",
+        )
+        .await
+        .expect("rows with values stored out of line");
+    let stored_out_of_line: bool = primary
+        .query_one(
+            "SELECT pg_column_size(k) < octet_length(k) OR pg_column_size(k) > 2000 FROM long_keys",
+            &[],
+        )
+        .await
+        .expect("key size")
+        .get(0);
+    assert!(stored_out_of_line, "the long key is TOASTed");
+    let equal = || async {
+        let sql = [
+            "SELECT string_agg(id || ':' || md5(body), ',' ORDER BY id) FROM docs",
+            "SELECT string_agg(md5(k) || ':' || v, ',' ORDER BY k) FROM long_keys",
+        ];
+        let mut same = true;
+        for sql in sql {
+            let one: Option<String> = primary.query_one(sql, &[]).await.expect("primary").get(0);
+            let other: Option<String> = replica.query_one(sql, &[]).await.expect("replica").get(0);
+            same &= one == other;
+        }
+        same
+    };
+    eventually("the rows", Duration::from_secs(20), equal).await;
+    primary
+        .batch_execute(
+            "BEGIN; UPDATE docs SET body = body WHERE id = 1; UPDATE long_keys SET v = 2; COMMIT;",
+        )
+        .await
+        .expect("updates that leave out-of-line values unchanged");
+    eventually("the updates", Duration::from_secs(20), equal).await;
+    primary
+        .batch_execute(
+            "INSERT INTO docs VALUES (2, 'after'); UPDATE docs SET body = 'short' WHERE id = 1;",
+        )
+        .await
+        .expect("later changes");
+    eventually("the later changes", Duration::from_secs(20), equal).await;
+    let status = herd.replication();
+    assert_eq!(status[0].errors, 0, "{status:?}");
+    herd.shutdown().await;
+}
+
 /// Rows known to be new on the source (a window in which a table only had rows inserted, in
 /// `trigger` mode; keys whose first change in the step is an INSERT, in `logical` mode) are
 /// applied with plain INSERTs; a row that something else wrote on the target makes that fail

@@ -336,6 +336,15 @@ impl TableSql {
                 .await?;
         }
         for (present, rows) in &changes.updates {
+            // Only the key came (an UPDATE that changed no stored value but unchanged TOAST
+            // ones, as `SET body = body`): nothing to write.
+            let changes_something = present
+                .iter()
+                .enumerate()
+                .any(|(i, p)| *p && !self.table.key.contains(&i));
+            if !changes_something {
+                continue;
+            }
             let width = present.iter().filter(|p| **p).count();
             let columns = transpose(
                 rows.iter().map(|row| {

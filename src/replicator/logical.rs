@@ -262,6 +262,18 @@ impl<'a> Folder<'a> {
                     }
                     None => None,
                 };
+                // A key column stored out of line and left unchanged comes as an unchanged TOAST
+                // value; the server then sends the old key, which always holds it.
+                if let Some((old_row, _)) = &old {
+                    for &i in &self.tables[table].key {
+                        if row[i].is_none() {
+                            row[i].clone_from(&old_row[i]);
+                            if let Some(came) = present.get_mut(i) {
+                                *came = old_row[i].is_some();
+                            }
+                        }
+                    }
+                }
                 let key = self.key(table, &row)?;
                 let old_key = match &old {
                     Some((old_row, _)) => Some(self.key(table, old_row)?).filter(|k| *k != key),
