@@ -469,6 +469,59 @@ async fn logical_mode_replicates_updates_that_leave_out_of_line_values_unchanged
     herd.shutdown().await;
 }
 
+/// Schema changes while `logical` mode streams: a column added (on the replica, then on the
+/// primary) is replicated from the first change that uses it, and a table renamed and renamed
+/// back keeps its changes made under the other name (a table is the same table by oid).
+#[actix_rt::test]
+async fn logical_mode_follows_a_column_added_and_a_table_renamed_while_streaming() {
+    let topology = topology(true).await;
+    on_both(
+        &topology,
+        "CREATE TABLE notes (id int PRIMARY KEY, name text)",
+    )
+    .await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    primary
+        .batch_execute("INSERT INTO notes VALUES (1, 'a')")
+        .await
+        .expect("row");
+    let herd = streaming_herd(&topology, CaptureMode::Logical, "notes").await;
+    let equal =
+        || async { digest(&primary, "notes", "id").await == digest(&replica, "notes", "id").await };
+    eventually("the copy", Duration::from_secs(20), equal).await;
+
+    on_both(&topology, "ALTER TABLE notes ADD COLUMN extra text").await;
+    primary
+        .batch_execute(
+            "INSERT INTO notes VALUES (2, 'b', 'extra 2'); UPDATE notes SET extra = 'extra 1' WHERE id = 1;",
+        )
+        .await
+        .expect("changes to the new column");
+    eventually("the new column", Duration::from_secs(20), equal).await;
+
+    primary
+        .batch_execute(
+            "ALTER TABLE notes RENAME TO notes_moved; INSERT INTO notes_moved VALUES (3, 'c', 'while renamed');",
+        )
+        .await
+        .expect("a change under another name");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    primary
+        .batch_execute(
+            "ALTER TABLE notes_moved RENAME TO notes; INSERT INTO notes VALUES (4, 'd', 'back');",
+        )
+        .await
+        .expect("renamed back");
+    eventually(
+        "the changes made under the other name",
+        Duration::from_secs(20),
+        equal,
+    )
+    .await;
+    herd.shutdown().await;
+}
+
 /// Rows known to be new on the source (a window in which a table only had rows inserted, in
 /// `trigger` mode; keys whose first change in the step is an INSERT, in `logical` mode) are
 /// applied with plain INSERTs; a row that something else wrote on the target makes that fail

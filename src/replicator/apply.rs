@@ -459,6 +459,7 @@ mod tests {
             type_name: type_name.to_owned(),
         };
         TableInfo {
+            oid: 0,
             schema: "shop".to_owned(),
             name: "Or\"ders".to_owned(),
             columns: vec![

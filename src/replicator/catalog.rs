@@ -16,6 +16,9 @@ pub(crate) struct ColumnInfo {
 /// A replicated table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TableInfo {
+    /// The table's `oid` on the source (0 where unknown): what identifies it in a logical
+    /// stream, whatever it is named at the time of a change.
+    pub(crate) oid: u32,
     pub(crate) schema: String,
     pub(crate) name: String,
     /// Every stored column, in table order (generated and dropped columns are left out).
@@ -48,7 +51,7 @@ pub(crate) enum CatalogProblem {
 }
 
 const COLUMNS_SQL: &str = "\
-SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), c.oid, \
        coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) \
                  WHERE k.att = a.attnum AND k.n <= i.indnkeyatts), 0)::int4 \
 FROM pg_catalog.pg_class c \
@@ -71,7 +74,7 @@ pub(crate) async fn load(
     let mut columns = Vec::with_capacity(rows.len());
     let mut key: Vec<(i32, usize)> = Vec::new();
     for row in &rows {
-        let position: i32 = row.get(2);
+        let position: i32 = row.get(3);
         if position > 0 {
             key.push((position, columns.len()));
         }
@@ -85,6 +88,7 @@ pub(crate) async fn load(
     }
     key.sort_unstable();
     Ok(Ok(TableInfo {
+        oid: rows[0].get(2),
         schema: schema.to_owned(),
         name: name.to_owned(),
         columns,

@@ -448,6 +448,7 @@ mod tests {
 
     fn table(schema: &str, name: &str) -> TableInfo {
         TableInfo {
+            oid: 0,
             schema: schema.to_owned(),
             name: name.to_owned(),
             columns: vec![ColumnInfo {

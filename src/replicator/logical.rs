@@ -116,6 +116,9 @@ struct Folder<'a> {
     /// The size of the messages folded since the last `take`: folded rows share their bytes,
     /// so this bounds the memory they hold.
     bytes: usize,
+    /// The transaction being read committed after the session read the tables' descriptions
+    /// from the catalogs.
+    recent: bool,
 }
 
 impl<'a> Folder<'a> {
@@ -127,7 +130,61 @@ impl<'a> Folder<'a> {
             pending: tables.iter().map(|_| Pending::default()).collect(),
             rows: 0,
             bytes: 0,
+            recent: true,
         }
+    }
+
+    /// Maps a `Relation` message to a replicated table: by oid (a table renamed since, or at the
+    /// time of the change, is still the same table), else by name. A column the table's
+    /// description lacks is one added since the catalogs were read when the transaction is
+    /// `recent` (the session must read them again, or its values would be lost), and one
+    /// dropped since in an older transaction (its values are not replicated).
+    fn describe(&mut self, relation: pgoutput::Relation) -> Result<(), Error> {
+        let table = self
+            .tables
+            .iter()
+            .position(|t| t.oid == relation.id)
+            .or_else(|| {
+                self.tables
+                    .iter()
+                    .position(|t| t.schema == relation.namespace && t.name == relation.name)
+            });
+        let Some(table) = table else {
+            self.relations.remove(&relation.id);
+            return Ok(());
+        };
+        let info = &self.tables[table];
+        let columns: Vec<Option<usize>> = relation
+            .columns
+            .iter()
+            .map(|c| info.columns.iter().position(|t| t.name == c.name))
+            .collect();
+        if self.recent {
+            if let Some((unknown, _)) = relation
+                .columns
+                .iter()
+                .zip(&columns)
+                .find(|(_, found)| found.is_none())
+            {
+                return Err(Error::mapping(format!(
+                    "table {} has a column `{}` that this session did not read from the \
+                     primary's catalogs (it was added since): reading them again",
+                    info.display(),
+                    unknown.name
+                )));
+            }
+        }
+        let width = info.columns.len();
+        let covers_table = (0..width).all(|i| columns.contains(&Some(i)));
+        self.relations.insert(
+            relation.id,
+            Mapping {
+                table,
+                columns,
+                covers_table,
+            },
+        );
+        Ok(())
     }
 
     /// A row of the stream in the table's column order; `present`, when given, is set to which
@@ -198,39 +255,7 @@ impl<'a> Folder<'a> {
     /// folded is returned instead, to be applied on its own.
     fn fold(&mut self, message: Message) -> Result<Option<Move>, Error> {
         match message {
-            Message::Relation(relation) => {
-                let table = self
-                    .tables
-                    .iter()
-                    .position(|t| t.schema == relation.namespace && t.name == relation.name);
-                match table {
-                    Some(table) => {
-                        let columns = relation
-                            .columns
-                            .iter()
-                            .map(|c| {
-                                self.tables[table]
-                                    .columns
-                                    .iter()
-                                    .position(|t| t.name == c.name)
-                            })
-                            .collect::<Vec<_>>();
-                        let width = self.tables[table].columns.len();
-                        let covers_table = (0..width).all(|i| columns.contains(&Some(i)));
-                        self.relations.insert(
-                            relation.id,
-                            Mapping {
-                                table,
-                                columns,
-                                covers_table,
-                            },
-                        );
-                    }
-                    None => {
-                        self.relations.remove(&relation.id);
-                    }
-                }
-            }
+            Message::Relation(relation) => self.describe(relation)?,
             Message::Insert { relation, new } => {
                 let Some(mapping) = self.relations.get(&relation) else {
                     return Ok(None);
@@ -463,6 +488,8 @@ struct Reading {
     changes: usize,
     /// Between the begin and the commit of a transaction.
     inside: bool,
+    /// The primary's WAL position before the session read its catalogs.
+    catalog_lsn: Position,
 }
 
 /// What ended a chunk of the stream.
@@ -493,6 +520,7 @@ where
         match &message {
             Message::Begin { final_lsn, xid, .. } => {
                 reading.inside = true;
+                folder.recent = *final_lsn >= reading.catalog_lsn.lsn();
                 let seen = *final_lsn < reading.watermark.lsn();
                 let copied = *final_lsn < reading.copy_lsn.lsn()
                     && reading
@@ -678,6 +706,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         last_commit: None,
         changes: 0,
         inside: false,
+        catalog_lsn: s.catalog_lsn,
     };
     let mut claimed = false;
     let mut rows = 0;
@@ -930,6 +959,7 @@ mod tests {
             type_name: "text".to_owned(),
         };
         vec![TableInfo {
+            oid: 0,
             schema: "public".to_owned(),
             name: "docs".to_owned(),
             columns: vec![column("id"), column("title"), column("body")],
@@ -982,6 +1012,50 @@ mod tests {
 
     fn row(values: &[&str]) -> Row {
         values.iter().map(|v| Some(Text::from(*v))).collect()
+    }
+
+    #[test]
+    fn a_column_unknown_to_the_session_in_a_recent_change_makes_it_read_the_catalogs_again() {
+        let tables = tables();
+        let Message::Relation(mut widened) = relation() else {
+            unreachable!("relation() is a Relation")
+        };
+        widened.columns.push(Column {
+            key: false,
+            name: "added".to_owned(),
+            type_id: 25,
+            type_modifier: -1,
+        });
+        let mut folder = Folder::new(&tables, true);
+        let error = folder
+            .fold(Message::Relation(widened.clone()))
+            .expect_err("a column added since the catalogs were read");
+        assert!(error.to_string().contains("`added`"), "{error}");
+        // In a change older than the catalogs, it is a column dropped since: left out.
+        folder.recent = false;
+        folder.fold(Message::Relation(widened)).expect("older");
+        let mut values = vec![text("1"), text("t"), text("b"), text("gone")];
+        folder
+            .fold(Message::Insert {
+                relation: 7,
+                new: std::mem::take(&mut values),
+            })
+            .expect("insert");
+        assert_eq!(folder.take()[0].inserts, vec![row(&["1", "t", "b"])]);
+    }
+
+    #[test]
+    fn a_relation_is_matched_by_oid_whatever_its_name_at_the_time() {
+        let mut tables = tables();
+        tables[0].oid = 7;
+        let Message::Relation(mut renamed) = relation() else {
+            unreachable!("relation() is a Relation")
+        };
+        renamed.name = "docs_old".to_owned();
+        let mut folder = Folder::new(&tables, true);
+        folder.fold(Message::Relation(renamed)).expect("renamed");
+        folder.fold(insert("1", "t", "b")).expect("insert");
+        assert_eq!(folder.take()[0].rows(), 1);
     }
 
     #[test]

@@ -132,6 +132,8 @@ pub(crate) struct Session {
     pub(crate) source: Client,
     pub(crate) source_name: Arc<str>,
     pub(crate) tables: Vec<TableInfo>,
+    /// The primary's WAL position just before `tables` were read from its catalogs.
+    pub(crate) catalog_lsn: Position,
     pub(crate) plans: Vec<TableSql>,
     pub(crate) progress: Progress,
     pub(crate) shared: Arc<Shared>,
@@ -570,6 +572,14 @@ async fn open(
     // Positions of another source mean nothing for this one: reads after a position wait
     // until a batch from this source is applied.
     spec.routing.forget_replicated(&spec.target);
+    // Read before the catalogs: a change committed after it may use a column they do not show.
+    let catalog_lsn: Position = source
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
     let tables = install::tables(&source, settings, &source_name).await?;
     match settings.mode {
         CaptureMode::Trigger => trigger::ensure_installed(&source, settings, &tables)
@@ -616,6 +626,7 @@ async fn open(
         source,
         source_name: Arc::clone(&source_name),
         tables,
+        catalog_lsn,
         plans,
         progress,
         shared: Arc::clone(shared),

@@ -586,6 +586,7 @@ mod tests {
     #[test]
     fn dirty_rows_are_read_by_key_in_the_batch_snapshot() {
         let table = TableInfo {
+            oid: 0,
             schema: "public".to_owned(),
             name: "orders".to_owned(),
             columns: vec![
