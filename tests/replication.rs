@@ -522,6 +522,95 @@ async fn logical_mode_follows_a_column_added_and_a_table_renamed_while_streaming
     herd.shutdown().await;
 }
 
+/// The initial copy of `logical` mode against a commit that is written but still shown in
+/// progress (it waits for a synchronous standby that never answers) when the slot becomes
+/// consistent: the slot does not decode it, so the copy must wait for it to end and include it.
+#[actix_rt::test]
+async fn logical_mode_copies_a_commit_that_waited_for_a_synchronous_standby() {
+    let topology = topology(true).await;
+    let admin = topology.primary().connect_admin().await.expect("connect");
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "ALTER SYSTEM SET synchronous_commit = 'local'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin
+            .batch_execute(sql)
+            .await
+            .expect("a synchronous standby that never answers");
+    }
+    let session = || async { topology.primary().connect().await.expect("connect") };
+    let before_the_slot = session().await;
+    before_the_slot
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .expect("a transaction the slot waits for");
+    let mut settings = topology.settings();
+    settings.replicator.mode = CaptureMode::Logical;
+    settings.replicator.tables = vec!["items".to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    let waiting = |sql: &'static str| {
+        let admin = &admin;
+        move || async move { count(admin, sql).await > 0 }
+    };
+    eventually(
+        "the replicator creates its slot",
+        Duration::from_secs(20),
+        waiting(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+             AND query LIKE '%pg_create_logical_replication_slot%' AND pid <> pg_backend_pid()",
+        ),
+    )
+    .await;
+    let after_the_slot = session().await;
+    after_the_slot
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .expect("a transaction that starts while the slot is built");
+    // The slot's builder moves on when a checkpoint logs the running transactions: past the
+    // first one now, so that the insert below starts after that point.
+    before_the_slot
+        .batch_execute("COMMIT")
+        .await
+        .expect("commit");
+    admin.batch_execute("CHECKPOINT").await.expect("checkpoint");
+    let waits = session().await;
+    let commit = tokio::spawn(async move {
+        waits
+            .batch_execute(
+                "SET synchronous_commit = on; INSERT INTO items (id, name) VALUES (1, 'waited')",
+            )
+            .await
+    });
+    eventually(
+        "the insert waits for the standby",
+        Duration::from_secs(20),
+        waiting("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"),
+    )
+    .await;
+    after_the_slot
+        .batch_execute("COMMIT")
+        .await
+        .expect("commit");
+    admin.batch_execute("CHECKPOINT").await.expect("checkpoint");
+    // The slot is consistent now, with the insert's commit record behind its start; the copy
+    // would run at once and miss the row.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    admin
+        .batch_execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        )
+        .await
+        .expect("stop waiting (the insert stays committed)");
+    commit
+        .await
+        .expect("join")
+        .expect("the insert commits locally");
+    converge(&topology).await;
+    herd.shutdown().await;
+}
+
 /// Rows known to be new on the source (a window in which a table only had rows inserted, in
 /// `trigger` mode; keys whose first change in the step is an INSERT, in `logical` mode) are
 /// applied with plain INSERTs; a row that something else wrote on the target makes that fail

@@ -905,6 +905,34 @@ async fn copy(
     let consistent: Position = created
         .parse()
         .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
+    // A transaction whose commit record lies before the slot's start can still be shown in
+    // progress for a while (a commit waiting for a synchronous standby): the slot will not
+    // decode it, and a snapshot taken now would not copy it. Every such transaction holds its
+    // own transaction id's lock now (a snapshot would not list the newest of them: it may be
+    // past the snapshot's xmax); once all of these have ended, the copy's snapshot sees them.
+    // (Those that commit after the slot's start are both decoded and copied; the stream skips
+    // them.)
+    const RUNNING: &str = "SELECT coalesce(array_agg(transactionid::text), '{}') \
+        FROM pg_catalog.pg_locks WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' \
+        AND granted";
+    let running: Vec<String> = s
+        .source
+        .query_one(RUNNING, &[])
+        .await
+        .map_err(source_error)?
+        .get(0);
+    loop {
+        let still: Vec<String> = s
+            .source
+            .query_one(RUNNING, &[])
+            .await
+            .map_err(source_error)?
+            .get(0);
+        if !still.iter().any(|xid| running.contains(xid)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let transaction = snapshot_transaction(&mut s.source, &s.tables)
         .await
         .map_err(source_error)?;
