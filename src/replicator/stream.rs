@@ -247,6 +247,13 @@ async fn authenticate(
         let (tag, mut body) = reader.message(io).await?;
         match tag {
             b'R' => {
+                let short = || {
+                    Error::new(ErrorKind::Connection)
+                        .with_detail("the primary sent a malformed authentication request")
+                };
+                if body.len() < 4 {
+                    return Err(short());
+                }
                 let code = body.get_i32();
                 match code {
                     0 => {}
@@ -255,6 +262,9 @@ async fn authenticate(
                             .map_err(io_error)?;
                     }
                     5 => {
+                        if body.len() < 4 {
+                            return Err(short());
+                        }
                         let mut salt = [0; 4];
                         body.copy_to_slice(&mut salt);
                         let user = config.get_user().unwrap_or_default().as_bytes();
@@ -310,6 +320,9 @@ async fn authenticate(
     }
 }
 
+/// The longest protocol message accepted: a value of up to 1 GiB, and its message's header.
+const MAX_MESSAGE: usize = (1 << 30) + (1 << 16);
+
 /// Reads whole protocol messages from a socket.
 #[derive(Default)]
 struct Reader {
@@ -324,10 +337,11 @@ impl Reader {
                 let length =
                     u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
                         as usize;
-                if length < 4 {
-                    return Err(Error::mapping(
-                        "a malformed message on the replication connection",
-                    ));
+                // PostgreSQL sends no message past 1 GiB (its largest allocation).
+                if !(4..=MAX_MESSAGE).contains(&length) {
+                    return Err(Error::mapping(format!(
+                        "a malformed message on the replication connection (length {length})"
+                    )));
                 }
                 if self.buf.len() > length {
                     let mut message = self.buf.split_to(length + 1).freeze();
@@ -504,6 +518,37 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("55006"), "{error}");
+    }
+
+    #[actix_rt::test]
+    async fn malformed_messages_are_errors_not_panics() {
+        use tokio::io::AsyncWriteExt as _;
+        // A length past any message PostgreSQL sends: refused before anything is reserved.
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut io: Box<dyn Io> = Box::new(client);
+        server
+            .write_all(&[b'd', 0xff, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        let error = Reader::default()
+            .message(&mut io)
+            .await
+            .expect_err("refused");
+        assert!(error.to_string().contains("malformed"), "{error}");
+        // Authentication requests too short for their code, or for an MD5 salt.
+        for request in [
+            &[b'R', 0, 0, 0, 6, 0, 0][..],
+            &[b'R', 0, 0, 0, 9, 0, 0, 0, 5, 1],
+        ] {
+            let (client, mut server) = tokio::io::duplex(64);
+            let mut io: Box<dyn Io> = Box::new(client);
+            server.write_all(request).await.unwrap();
+            let config = Config::new();
+            let error = authenticate(&mut io, &mut Reader::default(), &config)
+                .await
+                .expect_err("refused");
+            assert!(error.to_string().contains("malformed"), "{error}");
+        }
     }
 
     #[test]
