@@ -20,7 +20,7 @@
 //!
 //! Load and checks run on threads of their own, apart from the herd's (actix) thread. It ends
 //! with `result: trigger_vs_native=... logical_vs_native=... lag_p99_ms=...
-//! trigger_overhead_bulk=...`.
+//! trigger_overhead_bulk=...` (`lag_p99_ms`: the larger p99 of the two modes in (b)).
 //!
 //! While investigating: `BENCH_ROWS` (default 200000), `BENCH_SECONDS` (default 20) and
 //! `BENCH_REPEATS` (default 3; section (c) runs two more) shrink a run; `BENCH_SECTIONS=c` runs only some sections (default
@@ -1205,11 +1205,8 @@ async fn section_b(topology: &Topology, seconds: u64) -> Outcome<Duration> {
         defaults.poll_interval.as_millis(),
     );
 
-    Ok(lags
-        .iter()
-        .find(|r| r.mode == CaptureMode::Trigger)
-        .ok_or("no trigger-mode lag")?
-        .p99)
+    // The goal holds for pgherd only if it holds in both modes.
+    Ok(lags.iter().map(|r| r.p99).max().ok_or("no lag measured")?)
 }
 
 /// (c): prints its table; returns `trigger_overhead_bulk`.
