@@ -506,7 +506,6 @@ async fn logical_mode_follows_a_column_added_and_a_table_renamed_while_streaming
         )
         .await
         .expect("a change under another name");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     primary
         .batch_execute(
             "ALTER TABLE notes_moved RENAME TO notes; INSERT INTO notes VALUES (4, 'd', 'back');",
@@ -555,12 +554,10 @@ async fn logical_mode_copies_a_commit_that_waited_for_a_synchronous_standby() {
         move || async move { count(admin, sql).await > 0 }
     };
     eventually(
-        "the replicator creates its slot",
+        "the replicator's slot to log the transactions running at its start",
         Duration::from_secs(20),
-        waiting(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
-             AND query LIKE '%pg_create_logical_replication_slot%' AND pid <> pg_backend_pid()",
-        ),
+        // The slot's position is set where that list is logged, before it waits for them.
+        waiting("SELECT count(*) FROM pg_replication_slots WHERE restart_lsn IS NOT NULL"),
     )
     .await;
     let after_the_slot = session().await;
@@ -594,9 +591,28 @@ async fn logical_mode_copies_a_commit_that_waited_for_a_synchronous_standby() {
         .await
         .expect("commit");
     admin.batch_execute("CHECKPOINT").await.expect("checkpoint");
-    // The slot is consistent now, with the insert's commit record behind its start; the copy
-    // would run at once and miss the row.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The slot is consistent now, with the insert's commit record behind its start: the copy
+    // either ran (and missed the row) or waits for the insert to end.
+    eventually(
+        "the copy to run or to wait for the insert",
+        Duration::from_secs(20),
+        || {
+            let (admin, herd) = (&admin, &herd);
+            async move {
+                herd.replication()
+                    .first()
+                    .is_some_and(|s| s.state == ReplicationState::Streaming && s.applied.is_some())
+                    || count(
+                        admin,
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE query LIKE '%FROM pg_catalog.pg_locks%' AND pid <> pg_backend_pid()",
+                    )
+                    .await
+                        > 0
+            }
+        },
+    )
+    .await;
     admin
         .batch_execute(
             "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",

@@ -552,6 +552,21 @@ where
     Ok(ChunkEnd::Drained)
 }
 
+/// The ids of the transactions running on `client`'s server, as text: each holds the lock of
+/// its own id until it has ended for every snapshot.
+async fn running_xids(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce(array_agg(transactionid::text), '{}') FROM pg_catalog.pg_locks \
+             WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// Applies folded changes within the target transaction.
 async fn apply_all(s: &Session, changes: Vec<TableChanges>) -> Result<u64, Error> {
     let mut rows = 0;
@@ -912,25 +927,14 @@ async fn copy(
     // past the snapshot's xmax); once all of these have ended, the copy's snapshot sees them.
     // (Those that commit after the slot's start are both decoded and copied; the stream skips
     // them.)
-    const RUNNING: &str = "SELECT coalesce(array_agg(transactionid::text), '{}') \
-        FROM pg_catalog.pg_locks WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' \
-        AND granted";
-    let running: Vec<String> = s
-        .source
-        .query_one(RUNNING, &[])
-        .await
-        .map_err(source_error)?
-        .get(0);
-    loop {
-        let still: Vec<String> = s
-            .source
-            .query_one(RUNNING, &[])
+    let running = running_xids(&s.source).await.map_err(source_error)?;
+    while !running.is_empty()
+        && running_xids(&s.source)
             .await
             .map_err(source_error)?
-            .get(0);
-        if !still.iter().any(|xid| running.contains(xid)) {
-            break;
-        }
+            .iter()
+            .any(|xid| running.contains(xid))
+    {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let transaction = snapshot_transaction(&mut s.source, &s.tables)
