@@ -473,7 +473,7 @@ async fn logical_mode_replicates_updates_that_leave_out_of_line_values_unchanged
 /// primary) is replicated from the first change that uses it, and a table renamed and renamed
 /// back keeps its changes made under the other name (a table is the same table by oid).
 #[actix_rt::test]
-async fn logical_mode_follows_a_column_added_and_a_table_renamed_while_streaming() {
+async fn logical_mode_follows_columns_added_and_a_table_renamed() {
     let topology = topology(true).await;
     on_both(
         &topology,
@@ -514,6 +514,30 @@ async fn logical_mode_follows_a_column_added_and_a_table_renamed_while_streaming
         .expect("renamed back");
     eventually(
         "the changes made under the other name",
+        Duration::from_secs(20),
+        equal,
+    )
+    .await;
+    herd.shutdown().await;
+
+    // Written while no replicator runs, then a column with a default is added: after the
+    // restart these changes come without the column, and the rows they insert must take its
+    // default on the replica as they took it on the primary.
+    primary
+        .batch_execute(
+            "INSERT INTO notes VALUES (5, 'e', 'before'); UPDATE notes SET name = 'bb' WHERE id = 2; \
+             INSERT INTO notes VALUES (6, 'f', 'x'); UPDATE notes SET name = 'ff' WHERE id = 6;",
+        )
+        .await
+        .expect("changes before the column");
+    on_both(
+        &topology,
+        "ALTER TABLE notes ADD COLUMN ranked int DEFAULT 7",
+    )
+    .await;
+    let herd = streaming_herd(&topology, CaptureMode::Logical, "notes").await;
+    eventually(
+        "the rows written before the column was added",
         Duration::from_secs(20),
         equal,
     )

@@ -98,6 +98,10 @@ pub(crate) struct TableChanges {
     /// Rows of which only some columns are known (the others are unchanged TOAST values in
     /// `logical` mode), grouped by which columns are present.
     pub(crate) updates: BTreeMap<Vec<bool>, Vec<Row>>,
+    /// Rows to insert or overwrite of which only some columns are known (`logical` mode: the
+    /// change was written before the others were added; they take the target's defaults),
+    /// grouped by which columns are present.
+    pub(crate) sparse: BTreeMap<Vec<bool>, Vec<Row>>,
 }
 
 impl TableChanges {
@@ -107,6 +111,7 @@ impl TableChanges {
             && self.inserts.is_empty()
             && self.upserts.is_empty()
             && self.updates.is_empty()
+            && self.sparse.is_empty()
     }
 
     /// Whether `error`, returned by applying these changes, says that one of the inserted rows
@@ -120,6 +125,7 @@ impl TableChanges {
             + self.inserts.len()
             + self.upserts.len()
             + self.updates.values().map(Vec::len).sum::<usize>()
+            + self.sparse.values().map(Vec::len).sum::<usize>()
     }
 }
 
@@ -134,6 +140,58 @@ pub(crate) struct TableSql {
     table: TableInfo,
 }
 
+/// `INSERT ... ON CONFLICT DO UPDATE` of the `chosen` columns (every key column among them) from
+/// one text array per chosen column, in order.
+fn upsert_sql(table: &TableInfo, chosen: &[usize]) -> String {
+    let columns: Vec<String> = chosen
+        .iter()
+        .map(|&i| quote_ident(&table.columns[i].name))
+        .collect();
+    let values: Vec<String> = chosen
+        .iter()
+        .map(|&i| format!("u.c{i}::{}", table.columns[i].type_name))
+        .collect();
+    // Every listed key changed on the source, so the row is overwritten without comparing:
+    // a comparison would need an equality operator (json, xml and point have none) and
+    // would skip changes between equal but different values (1.0 and 1.00, 'Bob' and 'BOB'
+    // under a case-insensitive collation). For the same reason the key columns are set too:
+    // a key changed to an equal value finds the row under its old value. Integer keys are
+    // left out: equal integers are the same value, and an identity column `GENERATED
+    // ALWAYS` (always an integer) refuses any value in an UPDATE.
+    let set: Vec<String> = chosen
+        .iter()
+        .map(|&i| (i, &table.columns[i]))
+        .filter(|(i, c)| {
+            !table.key.contains(i)
+                || !matches!(c.type_name.as_str(), "smallint" | "integer" | "bigint")
+        })
+        .map(|(_, c)| {
+            let column = quote_ident(&c.name);
+            format!("{column} = EXCLUDED.{column}")
+        })
+        .collect();
+    let on_conflict = if set.is_empty() {
+        "DO NOTHING".to_owned()
+    } else {
+        format!("DO UPDATE SET {}", set.join(", "))
+    };
+    let keys: Vec<String> = table.key_columns().map(|c| quote_ident(&c.name)).collect();
+    format!(
+        "INSERT INTO {} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) \
+         ON CONFLICT ({}) {on_conflict}",
+        table.qualified(),
+        columns.join(", "),
+        values.join(", "),
+        params(1, chosen.len()),
+        chosen
+            .iter()
+            .map(|i| format!("c{i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        keys.join(", "),
+    )
+}
+
 impl TableSql {
     /// `table` as read on the source; `target_types` the type of each of its columns on the
     /// target (the cast applied to the text values).
@@ -143,7 +201,6 @@ impl TableSql {
             column.type_name.clone_from(type_name);
         }
         let name = table.qualified();
-        let keys: Vec<String> = table.key_columns().map(|c| quote_ident(&c.name)).collect();
         let key_casts: Vec<String> = table
             .key_columns()
             .enumerate()
@@ -158,47 +215,9 @@ impl TableSql {
                 .join(", "),
             key_casts.join(" AND "),
         );
+        let every: Vec<usize> = (0..table.columns.len()).collect();
+        let upsert = upsert_sql(&table, &every);
         let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let values: Vec<String> = table
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("u.c{i}::{}", c.type_name))
-            .collect();
-        // Every listed key changed on the source, so the row is overwritten without comparing:
-        // a comparison would need an equality operator (json, xml and point have none) and
-        // would skip changes between equal but different values (1.0 and 1.00, 'Bob' and 'BOB'
-        // under a case-insensitive collation). For the same reason the key columns are set too:
-        // a key changed to an equal value finds the row under its old value. Integer keys are
-        // left out: equal integers are the same value, and an identity column `GENERATED
-        // ALWAYS` (always an integer) refuses any value in an UPDATE.
-        let set: Vec<String> = table
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(i, c)| {
-                !table.key.contains(i)
-                    || !matches!(c.type_name.as_str(), "smallint" | "integer" | "bigint")
-            })
-            .map(|(_, c)| {
-                let column = quote_ident(&c.name);
-                format!("{column} = EXCLUDED.{column}")
-            })
-            .collect();
-        let on_conflict = if set.is_empty() {
-            "DO NOTHING".to_owned()
-        } else {
-            format!("DO UPDATE SET {}", set.join(", "))
-        };
-        let upsert = format!(
-            "INSERT INTO {name} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM unnest({}) AS u({}) \
-             ON CONFLICT ({}) {on_conflict}",
-            columns.join(", "),
-            values.join(", "),
-            params(1, columns.len()),
-            (0..columns.len()).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", "),
-            keys.join(", "),
-        );
         // COPY writes the given values into identity columns, as OVERRIDING SYSTEM VALUE does.
         let copy = format!("COPY {name} ({}) FROM STDIN", columns.join(", "));
         TableSql {
@@ -301,7 +320,8 @@ impl TableSql {
     }
 
     /// Applies `changes` within `transaction`: truncate, then deletes, then inserts, then
-    /// upserts, then partial updates. Returns the rows written.
+    /// upserts (whole rows, then rows of some columns), then partial updates. Returns the rows
+    /// written.
     pub(crate) async fn apply(
         &self,
         transaction: &Client,
@@ -333,6 +353,17 @@ impl TableSql {
             );
             written += transaction
                 .execute(&self.upsert, &as_params(&columns))
+                .await?;
+        }
+        for (present, rows) in &changes.sparse {
+            let chosen: Vec<usize> = (0..present.len()).filter(|&i| present[i]).collect();
+            let columns = transpose(
+                rows.iter()
+                    .map(|row| chosen.iter().map(|&i| row[i].as_ref())),
+                chosen.len(),
+            );
+            written += transaction
+                .execute(&upsert_sql(&self.table, &chosen), &as_params(&columns))
                 .await?;
         }
         for (present, rows) in &changes.updates {
@@ -501,6 +532,17 @@ mod tests {
             "UPDATE \"shop\".\"Or\"\"ders\" AS t SET \"amount\" = u.c1::numeric(12,2) FROM \
              unnest($1::text[], $2::text[], $3::text[]) AS u(c0, c1, c2) WHERE t.\"region\" = u.c0::text \
              AND t.\"no\" = u.c2::integer"
+        );
+    }
+
+    #[test]
+    fn sparse_upserts_write_only_the_known_columns() {
+        let table = orders();
+        assert_eq!(
+            upsert_sql(&table, &[0, 2]),
+            "INSERT INTO \"shop\".\"Or\"\"ders\" AS t (\"region\", \"no\") OVERRIDING SYSTEM VALUE \
+             SELECT u.c0::text, u.c2::integer FROM unnest($1::text[], $2::text[]) AS u(c0, c2) \
+             ON CONFLICT (\"region\", \"no\") DO UPDATE SET \"region\" = EXCLUDED.\"region\""
         );
     }
 

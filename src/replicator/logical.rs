@@ -39,6 +39,10 @@ enum Entry {
     Delete,
     /// Only the columns marked present are known (the others are unchanged TOAST values).
     Partial(Vec<bool>, Row),
+    /// A row inserted with only the columns marked present: the change was written before the
+    /// others were added to the table, so they take the target's defaults, as they took the
+    /// source's.
+    Sparse(Vec<bool>, Row),
 }
 
 /// The net changes of one table, folded in commit order.
@@ -67,6 +71,7 @@ impl Pending {
                 Entry::Partial(present, row) => {
                     changes.updates.entry(present).or_default().push(row)
                 }
+                Entry::Sparse(present, row) => changes.sparse.entry(present).or_default().push(row),
             }
         }
         changes
@@ -261,9 +266,16 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                let row = self.row(mapping, new, None)?;
-                let key = self.key(table, &row)?;
-                self.set(table, key, Entry::Upsert(row), true);
+                if mapping.covers_table {
+                    let row = self.row(mapping, new, None)?;
+                    let key = self.key(table, &row)?;
+                    self.set(table, key, Entry::Upsert(row), true);
+                } else {
+                    let mut present = Vec::new();
+                    let row = self.row(mapping, new, Some(&mut present))?;
+                    let key = self.key(table, &row)?;
+                    self.set(table, key, Entry::Sparse(present, row), true);
+                }
             }
             Message::Update {
                 relation,
@@ -316,6 +328,9 @@ impl<'a> Folder<'a> {
                         }
                     }
                 }
+                // Whether the row may not be on the target yet (inserted in this step before
+                // columns were added): then it stays an insert.
+                let mut sparse = false;
                 if !whole && present.iter().any(|p| !p) {
                     let earlier = self.pending[table]
                         .entries
@@ -330,7 +345,11 @@ impl<'a> Folder<'a> {
                                 }
                             }
                         }
-                        Some(Entry::Partial(previous_present, previous)) => {
+                        Some(
+                            Entry::Partial(previous_present, previous)
+                            | Entry::Sparse(previous_present, previous),
+                        ) => {
+                            sparse = matches!(earlier, Some(Entry::Sparse(..)));
                             for i in 0..row.len() {
                                 if !present[i] && previous_present[i] {
                                     row[i].clone_from(&previous[i]);
@@ -355,6 +374,8 @@ impl<'a> Folder<'a> {
                 }
                 let entry = if complete {
                     Entry::Upsert(row)
+                } else if sparse {
+                    Entry::Sparse(present, row)
                 } else {
                     Entry::Partial(present, row)
                 };
@@ -1074,6 +1095,49 @@ mod tests {
             })
             .expect("insert");
         assert_eq!(folder.take()[0].inserts, vec![row(&["1", "t", "b"])]);
+    }
+
+    #[test]
+    fn a_row_written_before_a_column_was_added_is_inserted_without_it() {
+        let tables = tables();
+        let Message::Relation(mut narrow) = relation() else {
+            unreachable!("relation() is a Relation")
+        };
+        narrow.columns.pop();
+        let mut folder = Folder::new(&tables, true);
+        folder.recent = false;
+        folder.fold(Message::Relation(narrow)).expect("older");
+        for message in [
+            Message::Insert {
+                relation: 7,
+                new: vec![text("1"), text("t")],
+            },
+            // Changed again in the same step: still an insert of the known columns.
+            Message::Update {
+                relation: 7,
+                old: None,
+                old_is_key_only: false,
+                new: vec![text("1"), text("t2")],
+            },
+            Message::Update {
+                relation: 7,
+                old: None,
+                old_is_key_only: false,
+                new: vec![text("2"), text("u")],
+            },
+        ] {
+            assert!(folder.fold(message).expect("fold").is_none());
+        }
+        let changes = folder.take().remove(0);
+        let known = vec![true, true, false];
+        let mut inserted = row(&["1", "t2"]);
+        inserted.push(None);
+        assert_eq!(changes.sparse.get(&known), Some(&vec![inserted]));
+        // A row already on the target keeps the value it has there.
+        let mut updated = row(&["2", "u"]);
+        updated.push(None);
+        assert_eq!(changes.updates.get(&known), Some(&vec![updated]));
+        assert!(changes.inserts.is_empty() && changes.upserts.is_empty());
     }
 
     #[test]
