@@ -545,6 +545,60 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
     herd.shutdown().await;
 }
 
+/// A target whose sessions do not wait for their commits to be flushed (`synchronous_commit =
+/// off`) crashes after the slot moved past a batch: the replicator's own commits must have been
+/// durable, or that batch is lost for good.
+#[actix_rt::test]
+async fn a_target_that_commits_asynchronously_loses_nothing_in_a_crash() {
+    let topology = topology(true).await;
+    let replica = topology.node("replica");
+    let replica_admin = replica.connect_admin().await.expect("connect");
+    for sql in [
+        "ALTER SYSTEM SET synchronous_commit = off",
+        "ALTER SYSTEM SET wal_writer_delay = '10s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        replica_admin
+            .batch_execute(sql)
+            .await
+            .expect("a target that commits asynchronously");
+    }
+    drop(replica_admin);
+    let herd = streaming_herd(&topology, CaptureMode::Logical, "items").await;
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute(
+            "INSERT INTO items (id, name) SELECT g, 'row ' || g FROM generate_series(1, 100) g",
+        )
+        .await
+        .expect("rows");
+    let written: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("position")
+        .get(0);
+    let admin = topology.primary().connect_admin().await.expect("connect");
+    let moved = format!(
+        "SELECT count(*) FROM pg_replication_slots WHERE confirmed_flush_lsn >= '{written}'"
+    );
+    eventually(
+        "the slot to move past the rows",
+        Duration::from_secs(20),
+        || async { count(&admin, &moved).await > 0 },
+    )
+    .await;
+    replica.kill().expect("kill the target");
+    replica.start().await.expect("restart the target");
+    let target = replica.connect().await.expect("connect");
+    eventually(
+        "the replica to hold the rows again",
+        Duration::from_secs(20),
+        || async { digest(&primary, "items", "id").await == digest(&target, "items", "id").await },
+    )
+    .await;
+    herd.shutdown().await;
+}
+
 /// The initial copy of `logical` mode against a commit that is written but still shown in
 /// progress (it waits for a synchronous standby that never answers) when the slot becomes
 /// consistent: the slot does not decode it, so the copy must wait for it to end and include it.

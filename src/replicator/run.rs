@@ -36,6 +36,14 @@ use crate::{
 const SESSION_SETTINGS: &str = "SET DateStyle = ISO, YMD; SET IntervalStyle = postgres; \
      SET extra_float_digits = 3; SET bytea_output = hex";
 
+/// The source's history is released once the target's commit returns (the slot moves, change
+/// rows are deleted), so that commit must survive a crash of the target. A target whose
+/// sessions do not wait for their commits to be flushed (`synchronous_commit = off`, common on
+/// replicas) would lose it and the rows before it for good: the replicator's session waits for
+/// the local flush there; a stricter setting (`on`, `remote_apply`) is kept.
+const DURABLE_COMMITS: &str = "SELECT set_config('synchronous_commit', 'local', false) \
+     WHERE current_setting('synchronous_commit') = 'off'";
+
 /// What one target's loop is started with.
 #[derive(Clone)]
 pub(crate) struct TargetSpec {
@@ -569,6 +577,10 @@ async fn open(
             .await
             .map_err(|e| Error::from_postgres(e).with_endpoint(endpoint))?;
     }
+    target
+        .batch_execute(DURABLE_COMMITS)
+        .await
+        .map_err(target_error)?;
     // Positions of another source mean nothing for this one: reads after a position wait
     // until a batch from this source is applied.
     spec.routing.forget_replicated(&spec.target);
