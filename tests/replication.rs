@@ -545,6 +545,70 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
     herd.shutdown().await;
 }
 
+/// A table taken out of `tables` stops reaching the target's slot: once it is listed again it
+/// must be copied, not resumed past the changes made meanwhile. Installing with a shorter list
+/// (`pgherd replicator install`) while a herd streams must not take tables from its slot.
+#[actix_rt::test]
+async fn logical_mode_copies_a_table_taken_out_and_added_back() {
+    let topology = topology(true).await;
+    let settings = |tables: &[&str]| {
+        let mut settings = topology.settings();
+        settings.replicator.mode = CaptureMode::Logical;
+        settings.replicator.tables = tables.iter().map(|t| (*t).to_owned()).collect();
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        settings
+    };
+    let started = |tables: &'static [&'static str]| {
+        let settings = settings(tables);
+        async move {
+            let herd = Herd::start(settings).expect("start");
+            herd.wait_ready(Duration::from_secs(15))
+                .await
+                .expect("ready");
+            streaming(&herd).await;
+            herd
+        }
+    };
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    let equal = || async {
+        digest(&primary, "pairs", "a, b").await == digest(&replica, "pairs", "a, b").await
+    };
+    let both: &[&str] = &["items", "pairs"];
+    let herd = started(both).await;
+    pgherd::replicator::install(&settings(&["items"]))
+        .await
+        .expect("install with one table");
+    primary
+        .batch_execute("INSERT INTO pairs VALUES ('a', 1, '{}')")
+        .await
+        .expect("row");
+    eventually(
+        "a row of the table the install left out",
+        Duration::from_secs(20),
+        equal,
+    )
+    .await;
+    herd.shutdown().await;
+
+    let herd = started(&["items"]).await;
+    primary
+        .batch_execute(
+            "INSERT INTO pairs VALUES ('b', 2, '[]'); INSERT INTO items (id, name) VALUES (1, 'x')",
+        )
+        .await
+        .expect("rows while pairs is out");
+    herd.shutdown().await;
+    let herd = started(both).await;
+    eventually(
+        "the table added back, copied",
+        Duration::from_secs(20),
+        equal,
+    )
+    .await;
+    herd.shutdown().await;
+}
+
 /// A target whose sessions do not wait for their commits to be flushed (`synchronous_commit =
 /// off`) crashes after the slot moved past a batch: the replicator's own commits must have been
 /// durable, or that batch is lost for good.

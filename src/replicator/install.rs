@@ -385,19 +385,19 @@ pub(crate) fn publication(settings: &ReplicatorSettings, target: &str) -> String
     format!("{}_{target}", settings.schema)
 }
 
-/// Creates the target's publication on the primary for `tables`, or sets its table list.
+/// Creates the target's publication on the primary for `tables`. When it exists, `exact` sets
+/// its table list to `tables`; otherwise only the tables it lacks are added. Only the target's
+/// active replicator removes tables (after the target's progress row stopped listing them, see
+/// `run::forget_tables`): a table that leaves the publication stops reaching the slot, and
+/// adding it back must copy it.
 pub(crate) async fn install_publication(
     client: &Client,
     settings: &ReplicatorSettings,
     target: &str,
     tables: &[TableInfo],
+    exact: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let name = publication(settings, target);
-    // ONLY: an inheritance parent's children are not replicated through it.
-    let list: Vec<String> = tables
-        .iter()
-        .map(|table| format!("ONLY {}", table.qualified()))
-        .collect();
     let exists = client
         .query_opt(
             "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
@@ -405,11 +405,36 @@ pub(crate) async fn install_publication(
         )
         .await?
         .is_some();
-    let verb = if exists { "ALTER" } else { "CREATE" };
-    let set = if exists { "SET TABLE" } else { "FOR TABLE" };
+    let mut listed: Vec<&TableInfo> = tables.iter().collect();
+    if exists && !exact {
+        let published: Vec<(String, String)> = client
+            .query(
+                "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables \
+                 WHERE pubname = $1",
+                &[&name],
+            )
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        listed.retain(|t| !published.contains(&(t.schema.clone(), t.name.clone())));
+        if listed.is_empty() {
+            return Ok(());
+        }
+    }
+    // ONLY: an inheritance parent's children are not replicated through it.
+    let list: Vec<String> = listed
+        .iter()
+        .map(|table| format!("ONLY {}", table.qualified()))
+        .collect();
+    let (verb, clause) = match (exists, exact) {
+        (false, _) => ("CREATE", "FOR TABLE"),
+        (true, true) => ("ALTER", "SET TABLE"),
+        (true, false) => ("ALTER", "ADD TABLE"),
+    };
     client
         .batch_execute(&format!(
-            "{verb} PUBLICATION {} {set} {}",
+            "{verb} PUBLICATION {} {clause} {}",
             quote_ident(&name),
             list.join(", ")
         ))

@@ -236,6 +236,39 @@ pub(crate) async fn claim(
     Ok(())
 }
 
+/// Removes from the target's progress row the tables no longer configured, before the source
+/// stops capturing them for this target (`logical` mode takes them out of the publication;
+/// `trigger` mode releases their change rows): a table added back must be copied again, not
+/// resumed past the changes made while it was out. Done as a claimed batch, so that a
+/// replicator still running with the old list cannot write the old list back.
+async fn forget_tables(
+    target: &Client,
+    schema: &str,
+    source: &str,
+    tables: &[TableInfo],
+) -> Result<(), Error> {
+    let progress = load_progress(target, schema, source).await?;
+    let configured: Vec<String> = tables.iter().map(TableInfo::display).collect();
+    let kept: Vec<&String> = progress
+        .tables
+        .iter()
+        .filter(|t| configured.contains(t))
+        .collect();
+    if kept.len() == progress.tables.len() {
+        return Ok(());
+    }
+    let schema = quote_ident(schema);
+    claim(target, &schema, source, progress.batch).await?;
+    target
+        .execute(
+            &format!("UPDATE {schema}.progress SET tables = $2 WHERE source = $1"),
+            &[&source, &kept],
+        )
+        .await
+        .map_err(target_error)?;
+    target.batch_execute("COMMIT").await.map_err(target_error)
+}
+
 /// Reads the progress row, creating it (batch 0, nothing copied) for a new target.
 pub(crate) async fn load_progress(
     target: &Client,
@@ -593,12 +626,13 @@ async fn open(
         .parse()
         .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
     let tables = install::tables(&source, settings, &source_name).await?;
+    forget_tables(&target, &settings.schema, &spec.cluster, &tables).await?;
     match settings.mode {
         CaptureMode::Trigger => trigger::ensure_installed(&source, settings, &tables)
             .await
             .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?,
         CaptureMode::Logical => {
-            install::install_publication(&source, settings, &spec.target, &tables)
+            install::install_publication(&source, settings, &spec.target, &tables, true)
                 .await
                 .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
             // This process holds the target's lock, so whoever still reads the target's slot is

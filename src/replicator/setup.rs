@@ -76,7 +76,7 @@ pub async fn install(settings: &Settings) -> Result<InstallReport, Error> {
             }
             CaptureMode::Logical => {
                 for (target, _) in &cluster_targets {
-                    objects::install_publication(&source, replicator, target, &tables)
+                    objects::install_publication(&source, replicator, target, &tables, false)
                         .await
                         .map_err(source_error)?;
                     report.steps.push(format!(
