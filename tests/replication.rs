@@ -1358,6 +1358,74 @@ mod edges {
         herd.shutdown().await;
     }
 
+    /// A `DEFERRABLE` primary key lets two rows hold the same key within a statement (`UPDATE
+    /// ... SET id = id + 1`), which `logical` mode's key-by-key fold cannot follow: refused there,
+    /// and on a target (`ON CONFLICT` cannot use it); `trigger` mode reads the committed rows
+    /// and replicates such a table.
+    #[actix_rt::test]
+    async fn a_deferrable_primary_key_is_refused_where_it_cannot_work() {
+        let topology = start(Topology::builder().replica("replica").logical(true)).await;
+        let primary = topology.primary().connect().await.expect("connect");
+        let replica = topology.node("replica").connect().await.expect("connect");
+        primary
+            .batch_execute("CREATE TABLE ranks (id int PRIMARY KEY DEFERRABLE, name text)")
+            .await
+            .expect("schema");
+        replica
+            .batch_execute("CREATE TABLE ranks (id int PRIMARY KEY, name text)")
+            .await
+            .expect("schema");
+        let mut settings = topology.settings();
+        settings.replicator.tables = vec!["ranks".to_owned()];
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        settings.replicator.mode = CaptureMode::Logical;
+        let error = pgherd::replicator::install(&settings)
+            .await
+            .expect_err("refused");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(
+            error.to_string().contains("DEFERRABLE primary key"),
+            "{error}"
+        );
+        assert!(error.to_string().contains("mode = \"trigger\""), "{error}");
+
+        settings.replicator.mode = CaptureMode::Trigger;
+        let herd = Herd::start(settings.clone()).expect("start");
+        super::streaming(&herd).await;
+        primary
+            .batch_execute(
+                "INSERT INTO ranks SELECT g, 'n' || g FROM generate_series(1, 10) g;
+                 UPDATE ranks SET id = id + 1;
+                 UPDATE ranks SET id = 12 - id;",
+            )
+            .await
+            .expect("keys shifted");
+        eventually("the shifted keys", Duration::from_secs(20), || async {
+            super::digest(&primary, "ranks", "id").await
+                == super::digest(&replica, "ranks", "id").await
+        })
+        .await;
+        herd.shutdown().await;
+
+        replica
+            .batch_execute(
+                "ALTER TABLE ranks DROP CONSTRAINT ranks_pkey; \
+                 ALTER TABLE ranks ADD PRIMARY KEY (id) DEFERRABLE",
+            )
+            .await
+            .expect("a deferrable key on the target");
+        let error = pgherd::replicator::install(&settings)
+            .await
+            .expect_err("refused");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(
+            error
+                .to_string()
+                .contains("DEFERRABLE primary key on target"),
+            "{error}"
+        );
+    }
+
     #[actix_rt::test]
     async fn a_read_after_a_position_sent_to_a_replica_sees_the_write() {
         for mode in [CaptureMode::Trigger, CaptureMode::Logical] {

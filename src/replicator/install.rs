@@ -47,12 +47,39 @@ pub(crate) async fn tables(
             }
         }
     }
-    if settings.mode == CaptureMode::Trigger {
-        for table in &tables {
-            refuse_inheritance(client, table, endpoint).await?;
+    for table in &tables {
+        match settings.mode {
+            CaptureMode::Trigger => refuse_inheritance(client, table, endpoint).await?,
+            CaptureMode::Logical => {
+                if deferrable_key(client, table).await? {
+                    return Err(config(format!(
+                        "table {} on `{endpoint}` has a DEFERRABLE primary key: `logical` mode \
+                         folds the decoded changes key by key, and two rows can hold the same \
+                         key until the check; make it NOT DEFERRABLE (ALTER TABLE {} ALTER \
+                         CONSTRAINT ... NOT DEFERRABLE), or replicate the table with mode = \
+                         \"trigger\", which reads the committed rows",
+                        table.display(),
+                        table.qualified()
+                    )));
+                }
+            }
         }
     }
     Ok(tables)
+}
+
+/// Whether `table`'s primary key is `DEFERRABLE` (checked at the end of the statement or the
+/// transaction, so that two rows can hold the same key until then).
+async fn deferrable_key(client: &Client, table: &TableInfo) -> Result<bool, Error> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index WHERE indrelid = $1::text::regclass \
+             AND indisprimary AND NOT indimmediate)",
+            &[&table.qualified()],
+        )
+        .await
+        .map_err(Error::from_postgres)?
+        .get(0))
 }
 
 /// Refuses, in `trigger` mode, a table with an inheritance parent (a partition included) or
@@ -126,6 +153,13 @@ pub(crate) async fn target_types(
         return Err(config(format!(
             "table {} has another primary key on target `{endpoint}`: give it the primary key it \
              has on the primary",
+            table.display()
+        )));
+    }
+    if deferrable_key(client, table).await? {
+        return Err(config(format!(
+            "table {} has a DEFERRABLE primary key on target `{endpoint}`: the replicator \
+             upserts with ON CONFLICT, which cannot use it; make it NOT DEFERRABLE there",
             table.display()
         )));
     }
