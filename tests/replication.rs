@@ -609,6 +609,48 @@ async fn logical_mode_copies_a_table_taken_out_and_added_back() {
     herd.shutdown().await;
 }
 
+/// The connection that holds a target's lock ends while the source is quiet (its backend is
+/// terminated): the replicator notices and takes the lock again, rather than going on as the
+/// active one without it while another process may take it.
+#[actix_rt::test]
+async fn a_replicator_whose_lock_connection_ended_takes_the_lock_again() {
+    let topology = topology(false).await;
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "items").await;
+    let admin = topology
+        .node("replica")
+        .connect_admin()
+        .await
+        .expect("connect");
+    let holder =
+        "SELECT coalesce(min(pid), 0) FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    let first: i32 = admin.query_one(holder, &[]).await.expect("holder").get(0);
+    assert_ne!(first, 0, "the replicator holds the target's lock");
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .expect("terminate");
+    eventually(
+        "the lock taken again by a new session",
+        Duration::from_secs(10),
+        || async {
+            let pid: i32 = admin.query_one(holder, &[]).await.expect("holder").get(0);
+            pid != 0 && pid != first
+        },
+    )
+    .await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    primary
+        .batch_execute("INSERT INTO items (id, name) VALUES (1, 'after')")
+        .await
+        .expect("row");
+    eventually("the row", Duration::from_secs(20), || async {
+        digest(&primary, "items", "id").await == digest(&replica, "items", "id").await
+    })
+    .await;
+    herd.shutdown().await;
+}
+
 /// A target whose sessions do not wait for their commits to be flushed (`synchronous_commit =
 /// off`) crashes after the slot moved past a batch: the replicator's own commits must have been
 /// durable, or that batch is lost for good.

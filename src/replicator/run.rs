@@ -472,6 +472,18 @@ async fn session(
             tracing::info!(target = %spec.target, "the primary changed; following it");
             return Ok(Ended::SourceMoved);
         }
+        // The target's lock lives as long as this connection. Once it is gone (the target
+        // restarted, the backend was terminated, the network cut) another replicator may hold
+        // the lock: this session must not go on acknowledging and reporting as the active one,
+        // even while its steps find nothing to write on the target.
+        if session.target.is_closed() {
+            return Err(Error::new(ErrorKind::Connection)
+                .with_endpoint(&spec.target)
+                .with_detail(
+                    "the connection to the target, which held the replicator's lock, ended; \
+                 taking the lock again",
+                ));
+        }
         let started = Instant::now();
         let step = async {
             match settings.mode {
