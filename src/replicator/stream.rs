@@ -5,11 +5,17 @@
 //! The walsender decodes the WAL while it is written and sends each transaction as soon as it
 //! commits, so a step reads what is already here instead of asking the server to decode from
 //! the slot's restart position and materialize the result (what a peek does). A task owns the
-//! socket: it passes the decoded messages to the session through a bounded channel (so memory
-//! stays bounded and the walsender waits when the target is slower), answers the server's
+//! socket: it passes the decoded messages to the session through a channel bounded in messages
+//! and bytes (so memory stays bounded and the walsender waits when the target is slower), answers the server's
 //! keepalives, and reports the position the target holds, which is what moves the slot.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::{
@@ -38,9 +44,12 @@ use crate::{
 };
 
 /// Decoded messages waiting for the session, at most. A message is one change (or a begin,
-/// commit or relation), so this bounds the memory held for a target that is slower than the
-/// source; the walsender waits for room.
+/// commit or relation); the walsender waits for room.
 const QUEUE: usize = 4096;
+/// The size of the messages waiting for the session, at most (the last one let in may pass
+/// it): with [`QUEUE`] it bounds the memory held for a target slower than the source whatever
+/// the rows' size (4,096 changes of 1 MB rows would hold 4 GB).
+const QUEUE_BYTES: usize = 64 << 20;
 /// How often the position is reported even when nothing changed: the server ends a connection
 /// that said nothing for `wal_sender_timeout` (60 s by default).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -56,9 +65,17 @@ pub(crate) enum Frame {
     Sent(Position),
 }
 
+/// The size of the messages in the queue, and a signal when the session took one.
+#[derive(Debug, Default)]
+struct Queued {
+    bytes: AtomicUsize,
+    taken: Notify,
+}
+
 /// An open replication stream. Dropping it closes the connection.
 pub(crate) struct ReplicationStream {
     frames: mpsc::Receiver<Result<Frame, Error>>,
+    queued: Arc<Queued>,
     /// The position the target holds, reported to the server as written, flushed and applied.
     held: watch::Sender<Position>,
     task: JoinHandle<()>,
@@ -90,6 +107,10 @@ impl ReplicationStream {
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             },
         };
+        if let Some(Ok(Frame::Data(body))) = &frame {
+            self.queued.bytes.fetch_sub(body.len(), Ordering::AcqRel);
+            self.queued.taken.notify_one();
+        }
         match frame {
             Some(frame) => frame.map(Some),
             None => Err(Error::new(ErrorKind::Connection)
@@ -166,9 +187,18 @@ pub(crate) async fn open(
     }
     let (sender, frames) = mpsc::channel(QUEUE);
     let (held, reported) = watch::channel(start);
-    let task = tokio::spawn(pump(io, reader, sender, reported, wake));
+    let queued = Arc::new(Queued::default());
+    let task = tokio::spawn(pump(
+        io,
+        reader,
+        sender,
+        reported,
+        wake,
+        (Arc::clone(&queued), QUEUE_BYTES),
+    ));
     Ok(ReplicationStream {
         frames,
+        queued,
         held,
         task,
         relations: Default::default(),
@@ -370,6 +400,7 @@ async fn pump(
     frames: mpsc::Sender<Result<Frame, Error>>,
     mut held: watch::Receiver<Position>,
     wake: Arc<Notify>,
+    (queued, limit): (Arc<Queued>, usize),
 ) {
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     let outcome: Result<(), Error> = async {
@@ -378,7 +409,7 @@ async fn pump(
         let mut room = None;
         loop {
             let (permit, tag, mut body) = tokio::select! {
-                permit = frames.reserve(), if room.is_none() => match permit {
+                permit = make_room(&frames, &queued, limit), if room.is_none() => match permit {
                     Ok(permit) => {
                         room = Some(permit);
                         continue;
@@ -407,6 +438,7 @@ async fn pump(
             match tag {
                 b'd' if body.first() == Some(&b'w') && body.len() >= 25 => {
                     body.advance(25);
+                    queued.bytes.fetch_add(body.len(), Ordering::AcqRel);
                     permit.send(Ok(Frame::Data(body)));
                     wake.notify_one();
                 }
@@ -435,6 +467,23 @@ async fn pump(
     if let Err(error) = outcome {
         let _ = frames.send(Err(error)).await;
     }
+}
+
+/// Waits until the queued messages are below `limit` bytes, then for a place in the queue.
+async fn make_room<'a>(
+    frames: &'a mpsc::Sender<Result<Frame, Error>>,
+    queued: &Queued,
+    limit: usize,
+) -> Result<mpsc::Permit<'a, Result<Frame, Error>>, mpsc::error::SendError<()>> {
+    loop {
+        // Created before the check: a message taken in between still wakes it.
+        let taken = queued.taken.notified();
+        if queued.bytes.load(Ordering::Acquire) < limit {
+            break;
+        }
+        taken.await;
+    }
+    frames.reserve().await
 }
 
 /// Sends a standby status update: the target holds everything up to `held`.
@@ -518,6 +567,61 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("55006"), "{error}");
+    }
+
+    #[actix_rt::test]
+    async fn the_queue_holds_a_bounded_size_of_changes() {
+        use tokio::io::AsyncWriteExt as _;
+        const SIZE: usize = 1000;
+        const LIMIT: usize = 4 * SIZE;
+        const COUNT: usize = 50;
+        let (client, mut server) = tokio::io::duplex(8192);
+        let writer = tokio::spawn(async move {
+            for _ in 0..COUNT {
+                let mut message = vec![b'd'];
+                message.extend_from_slice(&u32::try_from(4 + 25 + SIZE).unwrap().to_be_bytes());
+                message.push(b'w');
+                message.extend_from_slice(&[0; 24]);
+                message.extend_from_slice(&[7; SIZE]);
+                server.write_all(&message).await.unwrap();
+            }
+            server
+        });
+        let (sender, frames) = mpsc::channel(QUEUE);
+        let (held, reported) = watch::channel(Position::new(0));
+        let queued = Arc::new(Queued::default());
+        let task = tokio::spawn(pump(
+            Box::new(client),
+            Reader::default(),
+            sender,
+            reported,
+            Arc::new(Notify::new()),
+            (Arc::clone(&queued), LIMIT),
+        ));
+        let mut stream = ReplicationStream {
+            frames,
+            queued: Arc::clone(&queued),
+            held,
+            task,
+            relations: Default::default(),
+        };
+        // Nothing is taken for a while: the task stops reading at the limit (unbounded, the 50
+        // messages would all be queued long before).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held_bytes = queued.bytes.load(Ordering::Acquire);
+        assert!(
+            (LIMIT..LIMIT + SIZE).contains(&held_bytes),
+            "{held_bytes} bytes queued"
+        );
+        // Taking messages makes room: every one arrives.
+        for _ in 0..COUNT {
+            match stream.next(Wait::Yes).await.expect("frame") {
+                Some(Frame::Data(body)) => assert_eq!(body.len(), SIZE),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(queued.bytes.load(Ordering::Acquire), 0);
+        drop(writer.await.unwrap());
     }
 
     #[actix_rt::test]
