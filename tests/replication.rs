@@ -543,6 +543,25 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
     )
     .await;
     herd.shutdown().await;
+
+    // Written before a column is renamed: after the restart these changes name the column as it
+    // was, and their values must still reach it.
+    primary
+        .batch_execute(
+            "UPDATE notes SET name = 'before the rename' WHERE id = 1; \
+             INSERT INTO notes VALUES (7, 'g', 'x');",
+        )
+        .await
+        .expect("changes before the rename");
+    on_both(&topology, "ALTER TABLE notes RENAME COLUMN name TO label").await;
+    let herd = streaming_herd(&topology, CaptureMode::Logical, "notes").await;
+    eventually(
+        "the rows written before the column was renamed",
+        Duration::from_secs(20),
+        equal,
+    )
+    .await;
+    herd.shutdown().await;
 }
 
 /// A table taken out of `tables` stops reaching the target's slot: once it is listed again it

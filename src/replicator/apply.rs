@@ -499,6 +499,8 @@ mod tests {
                 column("no", "integer"),
             ],
             key: vec![0, 2],
+            attnums: vec![1, 2, 3],
+            dropped: Vec::new(),
         }
     }
 

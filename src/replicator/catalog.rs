@@ -25,6 +25,10 @@ pub(crate) struct TableInfo {
     pub(crate) columns: Vec<ColumnInfo>,
     /// The positions in `columns` of the primary key's columns, in key order.
     pub(crate) key: Vec<usize>,
+    /// Each column's number in the table (`attnum`): columns added later get higher ones.
+    pub(crate) attnums: Vec<i16>,
+    /// The numbers of the columns dropped so far, in order.
+    pub(crate) dropped: Vec<i16>,
 }
 
 impl TableInfo {
@@ -53,7 +57,9 @@ pub(crate) enum CatalogProblem {
 const COLUMNS_SQL: &str = "\
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), c.oid, \
        coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) \
-                 WHERE k.att = a.attnum AND k.n <= i.indnkeyatts), 0)::int4 \
+                 WHERE k.att = a.attnum AND k.n <= i.indnkeyatts), 0)::int4, a.attnum, \
+       ARRAY(SELECT d.attnum FROM pg_catalog.pg_attribute d WHERE d.attrelid = c.oid \
+             AND d.attnum > 0 AND d.attisdropped ORDER BY d.attnum) \
 FROM pg_catalog.pg_class c \
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -72,12 +78,14 @@ pub(crate) async fn load(
         return Ok(Err(CatalogProblem::Missing));
     }
     let mut columns = Vec::with_capacity(rows.len());
+    let mut attnums = Vec::with_capacity(rows.len());
     let mut key: Vec<(i32, usize)> = Vec::new();
     for row in &rows {
         let position: i32 = row.get(3);
         if position > 0 {
             key.push((position, columns.len()));
         }
+        attnums.push(row.get(4));
         columns.push(ColumnInfo {
             name: row.get(0),
             type_name: row.get(1),
@@ -93,5 +101,7 @@ pub(crate) async fn load(
         name: name.to_owned(),
         columns,
         key: key.into_iter().map(|(_, index)| index).collect(),
+        attnums,
+        dropped: rows[0].get(5),
     }))
 }

@@ -515,6 +515,8 @@ mod tests {
                 type_name: "bigint".to_owned(),
             }],
             key: vec![0],
+            attnums: vec![1],
+            dropped: Vec::new(),
         }
     }
 

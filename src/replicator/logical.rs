@@ -109,6 +109,83 @@ impl Mapping {
     }
 }
 
+/// Places the columns of a `Relation` sent with a change older than the catalogs (`names`, the
+/// table's columns at the time, in order) onto the table's current columns: by name, and a
+/// name the table no longer has belongs to a column dropped or renamed since. Columns keep
+/// their numbers and added ones get higher numbers, so between two columns found by name (or
+/// after the last one), the unknown names are
+/// - renamed columns, in order, when no column was dropped there: the current columns there
+///   that the change does not name (after the last one found, the first of those; the others
+///   were added since);
+/// - dropped columns, when no current column there is left unnamed (after the last one found,
+///   those are taken as added since).
+///
+/// Anything else (a rename next to a drop) cannot be told apart and is an error, rather than a
+/// value written to the wrong column or lost.
+fn place_columns(table: &TableInfo, names: &[&str]) -> Result<Vec<Option<usize>>, String> {
+    let by_name: Vec<Option<usize>> = names
+        .iter()
+        .map(|name| table.columns.iter().position(|c| c.name == *name))
+        .collect();
+    let found: Vec<i16> = by_name
+        .iter()
+        .flatten()
+        .map(|&c| table.attnums[c])
+        .collect();
+    if found.windows(2).any(|pair| pair[0] >= pair[1]) {
+        return Err(
+            "its columns come in another order than the table's (columns swapped their \
+                    names since)"
+                .to_owned(),
+        );
+    }
+    if by_name.iter().all(Option::is_some) {
+        return Ok(by_name);
+    }
+    let mut placed = by_name.clone();
+    let mut low = 0_i16;
+    let mut from = 0;
+    loop {
+        let next = (from..names.len()).find(|&i| by_name[i].is_some());
+        let high = next.and_then(|i| by_name[i]).map(|c| table.attnums[c]);
+        let unknown: Vec<usize> = (from..next.unwrap_or(names.len())).collect();
+        if !unknown.is_empty() {
+            let between = |attnum: i16| attnum > low && high.is_none_or(|high| attnum < high);
+            let unnamed: Vec<usize> = (0..table.columns.len())
+                .filter(|&c| between(table.attnums[c]) && !by_name.contains(&Some(c)))
+                .collect();
+            let dropped = table.dropped.iter().filter(|&&a| between(a)).count();
+            let trailing = next.is_none();
+            let fits = if trailing {
+                unknown.len() <= unnamed.len()
+            } else {
+                unknown.len() == unnamed.len()
+            };
+            if dropped == 0 && fits {
+                for (&at, &column) in unknown.iter().zip(&unnamed) {
+                    placed[at] = Some(column);
+                }
+            } else if !(unknown.len() <= dropped && (trailing || unnamed.is_empty())) {
+                let list: Vec<String> =
+                    unknown.iter().map(|&i| format!("`{}`", names[i])).collect();
+                return Err(format!(
+                    "its column(s) {} were renamed or dropped since, next to another rename or \
+                     drop, and cannot be told apart",
+                    list.join(", ")
+                ));
+            }
+        }
+        match (next, high) {
+            (Some(i), Some(high)) => {
+                low = high;
+                from = i + 1;
+            }
+            _ => break,
+        }
+    }
+    Ok(placed)
+}
+
 /// Folds decoded changes, table by table.
 #[derive(Debug)]
 struct Folder<'a> {
@@ -142,8 +219,8 @@ impl<'a> Folder<'a> {
     /// Maps a `Relation` message to a replicated table: by oid (a table renamed since, or at the
     /// time of the change, is still the same table), else by name. A column the table's
     /// description lacks is one added since the catalogs were read when the transaction is
-    /// `recent` (the session must read them again, or its values would be lost), and one
-    /// dropped since in an older transaction (its values are not replicated).
+    /// `recent` (the session must read them again, or its values would be lost); in an older
+    /// transaction, one dropped or renamed since (see [`place_columns`]).
     fn describe(&mut self, relation: pgoutput::Relation) -> Result<(), Error> {
         let table = self
             .tables
@@ -159,26 +236,30 @@ impl<'a> Folder<'a> {
             return Ok(());
         };
         let info = &self.tables[table];
-        let columns: Vec<Option<usize>> = relation
-            .columns
-            .iter()
-            .map(|c| info.columns.iter().position(|t| t.name == c.name))
-            .collect();
-        if self.recent {
-            if let Some((unknown, _)) = relation
-                .columns
+        let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+        let columns = if self.recent {
+            let columns: Vec<Option<usize>> = names
                 .iter()
-                .zip(&columns)
-                .find(|(_, found)| found.is_none())
-            {
+                .map(|name| info.columns.iter().position(|t| t.name == *name))
+                .collect();
+            if let Some((unknown, _)) = names.iter().zip(&columns).find(|(_, at)| at.is_none()) {
                 return Err(Error::mapping(format!(
-                    "table {} has a column `{}` that this session did not read from the \
+                    "table {} has a column `{unknown}` that this session did not read from the \
                      primary's catalogs (it was added since): reading them again",
                     info.display(),
-                    unknown.name
                 )));
             }
-        }
+            columns
+        } else {
+            place_columns(info, &names).map_err(|why| {
+                Error::mapping(format!(
+                    "a change of table {} written before its columns changed cannot be \
+                     replicated: {why}; to go on, take the table out of replicator.tables and \
+                     list it again (it is then copied anew)",
+                    info.display()
+                ))
+            })?
+        };
         let width = info.columns.len();
         let covers_table = (0..width).all(|i| columns.contains(&Some(i)));
         self.relations.insert(
@@ -1017,6 +1098,8 @@ mod tests {
             name: "docs".to_owned(),
             columns: vec![column("id"), column("title"), column("body")],
             key: vec![0],
+            attnums: vec![1, 2, 3],
+            dropped: Vec::new(),
         }]
     }
 
@@ -1070,6 +1153,8 @@ mod tests {
     #[test]
     fn a_column_unknown_to_the_session_in_a_recent_change_makes_it_read_the_catalogs_again() {
         let tables = tables();
+        let mut dropped_since = tables.clone();
+        dropped_since[0].dropped = vec![4];
         let Message::Relation(mut widened) = relation() else {
             unreachable!("relation() is a Relation")
         };
@@ -1085,6 +1170,7 @@ mod tests {
             .expect_err("a column added since the catalogs were read");
         assert!(error.to_string().contains("`added`"), "{error}");
         // In a change older than the catalogs, it is a column dropped since: left out.
+        folder.tables = &dropped_since;
         folder.recent = false;
         folder.fold(Message::Relation(widened)).expect("older");
         let mut values = vec![text("1"), text("t"), text("b"), text("gone")];
@@ -1095,6 +1181,58 @@ mod tests {
             })
             .expect("insert");
         assert_eq!(folder.take()[0].inserts, vec![row(&["1", "t", "b"])]);
+    }
+
+    /// The table `docs` with columns `(name, attnum)` and the numbers of dropped columns.
+    fn shaped(columns: &[(&str, i16)], dropped: &[i16]) -> TableInfo {
+        let mut table = tables().remove(0);
+        table.columns = columns
+            .iter()
+            .map(|(name, _)| ColumnInfo {
+                name: (*name).to_owned(),
+                type_name: "text".to_owned(),
+            })
+            .collect();
+        table.attnums = columns.iter().map(|(_, attnum)| *attnum).collect();
+        table.dropped = dropped.to_vec();
+        table
+    }
+
+    #[test]
+    fn older_changes_place_renamed_dropped_and_added_columns() {
+        let place = |columns: &[(&str, i16)], dropped: &[i16], names: &[&str]| {
+            place_columns(&shaped(columns, dropped), names)
+        };
+        // Renamed, between two columns or last, with a column added after it.
+        let three = [("id", 1), ("heading", 2), ("body", 3)];
+        assert_eq!(
+            place(&three, &[], &["id", "title", "body"]),
+            Ok(vec![Some(0), Some(1), Some(2)])
+        );
+        let added = [("id", 1), ("heading", 2), ("extra", 3)];
+        assert_eq!(
+            place(&added, &[], &["id", "title"]),
+            Ok(vec![Some(0), Some(1)])
+        );
+        // Dropped, between two columns or last (with a column added since).
+        let two = [("id", 1), ("body", 3)];
+        assert_eq!(
+            place(&two, &[2], &["id", "title", "body"]),
+            Ok(vec![Some(0), None, Some(1)])
+        );
+        assert_eq!(
+            place(&[("id", 1), ("extra", 3)], &[2], &["id", "title"]),
+            Ok(vec![Some(0), None])
+        );
+        // A rename next to a drop, and names swapped: refused.
+        let error = place(
+            &[("id", 1), ("heading", 3), ("body", 4)],
+            &[2],
+            &["id", "x", "title", "body"],
+        )
+        .expect_err("ambiguous");
+        assert!(error.contains("`x`, `title`"), "{error}");
+        assert!(place(&[("id", 1), ("b", 2), ("a", 3)], &[], &["id", "a", "b"]).is_err());
     }
 
     #[test]

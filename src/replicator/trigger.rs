@@ -604,6 +604,8 @@ mod tests {
                 },
             ],
             key: vec![0, 1],
+            attnums: vec![1, 2, 3],
+            dropped: Vec::new(),
         };
         assert_eq!(
             dirty_sql("pgherd", &table),
