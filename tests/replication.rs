@@ -670,6 +670,40 @@ async fn a_replicator_whose_lock_connection_ended_takes_the_lock_again() {
     herd.shutdown().await;
 }
 
+/// `on_source_change = "stop"`: a slot found gone stops the target even when a table was added
+/// at the same time (which copies every table, and would otherwise hide the problem).
+#[actix_rt::test]
+async fn logical_mode_stops_on_a_lost_slot_when_a_table_is_added_too() {
+    let topology = topology(true).await;
+    let settings = |tables: &[&str]| {
+        let mut settings = topology.settings();
+        settings.replicator.mode = CaptureMode::Logical;
+        settings.replicator.on_source_change = pgherd::settings::ResyncPolicy::Stop;
+        settings.replicator.tables = tables.iter().map(|t| (*t).to_owned()).collect();
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        settings
+    };
+    let herd = Herd::start(settings(&["items"])).expect("start");
+    streaming(&herd).await;
+    herd.shutdown().await;
+    let admin = topology.primary().connect_admin().await.expect("connect");
+    admin
+        .batch_execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+        .await
+        .expect("drop the slot");
+    let herd = Herd::start(settings(&["items", "pairs"])).expect("start");
+    eventually("the target to stop", Duration::from_secs(20), || {
+        let status = herd.replication();
+        async move {
+            status.first().is_some_and(|s| {
+                matches!(&s.state, ReplicationState::Stopped(reason) if reason.contains("is gone"))
+            })
+        }
+    })
+    .await;
+    herd.shutdown().await;
+}
+
 /// A target whose sessions do not wait for their commits to be flushed (`synchronous_commit =
 /// off`) crashes after the slot moved past a batch: the replicator's own commits must have been
 /// durable, or that batch is lost for good.

@@ -723,10 +723,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         .transpose()
         .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
     let configured: Vec<String> = s.tables.iter().map(TableInfo::display).collect();
-    let mut fresh = s.progress.mode != "logical"
-        || s.progress.lsn.is_none()
-        || configured.iter().any(|t| !s.progress.tables.contains(t));
-    if !fresh {
+    let new_target = s.progress.mode != "logical" || s.progress.lsn.is_none();
+    // A table added is copied with every other one; a changed source is still reported (and
+    // stops the target when the policy says so).
+    let mut fresh = new_target || configured.iter().any(|t| !s.progress.tables.contains(t));
+    if !new_target {
         let slot_problem = if !exists {
             Some(format!(
                 "the replication slot `{slot}` is gone (a failover, or it was dropped)"
@@ -749,8 +750,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 }
                 ResyncPolicy::Resync => {
                     tracing::warn!(target = %s.spec.target, %problem, "copying every table again");
-                    s.shared
-                        .update(|status| status.warnings.push(format!("{problem}: copied again")));
+                    s.shared.warn(format!("{problem}: copied again"));
                     fresh = true;
                 }
             }

@@ -384,6 +384,16 @@ impl Shared {
         change(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
+    /// Records what could not be guaranteed, once however often the step that found it runs
+    /// again.
+    pub(crate) fn warn(&self, warning: String) {
+        self.update(|status| {
+            if !status.warnings.contains(&warning) {
+                status.warnings.push(warning);
+            }
+        });
+    }
+
     pub(crate) fn status(&self) -> ReplicationStatus {
         let mut status = self
             .status

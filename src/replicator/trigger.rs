@@ -223,8 +223,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 }
                 ResyncPolicy::Resync if !s.registered => {
                     tracing::warn!(target = %s.spec.target, %change, "copying every table again");
-                    s.shared
-                        .update(|status| status.warnings.push(format!("{change}: copied again")));
+                    s.shared.warn(format!("{change}: copied again"));
                     transaction.rollback().await.map_err(source_error)?;
                     register(s).await?;
                     return Ok(Step::Again);
