@@ -1227,7 +1227,7 @@ mod edges {
         let topology = workload_topology(Topology::builder().standbys(1).replica("replica")).await;
         let mut settings = workload_settings(&topology, CaptureMode::Trigger);
         settings.failover.mode = FailoverMode::Promote;
-        let herd = Herd::start(settings).expect("start");
+        let herd = Herd::start(settings.clone()).expect("start");
         herd.wait_ready(Duration::from_secs(15))
             .await
             .expect("ready");
@@ -1290,6 +1290,10 @@ mod edges {
             status[0].warnings.iter().any(|w| w.contains("timeline")),
             "the change of timeline is reported: {status:?}"
         );
+        // `pgherd status` measures the lag against the promoted standby, not the dead primary.
+        let lags = pgherd::replicator::survey(&settings).await.expect("survey");
+        assert!(lags[0].problem.is_none(), "{lags:?}");
+        assert_eq!(lags[0].lag_rows, Some(0), "{lags:?}");
         herd.shutdown().await;
     }
 

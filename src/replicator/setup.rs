@@ -143,8 +143,11 @@ pub struct TargetLag {
     pub problem: Option<String>,
 }
 
-/// Reads how far each replication target is behind its cluster's configured primary, outside
-/// a running herd (`pgherd status` shows it).
+/// Reads how far each replication target is behind its cluster's primary, outside a running
+/// herd (`pgherd status` shows it). The primary is the endpoint of the target's cluster that
+/// accepts writes and is the system the target was filled from (its identifier, in the target's
+/// progress row): after a failover, the promoted standby (the one on the timeline the target
+/// last applied, else the latest).
 ///
 /// # Errors
 ///
@@ -157,9 +160,17 @@ pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
     }
     let mut lags = Vec::new();
     for (name, endpoint) in settings.replication_targets() {
-        let primary = settings
-            .endpoints_with_role(Role::Primary)
-            .find(|(_, e)| e.cluster == endpoint.cluster);
+        // The configured primary first, then what may have replaced it.
+        let mut sources: Vec<(&str, &crate::settings::EndpointSettings)> = settings
+            .endpoints
+            .iter()
+            .filter(|(_, e)| {
+                e.cluster == endpoint.cluster
+                    && matches!(e.role, Role::Primary | Role::Standby | Role::Backup)
+            })
+            .map(|(name, e)| (name.as_str(), e))
+            .collect();
+        sources.sort_by_key(|(_, e)| e.role != Role::Primary);
         let mut lag = TargetLag {
             target: name.to_owned(),
             batch: 0,
@@ -169,7 +180,7 @@ pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
             lag: None,
             problem: None,
         };
-        if let Err(problem) = measure(settings, name, endpoint, primary, &mut lag).await {
+        if let Err(problem) = measure(settings, name, endpoint, &sources, &mut lag).await {
             lag.problem = Some(problem.to_string());
         }
         lags.push(lag);
@@ -177,11 +188,58 @@ pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
     Ok(lags)
 }
 
+/// The endpoint among `sources` that accepts writes and is the system `filled_from` names
+/// (identifier, timeline), preferring that timeline, else the latest; with its connection.
+async fn find_source<'a>(
+    settings: &Settings,
+    sources: &[(&'a str, &crate::settings::EndpointSettings)],
+    filled_from: &(Option<String>, Option<i32>),
+) -> Result<Option<(&'a str, tokio_postgres::Client)>, Error> {
+    let mut best: Option<(&str, tokio_postgres::Client, i32)> = None;
+    let mut last_error = None;
+    for &(name, endpoint) in sources {
+        let client = match connect(settings, name, endpoint).await {
+            Ok(client) => client,
+            Err(error) => {
+                last_error = Some(error);
+                continue;
+            }
+        };
+        let row = client
+            .query_one(
+                &format!("SELECT pg_is_in_recovery(), {}", super::run::Identity::SQL),
+                &[],
+            )
+            .await
+            .map_err(|e| Error::from_postgres(e).with_endpoint(&name.into()))?;
+        let (in_recovery, system_id, timeline): (bool, String, i32) =
+            (row.get(0), row.get(1), row.get(2));
+        if in_recovery || filled_from.0.as_ref().is_some_and(|s| *s != system_id) {
+            continue;
+        }
+        if filled_from.1 == Some(timeline) {
+            return Ok(Some((name, client)));
+        }
+        if best.as_ref().is_none_or(|(_, _, t)| timeline > *t) {
+            best = Some((name, client, timeline));
+        }
+    }
+    match (best, last_error) {
+        (Some((name, client, _)), _) => Ok(Some((name, client))),
+        (None, Some(error)) => Err(error),
+        (None, None) if sources.is_empty() => Ok(None),
+        (None, None) => Err(Error::new(ErrorKind::Config).with_detail(
+            "no endpoint of the target's cluster accepts writes as the system the target was \
+             filled from",
+        )),
+    }
+}
+
 async fn measure(
     settings: &Settings,
     name: &str,
     endpoint: &crate::settings::EndpointSettings,
-    primary: Option<(&str, &crate::settings::EndpointSettings)>,
+    sources: &[(&str, &crate::settings::EndpointSettings)],
     lag: &mut TargetLag,
 ) -> Result<(), Error> {
     let replicator = &settings.replicator;
@@ -191,8 +249,8 @@ async fn measure(
         .query_opt(
             &format!(
                 "SELECT batch, lsn::text, snapshot::text, \
-                 extract(epoch FROM now() - applied_at)::float8 FROM {schema}.progress \
-                 WHERE source = $1"
+                 extract(epoch FROM now() - applied_at)::float8, system_id, timeline \
+                 FROM {schema}.progress WHERE source = $1"
             ),
             &[&endpoint.cluster],
         )
@@ -207,10 +265,10 @@ async fn measure(
         .and_then(|text| text.parse().ok());
     let snapshot: Option<String> = row.get(2);
     let since = std::time::Duration::from_secs_f64(row.get::<_, f64>(3).max(0.0));
-    let Some((primary, primary_settings)) = primary else {
+    let filled_from: (Option<String>, Option<i32>) = (row.get(4), row.get(5));
+    let Some((primary, source)) = find_source(settings, sources, &filled_from).await? else {
         return Ok(());
     };
-    let source = connect(settings, primary, primary_settings).await?;
     let source_error = |e| Error::from_postgres(e).with_endpoint(&primary.into());
     let current: String = source
         .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
