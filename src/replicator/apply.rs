@@ -183,13 +183,18 @@ fn upsert_sql(table: &TableInfo, chosen: &[usize]) -> String {
         columns.join(", "),
         values.join(", "),
         params(1, chosen.len()),
-        chosen
-            .iter()
-            .map(|i| format!("c{i}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        aliases(chosen),
         keys.join(", "),
     )
+}
+
+/// `c0, c2, ...`: the names `unnest` gives the arrays of the `chosen` columns.
+fn aliases(chosen: &[usize]) -> String {
+    chosen
+        .iter()
+        .map(|i| format!("c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl TableSql {
@@ -263,11 +268,7 @@ impl TableSql {
             table.qualified(),
             set.join(", "),
             params(1, chosen.len()),
-            chosen
-                .iter()
-                .map(|i| format!("c{i}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            aliases(&chosen),
             matches.join(" AND "),
         )
     }
