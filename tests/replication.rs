@@ -520,9 +520,10 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
     .await;
     herd.shutdown().await;
 
-    // Written while no replicator runs, then a column with a default is added: after the
-    // restart these changes come without the column, and the rows they insert must take its
-    // default on the replica as they took it on the primary.
+    // Written while no replicator runs, then columns are added (one with a default, one
+    // without) and their defaults changed: after the restart these changes come without the
+    // columns, and the rows they insert must hold what the primary's rows got when the columns
+    // were added (7 and NULL), not the defaults of now.
     primary
         .batch_execute(
             "INSERT INTO notes VALUES (5, 'e', 'before'); UPDATE notes SET name = 'bb' WHERE id = 2; \
@@ -532,7 +533,8 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
         .expect("changes before the column");
     on_both(
         &topology,
-        "ALTER TABLE notes ADD COLUMN ranked int DEFAULT 7",
+        "ALTER TABLE notes ADD COLUMN ranked int DEFAULT 7, ADD COLUMN flag text; \
+         ALTER TABLE notes ALTER COLUMN ranked SET DEFAULT 8, ALTER COLUMN flag SET DEFAULT 'later'",
     )
     .await;
     let herd = streaming_herd(&topology, CaptureMode::Logical, "notes").await;

@@ -95,13 +95,10 @@ pub(crate) struct TableChanges {
     pub(crate) inserts: Vec<Row>,
     /// Whole rows to insert or overwrite.
     pub(crate) upserts: Vec<Row>,
-    /// Rows of which only some columns are known (the others are unchanged TOAST values in
-    /// `logical` mode), grouped by which columns are present.
+    /// Rows of which only some columns are known (`logical` mode: the others are unchanged
+    /// TOAST values, or columns added after the change was written), grouped by which columns
+    /// are present.
     pub(crate) updates: BTreeMap<Vec<bool>, Vec<Row>>,
-    /// Rows to insert or overwrite of which only some columns are known (`logical` mode: the
-    /// change was written before the others were added; they take the target's defaults),
-    /// grouped by which columns are present.
-    pub(crate) sparse: BTreeMap<Vec<bool>, Vec<Row>>,
 }
 
 impl TableChanges {
@@ -111,7 +108,6 @@ impl TableChanges {
             && self.inserts.is_empty()
             && self.upserts.is_empty()
             && self.updates.is_empty()
-            && self.sparse.is_empty()
     }
 
     /// Whether `error`, returned by applying these changes, says that one of the inserted rows
@@ -125,7 +121,6 @@ impl TableChanges {
             + self.inserts.len()
             + self.upserts.len()
             + self.updates.values().map(Vec::len).sum::<usize>()
-            + self.sparse.values().map(Vec::len).sum::<usize>()
     }
 }
 
@@ -140,9 +135,9 @@ pub(crate) struct TableSql {
     table: TableInfo,
 }
 
-/// `INSERT ... ON CONFLICT DO UPDATE` of the `chosen` columns (every key column among them) from
-/// one text array per chosen column, in order.
-fn upsert_sql(table: &TableInfo, chosen: &[usize]) -> String {
+/// `INSERT ... ON CONFLICT DO UPDATE` of every column, from one text array per column.
+fn upsert_sql(table: &TableInfo) -> String {
+    let chosen: Vec<usize> = (0..table.columns.len()).collect();
     let columns: Vec<String> = chosen
         .iter()
         .map(|&i| quote_ident(&table.columns[i].name))
@@ -183,7 +178,7 @@ fn upsert_sql(table: &TableInfo, chosen: &[usize]) -> String {
         columns.join(", "),
         values.join(", "),
         params(1, chosen.len()),
-        aliases(chosen),
+        aliases(&chosen),
         keys.join(", "),
     )
 }
@@ -220,8 +215,7 @@ impl TableSql {
                 .join(", "),
             key_casts.join(" AND "),
         );
-        let every: Vec<usize> = (0..table.columns.len()).collect();
-        let upsert = upsert_sql(&table, &every);
+        let upsert = upsert_sql(&table);
         let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
         // COPY writes the given values into identity columns, as OVERRIDING SYSTEM VALUE does.
         let copy = format!("COPY {name} ({}) FROM STDIN", columns.join(", "));
@@ -321,8 +315,7 @@ impl TableSql {
     }
 
     /// Applies `changes` within `transaction`: truncate, then deletes, then inserts, then
-    /// upserts (whole rows, then rows of some columns), then partial updates. Returns the rows
-    /// written.
+    /// upserts, then partial updates. Returns the rows written.
     pub(crate) async fn apply(
         &self,
         transaction: &Client,
@@ -354,17 +347,6 @@ impl TableSql {
             );
             written += transaction
                 .execute(&self.upsert, &as_params(&columns))
-                .await?;
-        }
-        for (present, rows) in &changes.sparse {
-            let chosen: Vec<usize> = (0..present.len()).filter(|&i| present[i]).collect();
-            let columns = transpose(
-                rows.iter()
-                    .map(|row| chosen.iter().map(|&i| row[i].as_ref())),
-                chosen.len(),
-            );
-            written += transaction
-                .execute(&upsert_sql(&self.table, &chosen), &as_params(&columns))
                 .await?;
         }
         for (present, rows) in &changes.updates {
@@ -502,6 +484,8 @@ mod tests {
             key: vec![0, 2],
             attnums: vec![1, 2, 3],
             dropped: Vec::new(),
+            missing: vec![None; 3],
+            type_oids: vec![25, 1700, 23],
         }
     }
 
@@ -535,17 +519,6 @@ mod tests {
             "UPDATE \"shop\".\"Or\"\"ders\" AS t SET \"amount\" = u.c1::numeric(12,2) FROM \
              unnest($1::text[], $2::text[], $3::text[]) AS u(c0, c1, c2) WHERE t.\"region\" = u.c0::text \
              AND t.\"no\" = u.c2::integer"
-        );
-    }
-
-    #[test]
-    fn sparse_upserts_write_only_the_known_columns() {
-        let table = orders();
-        assert_eq!(
-            upsert_sql(&table, &[0, 2]),
-            "INSERT INTO \"shop\".\"Or\"\"ders\" AS t (\"region\", \"no\") OVERRIDING SYSTEM VALUE \
-             SELECT u.c0::text, u.c2::integer FROM unnest($1::text[], $2::text[]) AS u(c0, c2) \
-             ON CONFLICT (\"region\", \"no\") DO UPDATE SET \"region\" = EXCLUDED.\"region\""
         );
     }
 

@@ -29,6 +29,11 @@ pub(crate) struct TableInfo {
     pub(crate) attnums: Vec<i16>,
     /// The numbers of the columns dropped so far, in order.
     pub(crate) dropped: Vec<i16>,
+    /// Each column's value, as text, in the rows that existed when it was added (PostgreSQL's
+    /// `attmissingval`: the default it was added with; `None` for NULL).
+    pub(crate) missing: Vec<Option<String>>,
+    /// Each column's type (`atttypid`), as a `Relation` message names it.
+    pub(crate) type_oids: Vec<u32>,
 }
 
 impl TableInfo {
@@ -59,7 +64,8 @@ SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), c.oid, \
        coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) \
                  WHERE k.att = a.attnum AND k.n <= i.indnkeyatts), 0)::int4, a.attnum, \
        ARRAY(SELECT d.attnum FROM pg_catalog.pg_attribute d WHERE d.attrelid = c.oid \
-             AND d.attnum > 0 AND d.attisdropped ORDER BY d.attnum) \
+             AND d.attnum > 0 AND d.attisdropped ORDER BY d.attnum), \
+       CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END, a.atttypid \
 FROM pg_catalog.pg_class c \
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -79,6 +85,8 @@ pub(crate) async fn load(
     }
     let mut columns = Vec::with_capacity(rows.len());
     let mut attnums = Vec::with_capacity(rows.len());
+    let mut missing = Vec::with_capacity(rows.len());
+    let mut type_oids = Vec::with_capacity(rows.len());
     let mut key: Vec<(i32, usize)> = Vec::new();
     for row in &rows {
         let position: i32 = row.get(3);
@@ -86,6 +94,8 @@ pub(crate) async fn load(
             key.push((position, columns.len()));
         }
         attnums.push(row.get(4));
+        missing.push(row.get(6));
+        type_oids.push(row.get(7));
         columns.push(ColumnInfo {
             name: row.get(0),
             type_name: row.get(1),
@@ -103,5 +113,7 @@ pub(crate) async fn load(
         key: key.into_iter().map(|(_, index)| index).collect(),
         attnums,
         dropped: rows[0].get(5),
+        missing,
+        type_oids,
     }))
 }

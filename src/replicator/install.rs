@@ -55,11 +55,10 @@ pub(crate) async fn tables(
                     return Err(config(format!(
                         "table {} on `{endpoint}` has a DEFERRABLE primary key: `logical` mode \
                          folds the decoded changes key by key, and two rows can hold the same \
-                         key until the check; make it NOT DEFERRABLE (ALTER TABLE {} ALTER \
-                         CONSTRAINT ... NOT DEFERRABLE), or replicate the table with mode = \
-                         \"trigger\", which reads the committed rows",
+                         key until the check; give it a primary key that is not DEFERRABLE \
+                         ({RECREATE_KEY}), or replicate the table with mode = \"trigger\", \
+                         which reads the committed rows",
                         table.display(),
-                        table.qualified()
                     )));
                 }
             }
@@ -67,6 +66,10 @@ pub(crate) async fn tables(
     }
     Ok(tables)
 }
+
+/// How to replace a `DEFERRABLE` primary key (PostgreSQL cannot alter its deferrability).
+const RECREATE_KEY: &str = "CREATE UNIQUE INDEX CONCURRENTLY new_key ON ... (key columns), then \
+     ALTER TABLE ... DROP CONSTRAINT old_key, ADD PRIMARY KEY USING INDEX new_key";
 
 /// Whether `table`'s primary key is `DEFERRABLE` (checked at the end of the statement or the
 /// transaction, so that two rows can hold the same key until then).
@@ -159,7 +162,8 @@ pub(crate) async fn target_types(
     if deferrable_key(client, table).await? {
         return Err(config(format!(
             "table {} has a DEFERRABLE primary key on target `{endpoint}`: the replicator \
-             upserts with ON CONFLICT, which cannot use it; make it NOT DEFERRABLE there",
+             upserts with ON CONFLICT, which cannot use it; give it one that is not DEFERRABLE \
+             there ({RECREATE_KEY})",
             table.display()
         )));
     }
@@ -517,6 +521,8 @@ mod tests {
             key: vec![0],
             attnums: vec![1],
             dropped: Vec::new(),
+            missing: vec![None; 1],
+            type_oids: vec![20],
         }
     }
 

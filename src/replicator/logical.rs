@@ -19,7 +19,7 @@ use futures_util::TryStreamExt as _;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    apply::{Key, Row, TableChanges},
+    apply::{Key, Row, TableChanges, Text},
     catalog::TableInfo,
     install,
     pgoutput::{self, Message, Value},
@@ -37,12 +37,9 @@ use crate::{error::Error, position::Position, settings::ResyncPolicy};
 enum Entry {
     Upsert(Row),
     Delete,
-    /// Only the columns marked present are known (the others are unchanged TOAST values).
+    /// Only the columns marked present are known (the others are unchanged TOAST values, or
+    /// columns added to the table after the change was written).
     Partial(Vec<bool>, Row),
-    /// A row inserted with only the columns marked present: the change was written before the
-    /// others were added to the table, so they take the target's defaults, as they took the
-    /// source's.
-    Sparse(Vec<bool>, Row),
 }
 
 /// The net changes of one table, folded in commit order.
@@ -71,7 +68,6 @@ impl Pending {
                 Entry::Partial(present, row) => {
                     changes.updates.entry(present).or_default().push(row)
                 }
-                Entry::Sparse(present, row) => changes.sparse.entry(present).or_default().push(row),
             }
         }
         changes
@@ -109,29 +105,28 @@ impl Mapping {
     }
 }
 
-/// Places the columns of a `Relation` sent with a change older than the catalogs (`names`, the
-/// table's columns at the time, in order) onto the table's current columns: by name, and a
-/// name the table no longer has belongs to a column dropped or renamed since. Columns keep
-/// their numbers and added ones get higher numbers, so between two columns found by name (or
-/// after the last one), the unknown names are
-/// - renamed columns, in order, when no column was dropped there: the current columns there
-///   that the change does not name (after the last one found, the first of those; the others
-///   were added since);
-/// - dropped columns, when no current column there is left unnamed (after the last one found,
-///   those are taken as added since).
+/// Places the columns of a `Relation` sent with a change older than the catalogs (`columns`:
+/// name and type of the table's columns at the time, in order) onto the table's current
+/// columns: by name, and a name the table no longer has belongs to a column dropped or renamed
+/// since. Columns keep their numbers and added ones get higher numbers, so every current column
+/// numbered below a column of the change existed then and is in it. Between two columns found
+/// by name, the unknown names are
+/// - renamed columns, in order, when no column was dropped there: the columns there that the
+///   change does not name;
+/// - dropped columns, when every column there is named.
 ///
-/// Anything else (a rename next to a drop) cannot be told apart and is an error, rather than a
-/// value written to the wrong column or lost.
-fn place_columns(table: &TableInfo, names: &[&str]) -> Result<Vec<Option<usize>>, String> {
-    let by_name: Vec<Option<usize>> = names
+/// After the last one found, current columns not named were added since or renamed: the first
+/// ones are the renamed columns when none was dropped there; when some were dropped and no
+/// unknown name has the type of a column not named, the unknown ones were dropped.
+///
+/// Anything else (a rename next to a drop, a column that took another's name) cannot be told
+/// apart and is an error, rather than a value written to the wrong column or lost.
+fn place_columns(table: &TableInfo, columns: &[(&str, u32)]) -> Result<Vec<Option<usize>>, String> {
+    let mut placed: Vec<Option<usize>> = columns
         .iter()
-        .map(|name| table.columns.iter().position(|c| c.name == *name))
+        .map(|(name, _)| table.columns.iter().position(|c| c.name == *name))
         .collect();
-    let found: Vec<i16> = by_name
-        .iter()
-        .flatten()
-        .map(|&c| table.attnums[c])
-        .collect();
+    let found: Vec<i16> = placed.iter().flatten().map(|&c| table.attnums[c]).collect();
     if found.windows(2).any(|pair| pair[0] >= pair[1]) {
         return Err(
             "its columns come in another order than the table's (columns swapped their \
@@ -139,41 +134,47 @@ fn place_columns(table: &TableInfo, names: &[&str]) -> Result<Vec<Option<usize>>
                 .to_owned(),
         );
     }
-    if by_name.iter().all(Option::is_some) {
-        return Ok(by_name);
-    }
-    let mut placed = by_name.clone();
+    let by_name = placed.clone();
     let mut low = 0_i16;
     let mut from = 0;
     loop {
-        let next = (from..names.len()).find(|&i| by_name[i].is_some());
+        let next = (from..columns.len()).find(|&i| by_name[i].is_some());
         let high = next.and_then(|i| by_name[i]).map(|c| table.attnums[c]);
-        let unknown: Vec<usize> = (from..next.unwrap_or(names.len())).collect();
-        if !unknown.is_empty() {
-            let between = |attnum: i16| attnum > low && high.is_none_or(|high| attnum < high);
-            let unnamed: Vec<usize> = (0..table.columns.len())
-                .filter(|&c| between(table.attnums[c]) && !by_name.contains(&Some(c)))
-                .collect();
-            let dropped = table.dropped.iter().filter(|&&a| between(a)).count();
-            let trailing = next.is_none();
-            let fits = if trailing {
-                unknown.len() <= unnamed.len()
-            } else {
-                unknown.len() == unnamed.len()
-            };
-            if dropped == 0 && fits {
-                for (&at, &column) in unknown.iter().zip(&unnamed) {
-                    placed[at] = Some(column);
-                }
-            } else if !(unknown.len() <= dropped && (trailing || unnamed.is_empty())) {
-                let list: Vec<String> =
-                    unknown.iter().map(|&i| format!("`{}`", names[i])).collect();
-                return Err(format!(
-                    "its column(s) {} were renamed or dropped since, next to another rename or \
-                     drop, and cannot be told apart",
-                    list.join(", ")
-                ));
+        let between = |attnum: i16| attnum > low && high.is_none_or(|high| attnum < high);
+        let unknown: Vec<usize> = (from..next.unwrap_or(columns.len())).collect();
+        let unnamed: Vec<usize> = (0..table.columns.len())
+            .filter(|&c| between(table.attnums[c]) && !by_name.contains(&Some(c)))
+            .collect();
+        let dropped = table.dropped.iter().filter(|&&a| between(a)).count();
+        let renamed = if next.is_some() {
+            unknown.len() == unnamed.len() && dropped == 0
+        } else {
+            unknown.len() <= unnamed.len() && dropped == 0
+        };
+        let unnamed_type =
+            |&at: &usize| unnamed.iter().any(|&c| table.type_oids[c] == columns[at].1);
+        let all_dropped = unknown.len() <= dropped
+            && (unnamed.is_empty() || next.is_none() && !unknown.iter().any(unnamed_type));
+        if unknown.is_empty() && next.is_some() && !unnamed.is_empty() {
+            return Err(format!(
+                "a column of the change now named otherwise, and `{}` named after it since",
+                table.columns[unnamed[0]].name
+            ));
+        }
+        if renamed {
+            for (&at, &column) in unknown.iter().zip(&unnamed) {
+                placed[at] = Some(column);
             }
+        } else if !unknown.is_empty() && !all_dropped {
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|&i| format!("`{}`", columns[i].0))
+                .collect();
+            return Err(format!(
+                "its column(s) {} were renamed or dropped since, next to another rename or \
+                 drop, and cannot be told apart",
+                list.join(", ")
+            ));
         }
         match (next, high) {
             (Some(i), Some(high)) => {
@@ -236,13 +237,18 @@ impl<'a> Folder<'a> {
             return Ok(());
         };
         let info = &self.tables[table];
-        let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+        let names: Vec<(&str, u32)> = relation
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.type_id))
+            .collect();
         let columns = if self.recent {
             let columns: Vec<Option<usize>> = names
                 .iter()
-                .map(|name| info.columns.iter().position(|t| t.name == *name))
+                .map(|(name, _)| info.columns.iter().position(|t| t.name == *name))
                 .collect();
-            if let Some((unknown, _)) = names.iter().zip(&columns).find(|(_, at)| at.is_none()) {
+            if let Some(((unknown, _), _)) = names.iter().zip(&columns).find(|(_, at)| at.is_none())
+            {
                 return Err(Error::mapping(format!(
                     "table {} has a column `{unknown}` that this session did not read from the \
                      primary's catalogs (it was added since): reading them again",
@@ -347,16 +353,20 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
-                if mapping.covers_table {
-                    let row = self.row(mapping, new, None)?;
-                    let key = self.key(table, &row)?;
-                    self.set(table, key, Entry::Upsert(row), true);
-                } else {
-                    let mut present = Vec::new();
-                    let row = self.row(mapping, new, Some(&mut present))?;
-                    let key = self.key(table, &row)?;
-                    self.set(table, key, Entry::Sparse(present, row), true);
+                let mut row = self.row(mapping, new, None)?;
+                if !mapping.covers_table {
+                    // Written before these columns were added: on the source the row holds
+                    // what the rows of that time got when they were (the default they were
+                    // added with, or NULL), whatever the default is now.
+                    let info = &self.tables[table];
+                    for (i, value) in row.iter_mut().enumerate() {
+                        if !mapping.columns.contains(&Some(i)) {
+                            *value = info.missing[i].as_deref().map(Text::from);
+                        }
+                    }
                 }
+                let key = self.key(table, &row)?;
+                self.set(table, key, Entry::Upsert(row), true);
             }
             Message::Update {
                 relation,
@@ -409,9 +419,6 @@ impl<'a> Folder<'a> {
                         }
                     }
                 }
-                // Whether the row may not be on the target yet (inserted in this step before
-                // columns were added): then it stays an insert.
-                let mut sparse = false;
                 if !whole && present.iter().any(|p| !p) {
                     let earlier = self.pending[table]
                         .entries
@@ -426,11 +433,7 @@ impl<'a> Folder<'a> {
                                 }
                             }
                         }
-                        Some(
-                            Entry::Partial(previous_present, previous)
-                            | Entry::Sparse(previous_present, previous),
-                        ) => {
-                            sparse = matches!(earlier, Some(Entry::Sparse(..)));
+                        Some(Entry::Partial(previous_present, previous)) => {
                             for i in 0..row.len() {
                                 if !present[i] && previous_present[i] {
                                     row[i].clone_from(&previous[i]);
@@ -455,8 +458,6 @@ impl<'a> Folder<'a> {
                 }
                 let entry = if complete {
                     Entry::Upsert(row)
-                } else if sparse {
-                    Entry::Sparse(present, row)
                 } else {
                     Entry::Partial(present, row)
                 };
@@ -1100,6 +1101,8 @@ mod tests {
             key: vec![0],
             attnums: vec![1, 2, 3],
             dropped: Vec::new(),
+            missing: vec![None; 3],
+            type_oids: vec![25, 25, 25],
         }]
     }
 
@@ -1183,61 +1186,87 @@ mod tests {
         assert_eq!(folder.take()[0].inserts, vec![row(&["1", "t", "b"])]);
     }
 
-    /// The table `docs` with columns `(name, attnum)` and the numbers of dropped columns.
-    fn shaped(columns: &[(&str, i16)], dropped: &[i16]) -> TableInfo {
+    /// The table `docs` with columns `(name, attnum, type)` and the numbers of dropped columns.
+    fn shaped(columns: &[(&str, i16, u32)], dropped: &[i16]) -> TableInfo {
         let mut table = tables().remove(0);
         table.columns = columns
             .iter()
-            .map(|(name, _)| ColumnInfo {
+            .map(|(name, _, _)| ColumnInfo {
                 name: (*name).to_owned(),
                 type_name: "text".to_owned(),
             })
             .collect();
-        table.attnums = columns.iter().map(|(_, attnum)| *attnum).collect();
+        table.attnums = columns.iter().map(|c| c.1).collect();
+        table.type_oids = columns.iter().map(|c| c.2).collect();
+        table.missing = vec![None; columns.len()];
         table.dropped = dropped.to_vec();
         table
     }
 
     #[test]
     fn older_changes_place_renamed_dropped_and_added_columns() {
-        let place = |columns: &[(&str, i16)], dropped: &[i16], names: &[&str]| {
-            place_columns(&shaped(columns, dropped), names)
+        const TEXT: u32 = 25;
+        const INT: u32 = 23;
+        let place = |columns: &[(&str, i16, u32)], dropped: &[i16], names: &[&str]| {
+            let named: Vec<(&str, u32)> = names.iter().map(|n| (*n, TEXT)).collect();
+            place_columns(&shaped(columns, dropped), &named)
         };
         // Renamed, between two columns or last, with a column added after it.
-        let three = [("id", 1), ("heading", 2), ("body", 3)];
+        let three = [("id", 1, TEXT), ("heading", 2, TEXT), ("body", 3, TEXT)];
         assert_eq!(
             place(&three, &[], &["id", "title", "body"]),
             Ok(vec![Some(0), Some(1), Some(2)])
         );
-        let added = [("id", 1), ("heading", 2), ("extra", 3)];
+        let added = [("id", 1, TEXT), ("heading", 2, TEXT), ("extra", 3, TEXT)];
         assert_eq!(
             place(&added, &[], &["id", "title"]),
             Ok(vec![Some(0), Some(1)])
         );
-        // Dropped, between two columns or last (with a column added since).
-        let two = [("id", 1), ("body", 3)];
+        // Dropped, between two columns, or last with a column of another type added since.
+        let two = [("id", 1, TEXT), ("body", 3, TEXT)];
         assert_eq!(
             place(&two, &[2], &["id", "title", "body"]),
             Ok(vec![Some(0), None, Some(1)])
         );
         assert_eq!(
-            place(&[("id", 1), ("extra", 3)], &[2], &["id", "title"]),
+            place(
+                &[("id", 1, TEXT), ("extra", 3, INT)],
+                &[2],
+                &["id", "title"]
+            ),
             Ok(vec![Some(0), None])
         );
-        // A rename next to a drop, and names swapped: refused.
+        // Last, next to a column dropped at some time, with a column of its type after it:
+        // renamed (an older drop) or dropped (and one added since) cannot be told apart.
+        assert!(place(
+            &[("id", 1, TEXT), ("heading", 3, TEXT)],
+            &[2],
+            &["id", "title"]
+        )
+        .is_err());
+        // A rename next to a drop; names swapped; a column renamed and its name given to a
+        // column added since.
         let error = place(
-            &[("id", 1), ("heading", 3), ("body", 4)],
+            &[("id", 1, TEXT), ("heading", 3, TEXT), ("body", 4, TEXT)],
             &[2],
             &["id", "x", "title", "body"],
         )
         .expect_err("ambiguous");
         assert!(error.contains("`x`, `title`"), "{error}");
-        assert!(place(&[("id", 1), ("b", 2), ("a", 3)], &[], &["id", "a", "b"]).is_err());
+        let swapped = [("id", 1, TEXT), ("b", 2, TEXT), ("a", 3, TEXT)];
+        assert!(place(&swapped, &[], &["id", "a", "b"]).is_err());
+        let taken = [
+            ("id", 1, TEXT),
+            ("legacy_status", 2, TEXT),
+            ("status", 3, TEXT),
+        ];
+        assert!(place(&taken, &[], &["id", "status"]).is_err());
     }
 
     #[test]
-    fn a_row_written_before_a_column_was_added_is_inserted_without_it() {
-        let tables = tables();
+    fn a_row_written_before_a_column_was_added_gets_the_value_it_was_added_with() {
+        let mut tables = tables();
+        tables[0].missing[2] = Some("added with".to_owned());
         let Message::Relation(mut narrow) = relation() else {
             unreachable!("relation() is a Relation")
         };
@@ -1250,7 +1279,7 @@ mod tests {
                 relation: 7,
                 new: vec![text("1"), text("t")],
             },
-            // Changed again in the same step: still an insert of the known columns.
+            // Changed again in the same step: still that value.
             Message::Update {
                 relation: 7,
                 old: None,
@@ -1267,15 +1296,15 @@ mod tests {
             assert!(folder.fold(message).expect("fold").is_none());
         }
         let changes = folder.take().remove(0);
-        let known = vec![true, true, false];
-        let mut inserted = row(&["1", "t2"]);
-        inserted.push(None);
-        assert_eq!(changes.sparse.get(&known), Some(&vec![inserted]));
+        assert_eq!(changes.inserts, vec![row(&["1", "t2", "added with"])]);
         // A row already on the target keeps the value it has there.
         let mut updated = row(&["2", "u"]);
         updated.push(None);
-        assert_eq!(changes.updates.get(&known), Some(&vec![updated]));
-        assert!(changes.inserts.is_empty() && changes.upserts.is_empty());
+        assert_eq!(
+            changes.updates.get(&vec![true, true, false]),
+            Some(&vec![updated])
+        );
+        assert!(changes.upserts.is_empty());
     }
 
     #[test]

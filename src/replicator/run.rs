@@ -483,9 +483,9 @@ async fn session(
             return Ok(Ended::SourceMoved);
         }
         // The target's lock lives as long as this connection. Once it is gone (the target
-        // restarted, the backend was terminated, the network cut) another replicator may hold
-        // the lock: this session must not go on acknowledging and reporting as the active one,
-        // even while its steps find nothing to write on the target.
+        // restarted, the backend was terminated; a network cut once TCP notices) another
+        // replicator may hold the lock: this session must not go on acknowledging and
+        // reporting as the active one, even while its steps find nothing to write there.
         if session.target.is_closed() {
             return Err(Error::new(ErrorKind::Connection)
                 .with_endpoint(&spec.target)

@@ -164,8 +164,9 @@ pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
         let mut sources: Vec<(&str, &crate::settings::EndpointSettings)> = settings
             .endpoints
             .iter()
-            .filter(|(_, e)| {
+            .filter(|(source, e)| {
                 e.cluster == endpoint.cluster
+                    && *source != name
                     && matches!(e.role, Role::Primary | Role::Standby | Role::Backup)
             })
             .map(|(name, e)| (name.as_str(), e))
@@ -188,40 +189,51 @@ pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
     Ok(lags)
 }
 
-/// The endpoint among `sources` that accepts writes and is the system `filled_from` names
-/// (identifier, timeline), preferring that timeline, else the latest; with its connection.
+/// The endpoint among `sources` that accepts writes and is the system the target was filled
+/// from (`filled_from`, its identifier), on the latest timeline (a primary that came back
+/// writable after its standby was promoted stays on the old one), with its connection. Before
+/// the target was filled from anything, only a configured primary or a promoted standby.
 async fn find_source<'a>(
     settings: &Settings,
     sources: &[(&'a str, &crate::settings::EndpointSettings)],
-    filled_from: &(Option<String>, Option<i32>),
+    filled_from: Option<&str>,
 ) -> Result<Option<(&'a str, tokio_postgres::Client)>, Error> {
     let mut best: Option<(&str, tokio_postgres::Client, i32)> = None;
     let mut last_error = None;
     for &(name, endpoint) in sources {
-        let client = match connect(settings, name, endpoint).await {
-            Ok(client) => client,
-            Err(error) => {
-                last_error = Some(error);
-                continue;
-            }
-        };
-        let row = client
-            .query_one(
-                &format!("SELECT pg_is_in_recovery(), {}", super::run::Identity::SQL),
-                &[],
-            )
-            .await
-            .map_err(|e| Error::from_postgres(e).with_endpoint(&name.into()))?;
-        let (in_recovery, system_id, timeline): (bool, String, i32) =
-            (row.get(0), row.get(1), row.get(2));
-        if in_recovery || filled_from.0.as_ref().is_some_and(|s| *s != system_id) {
+        if filled_from.is_none() && endpoint.role == Role::Backup {
             continue;
         }
-        if filled_from.1 == Some(timeline) {
-            return Ok(Some((name, client)));
-        }
-        if best.as_ref().is_none_or(|(_, _, t)| timeline > *t) {
-            best = Some((name, client, timeline));
+        let identity = async {
+            let client = connect(settings, name, endpoint).await?;
+            let query_error = |e| Error::from_postgres(e).with_endpoint(&name.into());
+            let in_recovery: bool = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(query_error)?
+                .get(0);
+            if in_recovery {
+                return Ok(None);
+            }
+            let row = client
+                .query_one(&format!("SELECT {}", super::run::Identity::SQL), &[])
+                .await
+                .map_err(query_error)?;
+            Ok::<_, Error>(Some((
+                client,
+                row.get::<_, String>(0),
+                row.get::<_, i32>(1),
+            )))
+        };
+        match identity.await {
+            Err(error) => last_error = Some(error),
+            Ok(None) => {}
+            Ok(Some((_, system_id, _))) if filled_from.is_some_and(|s| s != system_id) => {}
+            Ok(Some((client, _, timeline))) => {
+                if best.as_ref().is_none_or(|(_, _, t)| timeline > *t) {
+                    best = Some((name, client, timeline));
+                }
+            }
         }
     }
     match (best, last_error) {
@@ -249,7 +261,7 @@ async fn measure(
         .query_opt(
             &format!(
                 "SELECT batch, lsn::text, snapshot::text, \
-                 extract(epoch FROM now() - applied_at)::float8, system_id, timeline \
+                 extract(epoch FROM now() - applied_at)::float8, system_id \
                  FROM {schema}.progress WHERE source = $1"
             ),
             &[&endpoint.cluster],
@@ -265,8 +277,9 @@ async fn measure(
         .and_then(|text| text.parse().ok());
     let snapshot: Option<String> = row.get(2);
     let since = std::time::Duration::from_secs_f64(row.get::<_, f64>(3).max(0.0));
-    let filled_from: (Option<String>, Option<i32>) = (row.get(4), row.get(5));
-    let Some((primary, source)) = find_source(settings, sources, &filled_from).await? else {
+    let filled_from: Option<String> = row.get(4);
+    let Some((primary, source)) = find_source(settings, sources, filled_from.as_deref()).await?
+    else {
         return Ok(());
     };
     let source_error = |e| Error::from_postgres(e).with_endpoint(&primary.into());

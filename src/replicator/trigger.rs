@@ -605,6 +605,8 @@ mod tests {
             key: vec![0, 1],
             attnums: vec![1, 2, 3],
             dropped: Vec::new(),
+            missing: vec![None; 3],
+            type_oids: vec![25, 23, 25],
         };
         assert_eq!(
             dirty_sql("pgherd", &table),
