@@ -59,13 +59,20 @@ pub(crate) enum CatalogProblem {
     NoPrimaryKey,
 }
 
+/// `attmissingval` is a one-element array of the column's type: its text form read back as
+/// `text[]` gives the element's text, except for `box`, whose arrays are delimited by `;` (its
+/// one element is then the array's text without the braces).
 const COLUMNS_SQL: &str = "\
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), c.oid, \
        coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) \
                  WHERE k.att = a.attnum AND k.n <= i.indnkeyatts), 0)::int4, a.attnum, \
        ARRAY(SELECT d.attnum FROM pg_catalog.pg_attribute d WHERE d.attrelid = c.oid \
              AND d.attnum > 0 AND d.attisdropped ORDER BY d.attnum), \
-       CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END, a.atttypid \
+       CASE WHEN NOT a.atthasmissing THEN NULL \
+            WHEN (SELECT typdelim FROM pg_catalog.pg_type WHERE oid = a.atttypid) = ',' \
+            THEN (a.attmissingval::text::text[])[1] \
+            ELSE btrim(a.attmissingval::text, '{}') END, \
+       a.atttypid \
 FROM pg_catalog.pg_class c \
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
