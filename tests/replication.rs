@@ -706,6 +706,59 @@ async fn logical_mode_stops_on_a_lost_slot_when_a_table_is_added_too() {
     herd.shutdown().await;
 }
 
+/// A target that went back in time (restored from a backup: its progress row and rows as they
+/// were before the last batches) holds less than its slot released: reported, and copied again
+/// (`on_source_change = "resync"`), instead of streaming on past the lost rows.
+#[actix_rt::test]
+async fn logical_mode_copies_again_a_target_that_went_back() {
+    let topology = topology(true).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    let equal =
+        || async { digest(&primary, "items", "id").await == digest(&replica, "items", "id").await };
+    let herd = streaming_herd(&topology, CaptureMode::Logical, "items").await;
+    primary
+        .batch_execute("INSERT INTO items (id, name) VALUES (1, 'kept')")
+        .await
+        .expect("row");
+    eventually("the first row", Duration::from_secs(20), equal).await;
+    let saved: String = replica
+        .query_one("SELECT lsn::text FROM pgherd.progress", &[])
+        .await
+        .expect("progress")
+        .get(0);
+    primary
+        .batch_execute("INSERT INTO items (id, name) VALUES (2, 'lost by the restore')")
+        .await
+        .expect("row");
+    eventually("the second row", Duration::from_secs(20), equal).await;
+    let admin = topology.primary().connect_admin().await.expect("connect");
+    let released =
+        format!("SELECT count(*) FROM pg_replication_slots WHERE confirmed_flush_lsn > '{saved}'");
+    eventually(
+        "the slot to release the second row",
+        Duration::from_secs(20),
+        || async { count(&admin, &released).await > 0 },
+    )
+    .await;
+    herd.shutdown().await;
+    // The restore: the rows and the progress row as they were after the first row.
+    replica
+        .batch_execute(&format!(
+            "DELETE FROM items WHERE id = 2; UPDATE pgherd.progress SET lsn = '{saved}'"
+        ))
+        .await
+        .expect("the target as it was");
+    let herd = streaming_herd(&topology, CaptureMode::Logical, "items").await;
+    eventually("the target copied again", Duration::from_secs(20), equal).await;
+    let status = herd.replication();
+    assert!(
+        status[0].warnings.iter().any(|w| w.contains("went back")),
+        "{status:?}"
+    );
+    herd.shutdown().await;
+}
+
 /// A target whose sessions do not wait for their commits to be flushed (`synchronous_commit =
 /// off`) crashes after the slot moved past a batch: the replicator's own commits must have been
 /// durable, or that batch is lost for good.
@@ -2059,6 +2112,12 @@ async fn quiet_slot(read: Read) {
         },
     )
     .await;
+    herd.shutdown().await;
+    // The target's progress row records how far the slot went: a new herd finds nothing amiss.
+    let herd = herd_in_chunks(&topology, CaptureMode::Logical, None, read);
+    streaming(&herd).await;
+    let status = herd.replication();
+    assert!(status[0].warnings.is_empty(), "{status:?}");
     herd.shutdown().await;
 }
 

@@ -32,6 +32,10 @@ use super::{
 };
 use crate::{error::Error, position::Position, settings::ResyncPolicy};
 
+/// How often, at most, a step that passed only changes for other tables records the position
+/// it reached on the target (what lets the slot move on).
+const QUIET_RECORD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The net change of one key within a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
@@ -738,6 +742,14 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 "the replication slot `{slot}` is invalidated: the WAL it needed was removed \
                  (max_slot_wal_keep_size)"
             ))
+        } else if let Some(released) = confirmed.filter(|c| Some(*c) > s.progress.lsn) {
+            let holds = s.progress.lsn.unwrap_or_default();
+            Some(format!(
+                "the target holds the source up to {holds}, but its slot `{slot}` released \
+                 the changes up to {released}: the target went back (restored from a backup, \
+                 or failed over to a standby that lacked its last commits), and the commits in \
+                 between are not on it"
+            ))
         } else {
             None
         };
@@ -875,18 +887,26 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     };
     let applied = claimed;
     let mut progress = s.progress.clone();
-    if let Some(end) = last_commit {
-        progress.lsn = Some(end.max(watermark));
-        if claimed {
-            progress.batch += 1;
-            s.shared.before_commit();
-            Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
+    let past = match (&taken, drained) {
+        (Some(_), _) => sent,
+        (None, true) => Some(flushed),
+        (None, false) => None,
+    };
+    let quiet_due = s
+        .last_record
+        .is_none_or(|at| at.elapsed() >= QUIET_RECORD_INTERVAL);
+    let (reached, record) = step_end(watermark, last_commit, past, claimed, quiet_due);
+    if record {
+        if !claimed {
+            claim(&s.target, &schema, &s.spec.cluster, progress.batch).await?;
         }
+        progress.lsn = Some(reached);
+        progress.batch += 1;
+        s.shared.before_commit();
+        Session::commit(&schema, &s.spec.cluster, &s.target, &progress, &source_time).await?;
+        s.last_record = Some(std::time::Instant::now());
     }
-    let held = progress
-        .lsn
-        .unwrap_or_default()
-        .max(sent.unwrap_or_default());
+    let held = progress.lsn.unwrap_or_default();
     match taken {
         // The slot moves when the server hears what the target holds.
         Some(mut stream) => {
@@ -895,7 +915,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             s.stream = Some(stream);
         }
         None => {
-            if let Some(to) = slot_advance(drained, last_commit, flushed, confirmed) {
+            if let Some(to) = confirmed.is_none_or(|c| held > c).then_some(held) {
                 s.source
                     .query_one(
                         "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text",
@@ -907,11 +927,6 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         }
     }
     s.progress = progress;
-    let reached = match (settings.logical_stream, drained) {
-        (true, _) => held,
-        (false, true) => flushed.max(s.progress.lsn.unwrap_or_default()),
-        (false, false) => s.progress.lsn.unwrap_or_default(),
-    };
     s.shared.update(|status| {
         status.applied = Some(reached);
         status.lag_bytes = Some(flushed.bytes_after(reached));
@@ -932,22 +947,28 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     })
 }
 
-/// Where the slot moves after a step, if anywhere: past the last commit read, and when the peek
-/// drained, to the flushed position it decoded up to, even if no replicated table changed.
-/// Otherwise a slot whose tables are quiet while the rest of the database is busy would hold
-/// back WAL and make every peek decode it again. A transaction whose commit ends past the new
-/// position is decoded whole by a later peek. Never backwards: the server refuses that.
-fn slot_advance(
-    drained: bool,
+/// Where a step leaves the target, and whether the target's progress row records it.
+///
+/// The target reflects the source up to the last commit read and, past it, up to `past`: the
+/// position before which the walsender had sent every commit, or the flushed position a peek
+/// that read everything decoded up to (even if no replicated table changed: otherwise a slot
+/// whose tables are quiet while the rest of the database is busy would hold back WAL, and make
+/// every peek decode it again). Never back from the `watermark`.
+///
+/// The slot moves only as far as the progress row records (so that a target found holding
+/// less than its slot released is known to have gone back): a batch (`claimed`) records where
+/// it reached; a step that only passed other tables' changes, when `quiet_due`.
+fn step_end(
+    watermark: Position,
     last_commit: Option<Position>,
-    flushed: Position,
-    confirmed: Option<Position>,
-) -> Option<Position> {
-    let to = match (drained, last_commit) {
-        (true, commit) => commit.map_or(flushed, |commit| commit.max(flushed)),
-        (false, commit) => commit?,
-    };
-    (confirmed.is_none_or(|confirmed| to > confirmed)).then_some(to)
+    past: Option<Position>,
+    claimed: bool,
+    quiet_due: bool,
+) -> (Position, bool) {
+    let reached = watermark
+        .max(last_commit.unwrap_or_default())
+        .max(past.unwrap_or_default());
+    (reached, claimed || (reached > watermark && quiet_due))
 }
 
 /// Drops `slot`, waiting up to 5 s for the walsender of a closed replication connection to let
@@ -1322,31 +1343,41 @@ mod tests {
     }
 
     #[test]
-    fn the_slot_moves_to_what_was_decoded_and_never_back() {
+    fn a_step_reaches_what_was_decoded_and_records_it_before_the_slot_moves() {
         let at = |lsn: u64| Position::new(lsn);
-        // Drained: up to the flushed position, even without a commit of a replicated table.
+        // Past the last commit read, to what the walsender or a drained peek showed.
         assert_eq!(
-            slot_advance(true, None, at(500), Some(at(100))),
-            Some(at(500))
+            step_end(at(100), None, Some(at(500)), false, true),
+            (at(500), true)
         );
         assert_eq!(
-            slot_advance(true, Some(at(300)), at(500), Some(at(100))),
-            Some(at(500))
+            step_end(at(100), Some(at(300)), Some(at(500)), true, false),
+            (at(500), true)
         );
         // A commit record that straddles the flushed position was read whole.
         assert_eq!(
-            slot_advance(true, Some(at(600)), at(500), Some(at(100))),
-            Some(at(600))
+            step_end(at(100), Some(at(600)), Some(at(500)), true, false),
+            (at(600), true)
         );
-        // Not drained: only past the last commit read.
+        // A peek that did not drain: only past the last commit read.
         assert_eq!(
-            slot_advance(false, Some(at(300)), at(500), Some(at(100))),
-            Some(at(300))
+            step_end(at(100), Some(at(300)), None, true, false),
+            (at(300), true)
         );
-        assert_eq!(slot_advance(false, None, at(500), Some(at(100))), None);
-        // Never backwards, and not again to where it is.
-        assert_eq!(slot_advance(true, None, at(500), Some(at(500))), None);
-        assert_eq!(slot_advance(true, None, at(400), Some(at(500))), None);
+        // Nothing new: nothing to record; never back from the watermark.
+        assert_eq!(
+            step_end(at(500), None, Some(at(500)), false, true),
+            (at(500), false)
+        );
+        assert_eq!(
+            step_end(at(500), None, Some(at(400)), false, true),
+            (at(500), false)
+        );
+        // Other tables' changes only: recorded once the quiet interval has passed.
+        assert_eq!(
+            step_end(at(100), None, Some(at(500)), false, false),
+            (at(500), false)
+        );
     }
 
     #[test]

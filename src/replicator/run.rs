@@ -148,6 +148,9 @@ pub(crate) struct Session {
     /// When the source was last read by trigger mode's cleanup and acknowledgement.
     pub(crate) last_ack: Option<Instant>,
     pub(crate) last_cleanup: Option<Instant>,
+    /// `logical` mode: when the target's progress row last recorded a position reached
+    /// without a batch (changes for other tables only).
+    pub(crate) last_record: Option<Instant>,
     /// `trigger` mode: this session registered the target on the primary before a copy.
     pub(crate) registered: bool,
     /// The connection that listens for the capture triggers' notifications, kept open with
@@ -700,6 +703,7 @@ async fn open(
         shared: Arc::clone(shared),
         last_ack: None,
         last_cleanup: None,
+        last_record: None,
         registered: false,
         _listener: listener,
         source_connector: Arc::clone(connector),
