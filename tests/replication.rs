@@ -646,6 +646,27 @@ async fn a_replicator_whose_lock_connection_ended_takes_the_lock_again() {
         "SELECT coalesce(min(pid), 0) FROM pg_locks WHERE locktype = 'advisory' AND granted";
     let first: i32 = admin.query_one(holder, &[]).await.expect("holder").get(0);
     assert_ne!(first, 0, "the replicator holds the target's lock");
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute(
+            "CREATE TABLE other (id int); INSERT INTO other VALUES (1); INSERT INTO other VALUES (2)",
+        )
+        .await
+        .expect("writes to another table");
+    let written: String = primary
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await
+        .expect("snapshot")
+        .get(0);
+    let acknowledged = format!(
+        "SELECT count(*) FROM pgherd.consumers WHERE pg_snapshot_xmin(snapshot) >= '{written}'"
+    );
+    eventually(
+        "the target to acknowledge past the other table's writes",
+        Duration::from_secs(10),
+        || async { count(&primary, &acknowledged).await > 0 },
+    )
+    .await;
     admin
         .execute("SELECT pg_terminate_backend($1)", &[&first])
         .await
@@ -659,7 +680,6 @@ async fn a_replicator_whose_lock_connection_ended_takes_the_lock_again() {
         },
     )
     .await;
-    let primary = topology.primary().connect().await.expect("connect");
     let replica = topology.node("replica").connect().await.expect("connect");
     primary
         .batch_execute("INSERT INTO items (id, name) VALUES (1, 'after')")
@@ -669,6 +689,10 @@ async fn a_replicator_whose_lock_connection_ended_takes_the_lock_again() {
         digest(&primary, "items", "id").await == digest(&replica, "items", "id").await
     })
     .await;
+    // Other tables' writes moved the acknowledged snapshot meanwhile: only as far as the
+    // target's progress row records, so the new session finds nothing amiss.
+    let status = herd.replication();
+    assert!(status[0].warnings.is_empty(), "{status:?}");
     herd.shutdown().await;
 }
 
@@ -750,6 +774,55 @@ async fn logical_mode_copies_again_a_target_that_went_back() {
         .await
         .expect("the target as it was");
     let herd = streaming_herd(&topology, CaptureMode::Logical, "items").await;
+    eventually("the target copied again", Duration::from_secs(20), equal).await;
+    let status = herd.replication();
+    assert!(
+        status[0].warnings.iter().any(|w| w.contains("went back")),
+        "{status:?}"
+    );
+    herd.shutdown().await;
+}
+
+/// `trigger` mode: a target that went back in time (its rows and progress row as they were
+/// before its last batch, whose change rows the primary has since deleted) is behind its
+/// acknowledgement: reported, and copied again.
+#[actix_rt::test]
+async fn trigger_mode_copies_again_a_target_that_went_back() {
+    let topology = topology(false).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    let equal =
+        || async { digest(&primary, "items", "id").await == digest(&replica, "items", "id").await };
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "items").await;
+    primary
+        .batch_execute("INSERT INTO items (id, name) VALUES (1, 'kept')")
+        .await
+        .expect("row");
+    eventually("the first row", Duration::from_secs(20), equal).await;
+    let saved: String = replica
+        .query_one("SELECT snapshot::text FROM pgherd.progress", &[])
+        .await
+        .expect("progress")
+        .get(0);
+    primary
+        .batch_execute("INSERT INTO items (id, name) VALUES (2, 'lost by the restore')")
+        .await
+        .expect("row");
+    eventually("the second row", Duration::from_secs(20), equal).await;
+    eventually(
+        "the second row's change rows deleted",
+        Duration::from_secs(30),
+        || async { count(&primary, "SELECT count(*) FROM pgherd.\"public.items\"").await == 0 },
+    )
+    .await;
+    herd.shutdown().await;
+    replica
+        .batch_execute(&format!(
+            "DELETE FROM items WHERE id = 2; UPDATE pgherd.progress SET snapshot = '{saved}'"
+        ))
+        .await
+        .expect("the target as it was");
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "items").await;
     eventually("the target copied again", Duration::from_secs(20), equal).await;
     let status = herd.replication();
     assert!(

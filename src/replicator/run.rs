@@ -151,6 +151,9 @@ pub(crate) struct Session {
     /// `logical` mode: when the target's progress row last recorded a position reached
     /// without a batch (changes for other tables only).
     pub(crate) last_record: Option<Instant>,
+    /// `trigger` mode: `progress` moved past what the target's progress row records (windows
+    /// without changes for the target); recorded there before it is acknowledged.
+    pub(crate) unrecorded: bool,
     /// `trigger` mode: this session registered the target on the primary before a copy.
     pub(crate) registered: bool,
     /// The connection that listens for the capture triggers' notifications, kept open with
@@ -704,6 +707,7 @@ async fn open(
         last_ack: None,
         last_cleanup: None,
         last_record: None,
+        unrecorded: false,
         registered: false,
         _listener: listener,
         source_connector: Arc::clone(connector),

@@ -192,10 +192,12 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     let row = transaction
         .query_one(
             &format!(
-                "SELECT pg_current_snapshot()::text, now()::text, {}",
+                "SELECT pg_current_snapshot()::text, now()::text, {}, \
+                 (SELECT pg_snapshot_xmin(snapshot)::text FROM {schema}.consumers \
+                  WHERE target = $1)",
                 Identity::SQL
             ),
-            &[],
+            &[&s.spec.target.as_ref()],
         )
         .await
         .map_err(source_error)?;
@@ -213,7 +215,8 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         return Ok(Step::Again);
     }
     if !fresh {
-        if let Some(change) = identity.changed_from(&s.progress) {
+        let went_back = went_back(s.progress.snapshot.as_ref(), row.get(4));
+        if let Some(change) = identity.changed_from(&s.progress).or(went_back) {
             match settings.on_source_change {
                 ResyncPolicy::Stop => {
                     return Ok(Step::Stop(format!(
@@ -243,7 +246,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     if copy.is_empty() && previous.as_ref() == Some(&current) {
         transaction.commit().await.map_err(source_error)?;
         caught_up(s, position);
-        acknowledge(s).await?;
+        acknowledge(s, &source_time).await?;
         return Ok(Step::Idle);
     }
     if !copy.is_empty() {
@@ -379,8 +382,9 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     transaction.commit().await.map_err(source_error)?;
     // Nothing changed in the window: the target already equals the source at the new snapshot.
     s.progress = progress;
+    s.unrecorded = !claimed;
     caught_up(s, position);
-    acknowledge(s).await?;
+    acknowledge(s, &source_time).await?;
     Ok(if claimed {
         Step::Applied { rows, more: false }
     } else {
@@ -516,9 +520,27 @@ async fn register(s: &mut Session) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a target whose progress row holds `recorded` lost, if its acknowledgement on the
+/// primary (`acknowledged`, the xmin of the snapshot it last acknowledged) is past it: the
+/// change rows below that were deleted, so the target went back in time (restored from a
+/// backup, or failed over to a standby that lacked its last commits).
+fn went_back(recorded: Option<&Snapshot>, acknowledged: Option<String>) -> Option<String> {
+    let recorded = recorded?;
+    let acknowledged: u64 = acknowledged?.parse().ok()?;
+    (acknowledged > recorded.xmin()).then(|| {
+        format!(
+            "the target holds the source as of snapshot {recorded}, but it acknowledged one past \
+             transaction {acknowledged}, whose change rows may be deleted: the target went back \
+             (restored from a backup, or failed over to a standby that lacked its last commits)"
+        )
+    })
+}
+
 /// Tells the primary how far this target got, and deletes change rows every target has
-/// applied (each at most every few seconds).
-async fn acknowledge(s: &mut Session) -> Result<(), Error> {
+/// applied (each at most every few seconds). A position reached without a batch is recorded on
+/// the target first: the primary never hears of more than the target records, so that a target
+/// found behind its acknowledgement is known to have gone back.
+async fn acknowledge(s: &mut Session, source_time: &str) -> Result<(), Error> {
     let Some(snapshot) = s.progress.snapshot.as_ref().map(Snapshot::to_string) else {
         return Ok(());
     };
@@ -526,6 +548,19 @@ async fn acknowledge(s: &mut Session) -> Result<(), Error> {
         return Ok(());
     }
     let schema = s.schema();
+    if s.unrecorded {
+        claim(&s.target, &schema, &s.spec.cluster, s.progress.batch).await?;
+        s.progress.batch += 1;
+        Session::commit(
+            &schema,
+            &s.spec.cluster,
+            &s.target,
+            &s.progress,
+            source_time,
+        )
+        .await?;
+        s.unrecorded = false;
+    }
     let source_name = s.source_name.clone();
     let source_error =
         |e: tokio_postgres::Error| Error::from_postgres(e).with_endpoint(&source_name);
@@ -560,6 +595,17 @@ async fn acknowledge(s: &mut Session) -> Result<(), Error> {
 mod tests {
     use super::*;
     use crate::replicator::catalog::ColumnInfo;
+
+    #[test]
+    fn a_target_behind_its_acknowledgement_went_back() {
+        let recorded = Snapshot::before(100);
+        assert!(went_back(Some(&recorded), Some("120".to_owned())).is_some());
+        assert!(went_back(Some(&recorded), Some("100".to_owned())).is_none());
+        assert!(went_back(Some(&recorded), Some("90".to_owned())).is_none());
+        // Nothing acknowledged yet, or nothing recorded.
+        assert!(went_back(Some(&recorded), None).is_none());
+        assert!(went_back(None, Some("120".to_owned())).is_none());
+    }
 
     #[test]
     fn a_bulk_change_scans_the_table_and_a_few_keys_use_the_index() {
