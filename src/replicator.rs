@@ -106,7 +106,8 @@ pub struct ReplicationStatus {
     /// The last error, until a session starts cleanly.
     pub last_error: Option<String>,
     /// What could not be guaranteed, e.g. a failover to a primary that may lack transactions the
-    /// target had applied (and what was done about it).
+    /// target had applied (and what was done about it). The latest 16, oldest first; a warning
+    /// given again moves to the end.
     pub warnings: Vec<String>,
 }
 

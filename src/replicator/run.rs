@@ -44,6 +44,9 @@ const SESSION_SETTINGS: &str = "SET DateStyle = ISO, YMD; SET IntervalStyle = po
 const DURABLE_COMMITS: &str = "SELECT set_config('synchronous_commit', 'local', false) \
      WHERE current_setting('synchronous_commit') = 'off'";
 
+/// How many warnings a target's status keeps (the latest).
+const WARNINGS_KEPT: usize = 16;
+
 /// What one target's loop is started with.
 #[derive(Clone)]
 pub(crate) struct TargetSpec {
@@ -390,13 +393,14 @@ impl Shared {
         change(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
-    /// Records what could not be guaranteed, once however often the step that found it runs
-    /// again.
+    /// Records what could not be guaranteed as the latest warning: once however often the step
+    /// that found it runs again (it moves to the end), and only the latest [`WARNINGS_KEPT`].
     pub(crate) fn warn(&self, warning: String) {
         self.update(|status| {
-            if !status.warnings.contains(&warning) {
-                status.warnings.push(warning);
-            }
+            status.warnings.retain(|kept| *kept != warning);
+            status.warnings.push(warning);
+            let excess = status.warnings.len().saturating_sub(WARNINGS_KEPT);
+            status.warnings.drain(..excess);
         });
     }
 
@@ -803,6 +807,25 @@ pub(crate) async fn copy_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warnings_keep_the_latest_once_each() {
+        let shared = Shared::new(ReplicationStatus::new(
+            "reporting".into(),
+            "main".into(),
+            CaptureMode::Trigger,
+        ));
+        shared.warn("a".into());
+        shared.warn("b".into());
+        shared.warn("a".into());
+        assert_eq!(shared.status().warnings, ["b", "a"]);
+        for i in 0..WARNINGS_KEPT {
+            shared.warn(i.to_string());
+        }
+        let warnings = shared.status().warnings;
+        assert_eq!(warnings.len(), WARNINGS_KEPT);
+        assert_eq!(warnings.first().map(String::as_str), Some("0"));
+    }
 
     #[test]
     fn steps_come_soon_after_changes_and_back_off_to_the_poll_interval_when_idle() {
