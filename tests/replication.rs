@@ -1966,7 +1966,7 @@ async fn logical_mode_replicates_exotic_types_and_names() {
 async fn values_cross_servers_configured_differently(mode: CaptureMode) {
     let topology = topology(mode == CaptureMode::Logical).await;
     let table =
-        "CREATE TABLE styled (id int PRIMARY KEY, d date, ts timestamp, iv interval, f float8)";
+        "CREATE TABLE styled (id int PRIMARY KEY, d date, ts timestamp, iv interval, f float8, x xml)";
     let dbname = topology.primary().login().dbname.clone();
     let admin = topology.primary().connect_admin().await.expect("admin");
     admin
@@ -1977,10 +1977,23 @@ async fn values_cross_servers_configured_differently(mode: CaptureMode) {
         ))
         .await
         .expect("the primary's defaults");
+    // The replica's sessions read XML as whole documents: the primary's fragments would fail.
+    let replica_db = topology.node("replica").login().dbname.clone();
+    topology
+        .node("replica")
+        .connect_admin()
+        .await
+        .expect("admin")
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{replica_db}\" SET xmloption = document"
+        ))
+        .await
+        .expect("the replica's defaults");
     let rows = |first: i32| {
         format!(
             "INSERT INTO styled SELECT g, date '2026-11-03' + g, timestamp '2026-02-01 04:05:06.789' + g * interval '1 day', \
-             interval '-1 day -2:03:04' * g, 0.1::float8 * g + 0.2 FROM generate_series({first}, {first} + 9) g"
+             interval '-1 day -2:03:04' * g, 0.1::float8 * g + 0.2, \
+             xmlparse(content '<a>' || g || '</a><b/> and text') FROM generate_series({first}, {first} + 9) g"
         )
     };
     let primary = topology.primary().connect().await.expect("connect");

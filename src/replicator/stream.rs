@@ -161,6 +161,9 @@ pub(crate) async fn open(
         ("IntervalStyle", "postgres"),
         ("extra_float_digits", "3"),
         ("bytea_output", "hex"),
+        ("lc_monetary", "C"),
+        ("xmloption", "content"),
+        ("standard_conforming_strings", "on"),
         ("application_name", "pgherd replicator"),
     ];
     if let Some(database) = config.get_dbname() {
