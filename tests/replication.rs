@@ -177,6 +177,55 @@ async fn trigger_mode_keeps_the_replica_equal() {
     basic_changes(CaptureMode::Trigger, None, Read::Stream).await;
 }
 
+/// The capture triggers run as their owner: an application role with rights on its tables
+/// alone writes them, and its writes are replicated.
+#[actix_rt::test]
+async fn trigger_mode_captures_the_writes_of_a_role_without_rights_on_the_change_tables() {
+    let topology = topology(false).await;
+    let herd = herd(&topology, CaptureMode::Trigger);
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
+    streaming(&herd).await;
+    topology
+        .primary()
+        .connect_admin()
+        .await
+        .expect("admin")
+        .batch_execute("CREATE ROLE writer LOGIN PASSWORD 'writer-secret'")
+        .await
+        .expect("role");
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute(
+            "GRANT USAGE ON SCHEMA public TO writer;
+             GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON items, pairs TO writer;",
+        )
+        .await
+        .expect("grants");
+    let mut config = topology.primary().config();
+    config.user("writer").password("writer-secret");
+    let (writer, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect as the application's role");
+    actix_rt::spawn(connection);
+    writer
+        .batch_execute(
+            "INSERT INTO items (id, name) SELECT g, 'w' || g FROM generate_series(1, 50) g;
+             UPDATE items SET name = 'changed' WHERE id <= 10;
+             UPDATE items SET id = id + 1000 WHERE id BETWEEN 11 AND 15;
+             DELETE FROM items WHERE id BETWEEN 20 AND 25;
+             INSERT INTO pairs VALUES ('x', 1, '{}');
+             TRUNCATE pairs;
+             INSERT INTO pairs VALUES ('y', 2, '[]');",
+        )
+        .await
+        .expect("the application's writes");
+    converge(&topology).await;
+    herd.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn logical_mode_keeps_the_replica_equal() {
     basic_changes(CaptureMode::Logical, None, Read::Stream).await;

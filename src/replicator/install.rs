@@ -214,6 +214,18 @@ fn object_name(table: &TableInfo, suffix: &str) -> String {
     format!("{}_{hash:016x}{suffix}", &full[..cut])
 }
 
+/// The capture functions of `table`: the statement trigger's, and the row trigger's that logs
+/// the old key of a row whose key changed.
+pub(crate) fn capture_functions(schema: &str, table: &TableInfo) -> [String; 2] {
+    ["/capture", "/capture_key"].map(|suffix| {
+        format!(
+            "{}.{}",
+            quote_ident(schema),
+            quote_ident(&object_name(table, suffix))
+        )
+    })
+}
+
 /// The notification channel the capture triggers signal.
 pub(crate) fn channel(schema: &str) -> String {
     format!("{schema}_changes")
@@ -244,7 +256,7 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
     );
     let notify = if settings.notify {
         format!(
-            "PERFORM pg_notify({}, '');",
+            "PERFORM pg_catalog.pg_notify({}, '');",
             quote_literal(&channel(&settings.schema))
         )
     } else {
@@ -252,7 +264,7 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
     };
     for table in tables {
         let log = change_table(&settings.schema, table);
-        let function = format!("{schema}.{}", quote_ident(&object_name(table, "/capture")));
+        let [function, key_function] = capture_functions(&settings.schema, table);
         let keys: Vec<String> = table.key_columns().map(|c| quote_ident(&c.name)).collect();
         let keys = keys.join(", ");
         // One row per statement, holding the statement's keys in one array per key column: a
@@ -264,10 +276,10 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let aggregate = |rows: &str| -> String {
             let arrays: Vec<String> = table
                 .key_columns()
-                .map(|c| format!("array_agg({})", quote_ident(&c.name)))
+                .map(|c| format!("pg_catalog.array_agg({})", quote_ident(&c.name)))
                 .collect();
             format!(
-                "SELECT {} FROM {rows} HAVING count(*) > 0",
+                "SELECT {} FROM {rows} HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0",
                 arrays.join(", ")
             )
         };
@@ -289,10 +301,6 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
             .key_columns()
             .map(|c| format!("ARRAY[OLD.{}]", quote_ident(&c.name)))
             .collect();
-        let key_function = format!(
-            "{schema}.{}",
-            quote_ident(&object_name(table, "/capture_key"))
-        );
         // A key column whose type changed on the primary (`integer` to `bigint`) gets the new
         // type in the change table too: the old one could refuse the new values, and the
         // capture trigger would fail the application's writes.
@@ -332,14 +340,17 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let name = table.qualified();
         let display = quote_literal(&table.display());
         let trigger = |event: &str| quote_ident(&format!("{}_capture_{event}", settings.schema));
+        // The functions run as their owner (`SECURITY DEFINER`): the application's roles need
+        // no privilege on the change tables. They run with the caller's `search_path`, so every
+        // name in them is qualified: an object of the caller's schemas is never used instead.
         let capture_body = format!(
             "\n\
              BEGIN\n\
-               IF TG_OP = 'INSERT' THEN\n\
+               IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN\n\
                  INSERT INTO {log} (inserted, {keys}) {inserted_rows};\n\
-               ELSIF TG_OP = 'DELETE' THEN\n\
+               ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN\n\
                  INSERT INTO {log} ({keys}) {deleted};\n\
-               ELSIF TG_OP = 'UPDATE' THEN\n\
+               ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN\n\
                  INSERT INTO {log} ({keys}) {updated};\n\
                ELSE\n\
                  INSERT INTO {schema}.truncations (tbl) VALUES ({display});\n\
@@ -366,8 +377,10 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
              {retype}\
              {storage}\
              CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
-             CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {tag}{capture_body}{tag};\n\
-             CREATE OR REPLACE FUNCTION {key_function}() RETURNS trigger LANGUAGE plpgsql AS {tag}{key_body}{tag};\n\
+             CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql \
+               SECURITY DEFINER AS {tag}{capture_body}{tag};\n\
+             CREATE OR REPLACE FUNCTION {key_function}() RETURNS trigger LANGUAGE plpgsql \
+               SECURITY DEFINER AS {tag}{key_body}{tag};\n\
              CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {name} REFERENCING NEW TABLE AS new_rows \
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
              CREATE OR REPLACE TRIGGER {} AFTER UPDATE ON {name} REFERENCING NEW TABLE AS new_rows \

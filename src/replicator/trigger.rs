@@ -35,8 +35,8 @@ const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 /// The suffixes of the capture triggers' names, one trigger each per table.
 const TRIGGER_EVENTS: [&str; 5] = ["insert", "update", "key", "delete", "truncate"];
 
-/// Installs the change tables and triggers when some are missing, or when a change table's key
-/// column no longer has its key's type.
+/// Installs the change tables and triggers when some are missing, when a change table's key
+/// column no longer has its key's type, or when a capture function does not run as its owner.
 pub(crate) async fn ensure_installed(
     source: &Client,
     settings: &ReplicatorSettings,
@@ -60,6 +60,12 @@ pub(crate) async fn ensure_installed(
             key_types.push(format!("{}[]", column.type_name));
         }
     }
+    // Functions installed before they ran as their owner are replaced.
+    let functions: Vec<String> = tables
+        .iter()
+        .flat_map(|table| install::capture_functions(&settings.schema, table))
+        .map(|function| format!("{function}()"))
+        .collect();
     let row = source
         .query_one(
             "SELECT (SELECT count(*) FROM pg_catalog.pg_trigger t \
@@ -70,7 +76,9 @@ pub(crate) async fn ensure_installed(
              (SELECT count(*) FROM unnest($4::text[], $5::text[], $6::text[]) AS k(log, col, typ) \
                JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(k.log) \
                  AND a.attname = k.col AND NOT a.attisdropped \
-               WHERE format_type(a.atttypid, a.atttypmod) = k.typ)",
+               WHERE format_type(a.atttypid, a.atttypmod) = k.typ), \
+             (SELECT count(*) FROM unnest($7::text[]) AS f(name) \
+               JOIN pg_catalog.pg_proc p ON p.oid = to_regprocedure(f.name) AND p.prosecdef)",
             &[
                 &triggers,
                 &names,
@@ -78,15 +86,17 @@ pub(crate) async fn ensure_installed(
                 &key_logs,
                 &key_columns,
                 &key_types,
+                &functions,
             ],
         )
         .await?;
-    let (found_triggers, found_logs, found_keys): (i64, i64, i64) =
-        (row.get(0), row.get(1), row.get(2));
+    let (found_triggers, found_logs, found_keys, found_functions): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     let complete = usize::try_from(found_triggers).ok()
         == Some(TRIGGER_EVENTS.len() * tables.len())
         && usize::try_from(found_logs).ok() == Some(tables.len())
-        && usize::try_from(found_keys).ok() == Some(key_types.len());
+        && usize::try_from(found_keys).ok() == Some(key_types.len())
+        && usize::try_from(found_functions).ok() == Some(functions.len());
     if !complete {
         tracing::info!(tables = ?names, "installing the capture triggers");
         install::install_triggers(source, settings, tables).await?;
