@@ -579,7 +579,8 @@ mod tests {
         assert!(
             sql.contains(
                 "INSERT INTO \"pgherd\".\"shop.Or\"\"ders\" (inserted, \"id\") SELECT true, \
-                 array_agg(\"id\") FROM new_rows HAVING count(*) > 0"
+                 pg_catalog.array_agg(\"id\") FROM new_rows HAVING pg_catalog.count(*) \
+                 OPERATOR(pg_catalog.>) 0"
             ),
             "{sql}"
         );
@@ -594,7 +595,10 @@ mod tests {
         );
         assert!(sql.contains("AFTER TRUNCATE ON \"shop\".\"Or\"\"ders\""));
         assert!(sql.contains("pg_notify('pgherd_changes', '')"));
-        assert!(sql.contains("LANGUAGE plpgsql AS $pgherd$\nBEGIN"), "{sql}");
+        assert!(
+            sql.contains("LANGUAGE plpgsql SECURITY DEFINER AS $pgherd$\nBEGIN"),
+            "{sql}"
+        );
     }
 
     #[test]
@@ -606,9 +610,9 @@ mod tests {
             &[table("shop", "t$pgherd$; DROP TABLE x; $pgherd$")],
         );
         assert!(
-            sql.contains("LANGUAGE plpgsql AS $pgherd1$\nBEGIN"),
+            sql.contains("LANGUAGE plpgsql SECURITY DEFINER AS $pgherd1$\nBEGIN"),
             "{sql}"
         );
-        assert!(!sql.contains("LANGUAGE plpgsql AS $pgherd$"), "{sql}");
+        assert!(!sql.contains("SECURITY DEFINER AS $pgherd$"), "{sql}");
     }
 }

@@ -104,8 +104,19 @@ pub(crate) async fn ensure_installed(
     Ok(())
 }
 
+/// Whether `txid` is of a transaction the previous snapshot (parameter `$1`) does not see: one
+/// that began after it (at or above its xmax) or was running then (in its xip). Both branches
+/// are index conditions, so a transaction left open for hours does not make every step read
+/// every change row logged since it began.
+fn unseen(txid: &str) -> String {
+    format!(
+        "({txid} >= pg_snapshot_xmax($1::text::pg_snapshot) \
+         OR {txid} = ANY(ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot))))"
+    )
+}
+
 /// The query that reads one table's changed keys and their rows as of the batch's snapshot:
-/// parameters are the previous snapshot's xmin and the previous snapshot.
+/// the parameter is the previous snapshot.
 fn dirty_sql(schema: &str, table: &TableInfo) -> String {
     let log = install::change_table(schema, table);
     let keys: Vec<String> = table.key_columns().map(|c| quote_ident(&c.name)).collect();
@@ -119,13 +130,13 @@ fn dirty_sql(schema: &str, table: &TableInfo) -> String {
     let arrays: Vec<String> = keys.iter().map(|k| format!("log.{k}")).collect();
     format!(
         "SELECT t.{first} IS NULL, {}, {} FROM (SELECT DISTINCT {} FROM {log} AS log, unnest({}) AS k({}) \
-         WHERE log.txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(log.txid, $2::text::pg_snapshot)) AS k \
-         LEFT JOIN ONLY {} AS t ON {}",
+         WHERE {}) AS k LEFT JOIN ONLY {} AS t ON {}",
         key_text.join(", "),
         row_text.join(", "),
         keys.iter().map(|k| format!("k.{k}")).collect::<Vec<_>>().join(", "),
         arrays.join(", "),
         keys.join(", "),
+        unseen("log.txid"),
         table.qualified(),
         join.join(" AND "),
         first = keys[0],
@@ -152,7 +163,7 @@ pub(crate) fn scan_the_table(keys: i64, bytes: i64) -> bool {
 
 /// The query that reads, for each of `tables`, the number of keys logged in the window,
 /// whether every one of them was logged by an INSERT, and the table's size in bytes (three
-/// columns per table, one row). Parameters as for [`dirty_sql`].
+/// columns per table, one row). The parameter is as for [`dirty_sql`].
 fn keys_sql(schema: &str, tables: &[&TableInfo]) -> String {
     let mut columns = Vec::with_capacity(tables.len());
     let mut windows = Vec::with_capacity(tables.len());
@@ -166,8 +177,8 @@ fn keys_sql(schema: &str, tables: &[&TableInfo]) -> String {
         windows.push(format!(
             "(SELECT coalesce(sum(cardinality(log.{first})), 0)::int8 AS keys, \
              coalesce(bool_and(log.inserted), false) AS inserted FROM {log} AS log \
-             WHERE log.txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(log.txid, \
-             $2::text::pg_snapshot)) AS w{index}"
+             WHERE {}) AS w{index}",
+            unseen("log.txid")
         ));
     }
     format!("SELECT {} FROM {}", columns.join(", "), windows.join(", "))
@@ -267,10 +278,10 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         Some(previous) => transaction
             .query(
                 &format!(
-                    "SELECT DISTINCT tbl FROM {schema}.truncations WHERE txid >= $1::text::xid8 \
-                     AND NOT pg_visible_in_snapshot(txid, $2::text::pg_snapshot)"
+                    "SELECT DISTINCT tbl FROM {schema}.truncations WHERE {}",
+                    unseen("txid")
                 ),
-                &[&previous.xmin().to_string(), &previous.to_string()],
+                &[&previous.to_string()],
             )
             .await
             .map_err(source_error)?
@@ -329,10 +340,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         }
         let statement = dirty_sql(&settings.schema, table);
         let stream = transaction
-            .query_raw(
-                &statement,
-                [previous.xmin().to_string(), previous.to_string()],
-            )
+            .query_raw(&statement, [previous.to_string()])
             .await
             .map_err(source_error)?;
         futures_util::pin_mut!(stream);
@@ -468,10 +476,7 @@ async fn plan_reads(
         return Ok(Vec::new());
     }
     let row = transaction
-        .query_one(
-            &keys_sql(schema, tables),
-            &[&previous.xmin().to_string(), &previous.to_string()],
-        )
+        .query_one(&keys_sql(schema, tables), &[&previous.to_string()])
         .await?;
     let mut plans = Vec::with_capacity(tables.len());
     let mut many = false;
@@ -669,8 +674,8 @@ mod tests {
             "SELECT t.\"region\" IS NULL, k.\"region\"::text, k.\"no\"::text, t.\"region\"::text, \
              t.\"no\"::text, t.\"note\"::text FROM (SELECT DISTINCT k.\"region\", k.\"no\" FROM \
              \"pgherd\".\"public.orders\" AS log, unnest(log.\"region\", log.\"no\") AS k(\"region\", \"no\") \
-             WHERE log.txid >= $1::text::xid8 AND NOT pg_visible_in_snapshot(log.txid, $2::text::pg_snapshot)) AS k \
-             LEFT JOIN ONLY \"public\".\"orders\" AS t ON t.\"region\" = k.\"region\" AND t.\"no\" = k.\"no\""
+             WHERE (log.txid >= pg_snapshot_xmax($1::text::pg_snapshot) OR log.txid = \
+             ANY(ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot))))) AS k LEFT JOIN ONLY \"public\".\"orders\" AS t ON t.\"region\" = k.\"region\" AND t.\"no\" = k.\"no\""
         );
     }
 }
