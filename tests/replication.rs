@@ -313,33 +313,36 @@ async fn trigger_mode_reads_a_table_rewritten_while_a_step_waited_for_it() {
     herd.shutdown().await;
 }
 
-/// A key changed to an equal but different value (`1.0` to `1.00` in a numeric key): the
-/// capture sees no key change (the values are equal), and the target row, found under its old
-/// value, gets the new one.
+/// A key changed to an equal but different value (`1.0` to `1.00` in a numeric key, `Bob` to
+/// `BOB` under a case-insensitive collation): the capture sees no key change (the values are
+/// equal), and the target row, found under its old value, gets the new one.
 async fn a_key_changed_to_an_equal_value(mode: CaptureMode) {
     let topology = topology(mode == CaptureMode::Logical).await;
     on_both(
         &topology,
-        "CREATE TABLE prices (k numeric PRIMARY KEY, v int); CREATE TABLE marks (k numeric PRIMARY KEY);",
+        "CREATE TABLE prices (k numeric PRIMARY KEY, v int); CREATE TABLE marks (k numeric PRIMARY KEY);
+         CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         CREATE TABLE names (k text COLLATE ci PRIMARY KEY, v int);",
     )
     .await;
     let primary = topology.primary().connect().await.expect("connect");
     let replica = topology.node("replica").connect().await.expect("connect");
     let mut settings = topology.settings();
     settings.replicator.mode = mode;
-    settings.replicator.tables = vec!["prices".to_owned(), "marks".to_owned()];
+    settings.replicator.tables = vec!["prices".to_owned(), "marks".to_owned(), "names".to_owned()];
     settings.replicator.retry_interval = Duration::from_millis(200);
     let herd = Herd::start(settings).expect("start");
     streaming(&herd).await;
     primary
         .batch_execute(
-            "INSERT INTO prices VALUES (1.0, 1), (2.5, 2); INSERT INTO marks VALUES (1.0), (2.5);",
+            "INSERT INTO prices VALUES (1.0, 1), (2.5, 2); INSERT INTO marks VALUES (1.0), (2.5);
+             INSERT INTO names VALUES ('Bob', 1), ('ann', 2);",
         )
         .await
         .expect("rows");
     let equal = || async {
         let mut same = true;
-        for table in ["prices", "marks"] {
+        for table in ["prices", "marks", "names"] {
             same &= digest(&primary, table, "k").await == digest(&replica, table, "k").await;
         }
         same
@@ -348,7 +351,8 @@ async fn a_key_changed_to_an_equal_value(mode: CaptureMode) {
     primary
         .batch_execute(
             "UPDATE prices SET k = 1.00, v = 10 WHERE k = 1; UPDATE prices SET k = 2.50 WHERE k = 2.5;
-             UPDATE marks SET k = 1.000 WHERE k = 1;",
+             UPDATE marks SET k = 1.000 WHERE k = 1;
+             BEGIN; UPDATE names SET v = 10 WHERE k = 'bob'; UPDATE names SET k = upper(k); COMMIT;",
         )
         .await
         .expect("key changes to equal values");
@@ -367,6 +371,15 @@ async fn a_key_changed_to_an_equal_value(mode: CaptureMode) {
         .expect("keys")
         .get(0);
     assert_eq!(keys, "1.00 2.50");
+    let names: String = replica
+        .query_one(
+            "SELECT string_agg(k || '=' || v, ' ' ORDER BY k) FROM names",
+            &[],
+        )
+        .await
+        .expect("names")
+        .get(0);
+    assert_eq!(names, "ANN=2 BOB=10");
     herd.shutdown().await;
 }
 

@@ -471,6 +471,7 @@ mod tests {
         let column = |name: &str, type_name: &str| ColumnInfo {
             name: name.to_owned(),
             type_name: type_name.to_owned(),
+            collation: None,
         };
         TableInfo {
             oid: 0,

@@ -11,6 +11,9 @@ pub(crate) struct ColumnInfo {
     pub(crate) name: String,
     /// The type as SQL writes it (`format_type`), e.g. `numeric(12,2)` or `text[]`.
     pub(crate) type_name: String,
+    /// The column's collation, qualified and quoted, when it is not the database's default: a
+    /// nondeterministic one (case-insensitive, say) makes values equal that differ in text.
+    pub(crate) collation: Option<String>,
 }
 
 /// A replicated table.
@@ -72,7 +75,10 @@ SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), c.oid, \
             WHEN (SELECT typdelim FROM pg_catalog.pg_type WHERE oid = a.atttypid) = ',' \
             THEN (a.attmissingval::text::text[])[1] \
             ELSE btrim(a.attmissingval::text, '{}') END, \
-       a.atttypid \
+       a.atttypid, \
+       (SELECT quote_ident(cn.nspname) || '.' || quote_ident(co.collname) \
+        FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace \
+        WHERE co.oid = a.attcollation AND co.oid <> 100) \
 FROM pg_catalog.pg_class c \
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -106,6 +112,7 @@ pub(crate) async fn load(
         columns.push(ColumnInfo {
             name: row.get(0),
             type_name: row.get(1),
+            collation: row.get(8),
         });
     }
     if key.is_empty() {

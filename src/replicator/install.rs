@@ -530,6 +530,7 @@ mod tests {
             columns: vec![ColumnInfo {
                 name: "id".to_owned(),
                 type_name: "bigint".to_owned(),
+                collation: None,
             }],
             key: vec![0],
             attnums: vec![1],

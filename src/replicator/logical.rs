@@ -1113,6 +1113,7 @@ mod tests {
         let column = |name: &str| ColumnInfo {
             name: name.to_owned(),
             type_name: "text".to_owned(),
+            collation: None,
         };
         vec![TableInfo {
             oid: 0,
@@ -1215,6 +1216,7 @@ mod tests {
             .map(|(name, _, _)| ColumnInfo {
                 name: (*name).to_owned(),
                 type_name: "text".to_owned(),
+                collation: None,
             })
             .collect();
         table.attnums = columns.iter().map(|c| c.1).collect();

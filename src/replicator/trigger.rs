@@ -128,12 +128,22 @@ fn dirty_sql(schema: &str, table: &TableInfo) -> String {
         .map(|c| format!("t.{}::text", quote_ident(&c.name)))
         .collect();
     let arrays: Vec<String> = keys.iter().map(|k| format!("log.{k}")).collect();
+    // Keys equal under the key's collation (a case-insensitive one) are one key: the join
+    // below matches them to the same row, which the upsert could not take twice.
+    let distinct: Vec<String> = table
+        .key_columns()
+        .zip(&keys)
+        .map(|(column, k)| match &column.collation {
+            Some(collation) => format!("k.{k} COLLATE {collation} AS {k}"),
+            None => format!("k.{k}"),
+        })
+        .collect();
     format!(
         "SELECT t.{first} IS NULL, {}, {} FROM (SELECT DISTINCT {} FROM {log} AS log, unnest({}) AS k({}) \
          WHERE {}) AS k LEFT JOIN ONLY {} AS t ON {}",
         key_text.join(", "),
         row_text.join(", "),
-        keys.iter().map(|k| format!("k.{k}")).collect::<Vec<_>>().join(", "),
+        distinct.join(", "),
         arrays.join(", "),
         keys.join(", "),
         unseen("log.txid"),
@@ -653,14 +663,17 @@ mod tests {
                 ColumnInfo {
                     name: "region".to_owned(),
                     type_name: "text".to_owned(),
+                    collation: None,
                 },
                 ColumnInfo {
                     name: "no".to_owned(),
                     type_name: "integer".to_owned(),
+                    collation: None,
                 },
                 ColumnInfo {
                     name: "note".to_owned(),
                     type_name: "text".to_owned(),
+                    collation: None,
                 },
             ],
             key: vec![0, 1],
