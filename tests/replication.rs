@@ -226,6 +226,92 @@ async fn trigger_mode_captures_the_writes_of_a_role_without_rights_on_the_change
     herd.shutdown().await;
 }
 
+/// A column added while streaming, a table replaced by another under its name, and triggers
+/// disabled for a while: the session reads the catalogs again before reading a row, and a
+/// table whose writes may have gone unlogged is copied again.
+#[actix_rt::test]
+async fn trigger_mode_follows_a_column_added_a_table_replaced_and_triggers_disabled() {
+    let topology = topology(false).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute(
+            "INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 100) g",
+        )
+        .await
+        .expect("rows");
+    let herd = herd(&topology, CaptureMode::Trigger);
+    streaming(&herd).await;
+    converge(&topology).await;
+    // Replicas first, as docs/replication.md says; then rows changed and inserted with it.
+    for node in [topology.node("replica"), topology.primary()] {
+        node.connect()
+            .await
+            .expect("connect")
+            .batch_execute("ALTER TABLE items ADD COLUMN extra text DEFAULT 'default'")
+            .await
+            .expect("a column added");
+    }
+    primary
+        .batch_execute(
+            "UPDATE items SET extra = 'changed ' || id WHERE id <= 10;
+             INSERT INTO items (id, name, extra) VALUES (1001, 'new', 'given');",
+        )
+        .await
+        .expect("rows with the new column");
+    converge(&topology).await;
+    // The table replaced by another under its name (an online schema change); the old one
+    // emptied afterwards, which must not empty the replica's.
+    primary
+        .batch_execute(
+            "CREATE TABLE public.items_next (LIKE items INCLUDING ALL);
+             INSERT INTO public.items_next SELECT id + 5000, name, big, tags, doc, amount, 'next' FROM items;
+             BEGIN;
+             ALTER TABLE items RENAME TO items_done;
+             ALTER TABLE public.items_next RENAME TO items;
+             COMMIT;
+             INSERT INTO items (id, name) VALUES (9000, 'after the swap');",
+        )
+        .await
+        .expect("the table replaced");
+    converge(&topology).await;
+    primary
+        .batch_execute("TRUNCATE items_done; INSERT INTO items (id) VALUES (9002);")
+        .await
+        .expect("the old table emptied");
+    converge(&topology).await;
+    let warnings = herd.replication()[0].warnings.clone();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("capture triggers of public.items")),
+        "{warnings:?}"
+    );
+    // Triggers disabled (for a bulk load, say): the writes made meanwhile are not logged. The
+    // next step finds them disabled; the table is copied again and its triggers installed.
+    primary
+        .batch_execute(
+            "ALTER TABLE items DISABLE TRIGGER USER;
+             UPDATE items SET name = 'unlogged' WHERE id < 5100;
+             DELETE FROM items WHERE id = 9000;",
+        )
+        .await
+        .expect("writes without triggers");
+    converge(&topology).await;
+    let enabled: i64 = count(
+        &primary,
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.items'::regclass \
+         AND tgname LIKE 'pgherd_capture_%' AND tgenabled = 'O'",
+    )
+    .await;
+    assert_eq!(enabled, 5, "the capture triggers are enabled again");
+    primary
+        .batch_execute("INSERT INTO items (id) VALUES (9001)")
+        .await
+        .expect("a row after");
+    converge(&topology).await;
+    herd.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn logical_mode_keeps_the_replica_equal() {
     basic_changes(CaptureMode::Logical, None, Read::Stream).await;

@@ -487,6 +487,7 @@ mod tests {
             dropped: Vec::new(),
             missing: vec![None; 3],
             type_oids: vec![25, 1700, 23],
+            natts: 0,
         }
     }
 

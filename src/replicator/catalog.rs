@@ -37,6 +37,9 @@ pub(crate) struct TableInfo {
     pub(crate) missing: Vec<Option<String>>,
     /// Each column's type (`atttypid`), as a `Relation` message names it.
     pub(crate) type_oids: Vec<u32>,
+    /// The table's column count (`relnatts`, dropped and generated columns included): a column
+    /// added since this was read makes it grow.
+    pub(crate) natts: i16,
 }
 
 impl TableInfo {
@@ -50,10 +53,22 @@ impl TableInfo {
         format!("{}.{}", self.schema, self.name)
     }
 
+    /// What a step compares with the catalogs to notice the table replaced or a column added:
+    /// `oid/relnatts`, as [`SHAPE_SQL`] reads it.
+    pub(crate) fn shape(&self) -> String {
+        format!("{}/{}", self.oid, self.natts)
+    }
+
     pub(crate) fn key_columns(&self) -> impl Iterator<Item = &ColumnInfo> {
         self.key.iter().map(|&index| &self.columns[index])
     }
 }
+
+/// An expression of the shape ([`TableInfo::shape`]) of each table named in `$2` (qualified
+/// names), in order: `-` where no table has the name.
+pub(crate) const SHAPE_SQL: &str = "ARRAY(SELECT coalesce(c.oid::text || '/' || c.relnatts, '-') \
+     FROM unnest($2::text[]) WITH ORDINALITY AS d(name, i) \
+     LEFT JOIN pg_catalog.pg_class c ON c.oid = to_regclass(d.name) ORDER BY d.i)";
 
 /// Why a table cannot be replicated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +93,8 @@ SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), c.oid, \
        a.atttypid, \
        (SELECT quote_ident(cn.nspname) || '.' || quote_ident(co.collname) \
         FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace \
-        WHERE co.oid = a.attcollation AND co.oid <> 100) \
+        WHERE co.oid = a.attcollation AND co.oid <> 100), \
+       c.relnatts \
 FROM pg_catalog.pg_class c \
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -129,5 +145,6 @@ pub(crate) async fn load(
         dropped: rows[0].get(5),
         missing,
         type_oids,
+        natts: rows[0].get(9),
     }))
 }

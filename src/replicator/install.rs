@@ -338,11 +338,13 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let inserted_rows = inserted.replacen("SELECT ", "SELECT true, ", 1);
         let index = quote_ident(&object_name(table, "/txid"));
         let name = table.qualified();
-        let display = quote_literal(&table.display());
         let trigger = |event: &str| quote_ident(&format!("{}_capture_{event}", settings.schema));
         // The functions run as their owner (`SECURITY DEFINER`): the application's roles need
         // no privilege on the change tables. They run with the caller's `search_path`, so every
         // name in them is qualified: an object of the caller's schemas is never used instead.
+        // A TRUNCATE is recorded under the name the table has when it runs: a table renamed
+        // away (replaced by another under its name) keeps its triggers, and its TRUNCATE must
+        // not empty its successor on the targets.
         let capture_body = format!(
             "\n\
              BEGIN\n\
@@ -353,7 +355,8 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
                ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN\n\
                  INSERT INTO {log} ({keys}) {updated};\n\
                ELSE\n\
-                 INSERT INTO {schema}.truncations (tbl) VALUES ({display});\n\
+                 INSERT INTO {schema}.truncations (tbl) \
+                   VALUES (pg_catalog.format('%s.%s', TG_TABLE_SCHEMA, TG_TABLE_NAME));\n\
                END IF;\n\
                {notify}\n\
                RETURN NULL;\n\
@@ -537,6 +540,7 @@ mod tests {
             dropped: Vec::new(),
             missing: vec![None; 1],
             type_oids: vec![20],
+            natts: 0,
         }
     }
 

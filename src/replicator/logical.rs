@@ -1125,6 +1125,7 @@ mod tests {
             dropped: Vec::new(),
             missing: vec![None; 3],
             type_oids: vec![25, 25, 25],
+            natts: 0,
         }]
     }
 

@@ -138,6 +138,8 @@ pub(crate) enum Step {
     Again,
     /// The target must stop (the policy said so).
     Stop(String),
+    /// The session must read the catalogs again (why): a new one is opened at once.
+    Reopen(String),
 }
 
 /// An open session: both connections, the plan for every table, and the progress.
@@ -249,26 +251,26 @@ pub(crate) async fn claim(
     Ok(())
 }
 
-/// Removes from the target's progress row the tables no longer configured, before the source
-/// stops capturing them for this target (`logical` mode takes them out of the publication;
-/// `trigger` mode releases their change rows): a table added back must be copied again, not
-/// resumed past the changes made while it was out. Done as a claimed batch, so that a
-/// replicator still running with the old list cannot write the old list back.
+/// Removes from the target's progress row the tables not `kept` (no longer configured, or in
+/// `trigger` mode without their capture triggers), and returns them. A table no longer
+/// configured is removed before the source stops capturing it for this target (`logical` mode
+/// takes it out of the publication): a table added back must be copied again, not resumed past
+/// the changes made while it was out. Done as a claimed batch, so that a replicator still
+/// running with the old list cannot write the old list back.
 async fn forget_tables(
     target: &Client,
     schema: &str,
     source: &str,
-    tables: &[TableInfo],
-) -> Result<(), Error> {
+    kept: &[String],
+) -> Result<Vec<String>, Error> {
     let progress = load_progress(target, schema, source).await?;
-    let configured: Vec<String> = tables.iter().map(TableInfo::display).collect();
-    let kept: Vec<&String> = progress
+    let (kept, forgotten): (Vec<String>, Vec<String>) = progress
         .tables
         .iter()
-        .filter(|t| configured.contains(t))
-        .collect();
-    if kept.len() == progress.tables.len() {
-        return Ok(());
+        .cloned()
+        .partition(|t| kept.contains(t));
+    if forgotten.is_empty() {
+        return Ok(forgotten);
     }
     let schema = quote_ident(schema);
     claim(target, &schema, source, progress.batch).await?;
@@ -279,7 +281,19 @@ async fn forget_tables(
         )
         .await
         .map_err(target_error)?;
-    target.batch_execute("COMMIT").await.map_err(target_error)
+    target.batch_execute("COMMIT").await.map_err(target_error)?;
+    Ok(forgotten)
+}
+
+/// Reports that `table`'s capture triggers `what` (and that it is copied again).
+fn uncaptured(spec: &TargetSpec, shared: &Shared, table: &str, what: &str) {
+    let warning = format!(
+        "the capture triggers of {table} {what} (the table was created again, replaced by a \
+         rename, or its triggers dropped or disabled): writes may have gone unlogged, \
+         copied again"
+    );
+    tracing::warn!(target = %spec.target, %warning);
+    shared.warn(warning);
 }
 
 /// Reads the progress row, creating it (batch 0, nothing copied) for a new target.
@@ -439,7 +453,7 @@ pub(crate) async fn run(spec: TargetSpec, shared: Arc<Shared>) {
                 shared.update(|s| s.state = ReplicationState::Stopped(reason));
                 return;
             }
-            Ok(Ended::SourceMoved) => continue,
+            Ok(Ended::SourceMoved | Ended::Reopen) => continue,
             Ok(Ended::Standby) => {
                 shared.update(|s| s.state = ReplicationState::Standby);
                 tokio::time::sleep(spec.settings.retry_interval).await;
@@ -468,6 +482,8 @@ enum Ended {
     /// Another replicator holds the target's lock.
     Standby,
     SourceMoved,
+    /// The catalogs must be read again.
+    Reopen,
     NoPrimary,
 }
 
@@ -529,6 +545,10 @@ async fn session(
         let applied = matches!(step, Ok(Step::Applied { rows, .. }) if rows > 0);
         match step? {
             Step::Stop(reason) => return Ok(Ended::Stopped(reason)),
+            Step::Reopen(reason) => {
+                tracing::info!(target = %spec.target, %reason, "opening a new session");
+                return Ok(Ended::Reopen);
+            }
             Step::Applied { rows, more } => {
                 shared.update(|s| {
                     s.state = ReplicationState::Streaming;
@@ -662,11 +682,36 @@ async fn open(
         .parse()
         .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
     let tables = install::tables(&source, settings, &source_name).await?;
-    forget_tables(&target, &settings.schema, &spec.cluster, &tables).await?;
+    let mut kept: Vec<String> = tables.iter().map(TableInfo::display).collect();
+    let installed = match settings.mode {
+        CaptureMode::Trigger => {
+            let installed = trigger::check_installed(&source, settings, &tables)
+                .await
+                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
+            kept.retain(|name| {
+                !installed
+                    .uncaptured
+                    .iter()
+                    .any(|&i| tables[i].display() == *name)
+            });
+            Some(installed)
+        }
+        CaptureMode::Logical => None,
+    };
+    for table in forget_tables(&target, &settings.schema, &spec.cluster, &kept).await? {
+        if tables.iter().any(|t| t.display() == table) {
+            uncaptured(spec, shared, &table, "were missing or disabled");
+        }
+    }
     match settings.mode {
-        CaptureMode::Trigger => trigger::ensure_installed(&source, settings, &tables)
-            .await
-            .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?,
+        CaptureMode::Trigger => {
+            if installed.is_some_and(|installed| !installed.complete) {
+                tracing::info!(target = %spec.target, "installing the capture triggers");
+                install::install_triggers(&source, settings, &tables)
+                    .await
+                    .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
+            }
+        }
         CaptureMode::Logical => {
             install::install_publication(&source, settings, &spec.target, &tables, true)
                 .await

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 
 use super::{
     apply::{Key, Row, TableChanges, Text},
-    catalog::TableInfo,
+    catalog::{TableInfo, SHAPE_SQL},
     install,
     run::{
         claim, copy_table, parse_snapshot, snapshot_transaction, target_error, Identity, Progress,
@@ -35,18 +35,43 @@ const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 /// The suffixes of the capture triggers' names, one trigger each per table.
 const TRIGGER_EVENTS: [&str; 5] = ["insert", "update", "key", "delete", "truncate"];
 
-/// Installs the change tables and triggers when some are missing, when a change table's key
-/// column no longer has its key's type, or when a capture function does not run as its owner.
-pub(crate) async fn ensure_installed(
+/// The names of the capture triggers.
+fn trigger_names(settings: &ReplicatorSettings) -> Vec<String> {
+    TRIGGER_EVENTS
+        .iter()
+        .map(|event| format!("{}_capture_{event}", settings.schema))
+        .collect()
+}
+
+/// An expression of the tables named in `tables` (a `text[]` of qualified names) that lack one
+/// of the enabled capture triggers named in `triggers`.
+fn uncaptured_sql(tables: &str, triggers: &str) -> String {
+    format!(
+        "ARRAY(SELECT d.name FROM unnest({tables}::text[]) AS d(name) \
+         WHERE (SELECT count(*) FROM pg_catalog.pg_trigger t WHERE t.tgrelid = to_regclass(d.name) \
+         AND t.tgname = ANY({triggers}::text[]) AND t.tgenabled <> 'D') <> {})",
+        TRIGGER_EVENTS.len()
+    )
+}
+
+/// What [`check_installed`] found.
+pub(crate) struct Installed {
+    /// Nothing to install.
+    pub(crate) complete: bool,
+    /// The tables whose capture triggers are missing or disabled: writes to them may have gone
+    /// unlogged (the table was dropped and created again, swapped with another by renames, or
+    /// its triggers were dropped or disabled), so a target that has them must copy them again.
+    pub(crate) uncaptured: Vec<usize>,
+}
+
+/// Checks what is installed: the triggers of every table, enabled; the change tables, their key
+/// columns with the types the keys have now; the capture functions running as their owner.
+pub(crate) async fn check_installed(
     source: &Client,
     settings: &ReplicatorSettings,
     tables: &[TableInfo],
-) -> Result<(), tokio_postgres::Error> {
-    let names: Vec<String> = tables.iter().map(TableInfo::display).collect();
-    let triggers: Vec<String> = TRIGGER_EVENTS
-        .iter()
-        .map(|event| format!("{}_capture_{event}", settings.schema))
-        .collect();
+) -> Result<Installed, tokio_postgres::Error> {
+    let names: Vec<String> = tables.iter().map(TableInfo::qualified).collect();
     let logs: Vec<String> = tables
         .iter()
         .map(|table| install::change_table(&settings.schema, table))
@@ -68,19 +93,19 @@ pub(crate) async fn ensure_installed(
         .collect();
     let row = source
         .query_one(
-            "SELECT (SELECT count(*) FROM pg_catalog.pg_trigger t \
-               JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid \
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-               WHERE t.tgname = ANY($1) AND n.nspname || '.' || c.relname = ANY($2)), \
-             (SELECT count(to_regclass(log)) FROM unnest($3::text[]) AS log), \
-             (SELECT count(*) FROM unnest($4::text[], $5::text[], $6::text[]) AS k(log, col, typ) \
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(k.log) \
-                 AND a.attname = k.col AND NOT a.attisdropped \
-               WHERE format_type(a.atttypid, a.atttypmod) = k.typ), \
-             (SELECT count(*) FROM unnest($7::text[]) AS f(name) \
-               JOIN pg_catalog.pg_proc p ON p.oid = to_regprocedure(f.name) AND p.prosecdef)",
+            &format!(
+                "SELECT {}, \
+                 (SELECT count(to_regclass(log)) FROM unnest($3::text[]) AS log), \
+                 (SELECT count(*) FROM unnest($4::text[], $5::text[], $6::text[]) AS k(log, col, typ) \
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(k.log) \
+                     AND a.attname = k.col AND NOT a.attisdropped \
+                   WHERE format_type(a.atttypid, a.atttypmod) = k.typ), \
+                 (SELECT count(*) FROM unnest($7::text[]) AS f(name) \
+                   JOIN pg_catalog.pg_proc p ON p.oid = to_regprocedure(f.name) AND p.prosecdef)",
+                uncaptured_sql("$2", "$1")
+            ),
             &[
-                &triggers,
+                &trigger_names(settings),
                 &names,
                 &logs,
                 &key_logs,
@@ -90,18 +115,19 @@ pub(crate) async fn ensure_installed(
             ],
         )
         .await?;
-    let (found_triggers, found_logs, found_keys, found_functions): (i64, i64, i64, i64) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    let complete = usize::try_from(found_triggers).ok()
-        == Some(TRIGGER_EVENTS.len() * tables.len())
+    let uncaptured: Vec<String> = row.get(0);
+    let (found_logs, found_keys, found_functions): (i64, i64, i64) =
+        (row.get(1), row.get(2), row.get(3));
+    let complete = uncaptured.is_empty()
         && usize::try_from(found_logs).ok() == Some(tables.len())
         && usize::try_from(found_keys).ok() == Some(key_types.len())
         && usize::try_from(found_functions).ok() == Some(functions.len());
-    if !complete {
-        tracing::info!(tables = ?names, "installing the capture triggers");
-        install::install_triggers(source, settings, tables).await?;
-    }
-    Ok(())
+    Ok(Installed {
+        complete,
+        uncaptured: (0..tables.len())
+            .filter(|&i| uncaptured.contains(&names[i]))
+            .collect(),
+    })
 }
 
 /// Whether `txid` is of a transaction the previous snapshot (parameter `$1`) does not see: one
@@ -225,13 +251,34 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             &format!(
                 "SELECT pg_current_snapshot()::text, now()::text, {}, \
                  (SELECT pg_snapshot_xmin(snapshot)::text FROM {schema}.consumers \
-                  WHERE target = $1)",
-                Identity::SQL
+                  WHERE target = $1), {SHAPE_SQL}, {}",
+                Identity::SQL,
+                uncaptured_sql("$2", "$3"),
             ),
-            &[&s.spec.target.as_ref()],
+            &[
+                &s.spec.target.as_ref(),
+                &s.tables
+                    .iter()
+                    .map(TableInfo::qualified)
+                    .collect::<Vec<_>>(),
+                &trigger_names(&s.spec.settings),
+            ],
         )
         .await
         .map_err(source_error)?;
+    // Read under the tables' locks: a column added, or a table replaced, since the session read
+    // the catalogs has committed, and the session reads them again before a row is read. Rows
+    // changed since a column was added are read with it; a table replaced, or whose triggers
+    // were dropped or disabled, is copied again.
+    let shape: Vec<String> = row.get(5);
+    let uncaptured: Vec<String> = row.get(6);
+    let expected: Vec<String> = s.tables.iter().map(TableInfo::shape).collect();
+    if shape != expected || !uncaptured.is_empty() {
+        transaction.rollback().await.map_err(source_error)?;
+        return Ok(Step::Reopen(
+            "a replicated table was altered, replaced, or lost its capture triggers".to_owned(),
+        ));
+    }
     let current: Snapshot = parse_snapshot(row.get(0))?;
     let source_time: String = row.get(1);
     let identity = Identity {
@@ -681,6 +728,7 @@ mod tests {
             dropped: Vec::new(),
             missing: vec![None; 3],
             type_oids: vec![25, 23, 25],
+            natts: 0,
         };
         assert_eq!(
             dirty_sql("pgherd", &table),
