@@ -1771,6 +1771,68 @@ mod edges {
         );
     }
 
+    /// `logical` mode needs the old key of every update and delete in the WAL: a replica
+    /// identity without the primary key is refused at install, and reported when set while
+    /// streaming, instead of leaving rows behind on the replica.
+    #[actix_rt::test]
+    async fn a_replica_identity_without_the_primary_key_is_refused_in_logical_mode() {
+        let topology = start(Topology::builder().replica("replica").logical(true)).await;
+        let schema =
+            "CREATE TABLE accounts (id int PRIMARY KEY, email text NOT NULL UNIQUE, v int)";
+        for node in [topology.primary(), topology.node("replica")] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute(schema)
+                .await
+                .expect("schema");
+        }
+        let primary = topology.primary().connect().await.expect("connect");
+        let mut settings = topology.settings();
+        settings.replicator.tables = vec!["accounts".to_owned()];
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        settings.replicator.mode = CaptureMode::Logical;
+        for identity in ["USING INDEX accounts_email_key", "NOTHING"] {
+            primary
+                .batch_execute(&format!("ALTER TABLE accounts REPLICA IDENTITY {identity}"))
+                .await
+                .expect("identity");
+            let error = pgherd::replicator::install(&settings)
+                .await
+                .expect_err("refused");
+            assert_eq!(error.kind(), ErrorKind::Config);
+            assert!(error.to_string().contains("REPLICA IDENTITY"), "{error}");
+            assert!(error.to_string().contains("mode = \"trigger\""), "{error}");
+        }
+        primary
+            .batch_execute(
+                "ALTER TABLE accounts REPLICA IDENTITY DEFAULT;
+                 INSERT INTO accounts SELECT g, 'a' || g, g FROM generate_series(1, 10) g;",
+            )
+            .await
+            .expect("identity");
+        let herd = Herd::start(settings.clone()).expect("start");
+        super::streaming(&herd).await;
+        primary
+            .batch_execute(
+                "ALTER TABLE accounts REPLICA IDENTITY USING INDEX accounts_email_key;
+                 UPDATE accounts SET id = id + 100 WHERE id <= 5;",
+            )
+            .await
+            .expect("keys changed under another identity");
+        eventually("the error reported", Duration::from_secs(20), || {
+            let status = herd.replication();
+            async move {
+                status[0]
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("replica identity without its primary key"))
+            }
+        })
+        .await;
+        herd.shutdown().await;
+    }
+
     #[actix_rt::test]
     async fn a_read_after_a_position_sent_to_a_replica_sees_the_write() {
         for mode in [CaptureMode::Trigger, CaptureMode::Logical] {

@@ -51,6 +51,7 @@ pub(crate) async fn tables(
         match settings.mode {
             CaptureMode::Trigger => refuse_inheritance(client, table, endpoint).await?,
             CaptureMode::Logical => {
+                refuse_identity_without_key(client, table, endpoint).await?;
                 if deferrable_key(client, table).await? {
                     return Err(config(format!(
                         "table {} on `{endpoint}` has a DEFERRABLE primary key: `logical` mode \
@@ -65,6 +66,46 @@ pub(crate) async fn tables(
         }
     }
     Ok(tables)
+}
+
+/// Refuses, in `logical` mode, a table whose replica identity does not hold its primary key:
+/// the WAL then lacks the old key of an update that changes the key, and of every delete (with
+/// `NOTHING`, the primary even refuses the application's updates and deletes once the table is
+/// in a publication).
+async fn refuse_identity_without_key(
+    client: &Client,
+    table: &TableInfo,
+    endpoint: &str,
+) -> Result<(), Error> {
+    let row = client
+        .query_one(
+            "SELECT c.relreplident::text, c.relreplident IN ('d', 'f') OR EXISTS ( \
+               SELECT 1 FROM pg_catalog.pg_index ri JOIN pg_catalog.pg_index pk \
+                 ON pk.indrelid = ri.indrelid AND pk.indisprimary \
+               WHERE ri.indrelid = c.oid AND ri.indisreplident AND c.relreplident = 'i' \
+                 AND (pk.indkey::int2[])[0:pk.indnkeyatts - 1] \
+                     <@ (ri.indkey::int2[])[0:ri.indnkeyatts - 1]) \
+             FROM pg_catalog.pg_class c WHERE c.oid = $1::text::regclass",
+            &[&table.qualified()],
+        )
+        .await
+        .map_err(Error::from_postgres)?;
+    let (identity, holds_key): (String, bool) = (row.get(0), row.get(1));
+    if holds_key {
+        return Ok(());
+    }
+    let what = if identity == "n" {
+        "REPLICA IDENTITY NOTHING"
+    } else {
+        "a REPLICA IDENTITY index without its primary key"
+    };
+    Err(config(format!(
+        "table {} on `{endpoint}` has {what}: `logical` mode needs the old primary key of every \
+         update and delete in the WAL; run ALTER TABLE {} REPLICA IDENTITY DEFAULT (or FULL), or \
+         replicate the table with mode = \"trigger\"",
+        table.display(),
+        table.qualified()
+    )))
 }
 
 /// How to replace a `DEFERRABLE` primary key (PostgreSQL cannot alter its deferrability).

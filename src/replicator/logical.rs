@@ -270,6 +270,25 @@ impl<'a> Folder<'a> {
                 ))
             })?
         };
+        // The WAL holds the old key of an update or delete only for the replica identity's
+        // columns: it must hold the primary key (set otherwise since the session started).
+        let identified = info.key.iter().all(|k| {
+            columns
+                .iter()
+                .zip(&relation.columns)
+                .any(|(at, column)| *at == Some(*k) && column.key)
+        });
+        if !identified {
+            return Err(Error::mapping(format!(
+                "table {} was given a replica identity without its primary key (REPLICA \
+                 IDENTITY NOTHING, or USING INDEX of other columns): the old keys of its updates \
+                 and deletes are not in the WAL; run ALTER TABLE {} REPLICA IDENTITY DEFAULT, \
+                 then take the table out of replicator.tables and list it again (it is then \
+                 copied anew)",
+                info.display(),
+                info.qualified()
+            )));
+        }
         let width = info.columns.len();
         let covers_table = (0..width).all(|i| columns.contains(&Some(i)));
         self.relations.insert(
