@@ -712,6 +712,38 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
     )
     .await;
     herd.shutdown().await;
+
+    // Written before a column is added, after which the primary's table is rewritten: PostgreSQL
+    // no longer records what the rows of that time got (the default is stored in them), so the
+    // rows these changes insert read it from the primary, not the replica's default of now.
+    primary
+        .batch_execute(
+            "INSERT INTO notes VALUES (8, 'h', 'x'); INSERT INTO notes VALUES (9, 'i', 'y');",
+        )
+        .await
+        .expect("changes before the column");
+    on_both(
+        &topology,
+        "ALTER TABLE notes ADD COLUMN tagged text NOT NULL DEFAULT 'tag'",
+    )
+    .await;
+    replica
+        .batch_execute("ALTER TABLE notes ALTER COLUMN tagged SET DEFAULT 'replica'")
+        .await
+        .expect("another default on the replica");
+    primary
+        .batch_execute("VACUUM FULL notes")
+        .await
+        .expect("the primary's table rewritten");
+    let herd = streaming_herd(&topology, CaptureMode::Logical, "notes").await;
+    eventually(
+        "the rows written before the table was rewritten",
+        Duration::from_secs(20),
+        equal,
+    )
+    .await;
+    assert_eq!(herd.replication()[0].errors, 0);
+    herd.shutdown().await;
 }
 
 /// A table taken out of `tables` stops reaching the target's slot: once it is listed again it

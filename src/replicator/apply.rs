@@ -99,6 +99,19 @@ pub(crate) struct TableChanges {
     /// TOAST values, or columns added after the change was written), grouped by which columns
     /// are present.
     pub(crate) updates: BTreeMap<Vec<bool>, Vec<Row>>,
+    /// `logical` mode: rows of `inserts` and `upserts` whose change was written before some of
+    /// the table's columns were added, with no value PostgreSQL recorded for the rows of that
+    /// time; their values are read from the source's current rows before the apply.
+    pub(crate) fill: Option<Fill>,
+}
+
+/// Rows whose values for some columns are read from the source (see [`TableChanges::fill`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Fill {
+    /// The columns to read.
+    pub(crate) columns: Vec<usize>,
+    /// The rows: `(true, i)` is `upserts[i]`, `(false, i)` is `inserts[i]`.
+    pub(crate) rows: Vec<(bool, usize)>,
 }
 
 impl TableChanges {

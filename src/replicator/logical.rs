@@ -19,7 +19,7 @@ use futures_util::TryStreamExt as _;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    apply::{Key, Row, TableChanges, Text},
+    apply::{Fill, Key, Row, TableChanges, Text},
     catalog::TableInfo,
     install,
     pgoutput::{self, Message, Value},
@@ -30,7 +30,7 @@ use super::{
     snapshot::Snapshot,
     stream::{self, Frame, ReplicationStream, Wait},
 };
-use crate::{error::Error, position::Position, settings::ResyncPolicy};
+use crate::{error::Error, position::Position, settings::ResyncPolicy, sql::quote_ident};
 
 /// How often, at most, a step that passed only changes for other tables records the position
 /// it reached on the target (what lets the slot move on).
@@ -56,6 +56,9 @@ struct Pending {
     /// accesses close together (in hash order, upserting 10,000 updated rows took the target
     /// 90 to 150 ms instead of 60 to 100).
     entries: IndexMap<Key, (Entry, bool), foldhash::quality::RandomState>,
+    /// Keys inserted by a change written before columns were added that PostgreSQL recorded no
+    /// value of the time for, and those columns: read from the source (see `TableChanges::fill`).
+    fill: HashMap<Key, Vec<usize>>,
 }
 
 impl Pending {
@@ -64,7 +67,21 @@ impl Pending {
             truncate: self.truncate,
             ..TableChanges::default()
         };
+        let mut fill = Fill::default();
         for (key, (entry, inserted)) in self.entries {
+            if let (Entry::Upsert(_), Some(columns)) = (&entry, self.fill.get(&key)) {
+                let at = if inserted {
+                    (false, changes.inserts.len())
+                } else {
+                    (true, changes.upserts.len())
+                };
+                fill.rows.push(at);
+                for &column in columns {
+                    if !fill.columns.contains(&column) {
+                        fill.columns.push(column);
+                    }
+                }
+            }
             match entry {
                 Entry::Upsert(row) if inserted => changes.inserts.push(row),
                 Entry::Upsert(row) => changes.upserts.push(row),
@@ -73,6 +90,9 @@ impl Pending {
                     changes.updates.entry(present).or_default().push(row)
                 }
             }
+        }
+        if !fill.rows.is_empty() {
+            changes.fill = Some(fill);
         }
         changes
     }
@@ -377,18 +397,31 @@ impl<'a> Folder<'a> {
                 };
                 let table = mapping.table;
                 let mut row = self.row(mapping, new, None)?;
+                let mut unknown = Vec::new();
                 if !mapping.covers_table {
                     // Written before these columns were added: on the source the row holds
-                    // what the rows of that time got when they were (the default they were
-                    // added with, or NULL), whatever the default is now.
+                    // what the rows of that time got when they were: the default they were
+                    // added with, which PostgreSQL records unless the table was rewritten since
+                    // (or the default was computed per row); else it is read from the source.
                     let info = &self.tables[table];
                     for (i, value) in row.iter_mut().enumerate() {
                         if !mapping.columns.contains(&Some(i)) {
                             *value = info.missing[i].as_deref().map(Text::from);
+                            if value.is_none() {
+                                unknown.push(i);
+                            }
                         }
                     }
                 }
                 let key = self.key(table, &row)?;
+                if !unknown.is_empty() {
+                    let columns = self.pending[table].fill.entry(key.clone()).or_default();
+                    for column in unknown {
+                        if !columns.contains(&column) {
+                            columns.push(column);
+                        }
+                    }
+                }
                 self.set(table, key, Entry::Upsert(row), true);
             }
             Message::Update {
@@ -693,10 +726,111 @@ async fn running_xids(
         .get(0))
 }
 
+/// Reads from the source the values `changes.fill` asks for. The source's current row may be
+/// newer than the change: every change after it comes later in the stream and is applied after
+/// it, so the target ends up with the source's row all the same. A row the source no longer
+/// has keeps NULL there (its delete comes later). A connection of its own: the session's may
+/// be streaming a peek.
+async fn fill_from_source(
+    s: &Session,
+    table: &TableInfo,
+    changes: &mut TableChanges,
+) -> Result<(), Error> {
+    let Some(fill) = changes.fill.take() else {
+        return Ok(());
+    };
+    let source_error = |e| Error::from_postgres(e).with_endpoint(&s.source_name);
+    let source = s.source_connector.connect().await.map_err(source_error)?;
+    source
+        .batch_execute(super::run::SESSION_SETTINGS)
+        .await
+        .map_err(source_error)?;
+    let row_of = |changes: &TableChanges, (upsert, i): (bool, usize)| -> Row {
+        if upsert {
+            changes.upserts[i].clone()
+        } else {
+            changes.inserts[i].clone()
+        }
+    };
+    let keys: Vec<Vec<Option<Text>>> = table
+        .key
+        .iter()
+        .map(|&k| {
+            fill.rows
+                .iter()
+                .map(|&at| row_of(changes, at)[k].clone())
+                .collect()
+        })
+        .collect();
+    let quoted = |i: usize| quote_ident(&table.columns[i].name);
+    let key_list: Vec<String> = table
+        .key
+        .iter()
+        .map(|&k| format!("t.{}", quoted(k)))
+        .collect();
+    let casts: Vec<String> = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(n, &k)| format!("u.c{n}::{}", table.columns[k].type_name))
+        .collect();
+    let arrays: Vec<String> = (1..=table.key.len())
+        .map(|n| format!("${n}::text[]"))
+        .collect();
+    let aliases: Vec<String> = (0..table.key.len()).map(|n| format!("c{n}")).collect();
+    let read: Vec<String> = table
+        .key
+        .iter()
+        .chain(&fill.columns)
+        .map(|&i| format!("t.{}::text", quoted(i)))
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM ONLY {} AS t WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+        read.join(", "),
+        table.qualified(),
+        key_list.join(", "),
+        casts.join(", "),
+        arrays.join(", "),
+        aliases.join(", "),
+    );
+    let params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+    let found: HashMap<Key, Vec<Option<Text>>> = source
+        .query(&sql, &params)
+        .await
+        .map_err(source_error)?
+        .iter()
+        .map(|row| {
+            let width = table.key.len();
+            let key: Key = (0..width)
+                .map(|i| Text::from(row.get::<_, String>(i)))
+                .collect();
+            let values = (0..fill.columns.len())
+                .map(|i| row.get::<_, Option<String>>(width + i).map(Text::from))
+                .collect();
+            (key, values)
+        })
+        .collect();
+    for &(upsert, i) in &fill.rows {
+        let row = if upsert {
+            &mut changes.upserts[i]
+        } else {
+            &mut changes.inserts[i]
+        };
+        let key: Option<Key> = table.key.iter().map(|&k| row[k].clone()).collect();
+        if let Some(values) = key.and_then(|key| found.get(&key)) {
+            for (&column, value) in fill.columns.iter().zip(values) {
+                row[column].clone_from(value);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies folded changes within the target transaction.
 async fn apply_all(s: &Session, changes: Vec<TableChanges>) -> Result<u64, Error> {
     let mut rows = 0;
-    for (plan, changes) in s.plans.iter().zip(changes) {
+    for ((plan, table), mut changes) in s.plans.iter().zip(&s.tables).zip(changes) {
+        fill_from_source(s, table, &mut changes).await?;
         if !changes.is_empty() {
             rows += plan.apply(&s.target, &changes).await.map_err(|error| {
                 s.shared.note_apply_error(&s.spec.target, &changes, &error);
@@ -1348,6 +1482,43 @@ mod tests {
             Some(&vec![updated])
         );
         assert!(changes.upserts.is_empty());
+    }
+
+    #[test]
+    fn a_row_written_before_a_column_added_without_a_recorded_value_is_read_from_the_source() {
+        let tables = tables();
+        let Message::Relation(mut narrow) = relation() else {
+            unreachable!("relation() is a Relation")
+        };
+        narrow.columns.pop();
+        let mut folder = Folder::new(&tables, true);
+        folder.recent = false;
+        folder.fold(Message::Relation(narrow)).expect("older");
+        for id in ["1", "2", "3"] {
+            let insert = Message::Insert {
+                relation: 7,
+                new: vec![text(id), text("t")],
+            };
+            assert!(folder.fold(insert).expect("fold").is_none());
+        }
+        // Deleted later in the step: nothing to read.
+        let delete = Message::Delete {
+            relation: 7,
+            old: vec![text("2"), Value::Null, Value::Null],
+            old_is_key_only: true,
+        };
+        assert!(folder.fold(delete).expect("fold").is_none());
+        let changes = folder.take().remove(0);
+        assert_eq!(changes.inserts.len(), 2);
+        assert_eq!(
+            changes.fill,
+            Some(Fill {
+                columns: vec![2],
+                rows: vec![(false, 0), (false, 1)],
+            })
+        );
+        // The next chunk starts with nothing to read.
+        assert_eq!(folder.take().remove(0).fill, None);
     }
 
     #[test]
