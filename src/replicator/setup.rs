@@ -190,13 +190,16 @@ pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
 }
 
 /// The endpoint among `sources` that accepts writes and is the system the target was filled
-/// from (`filled_from`, its identifier), on the latest timeline (a primary that came back
-/// writable after its standby was promoted stays on the old one), with its connection. Before
+/// from (`filled_from`, its identifier), with its connection: the one on the timeline the
+/// target last applied (`applied_timeline`), else the one on the latest timeline (a primary
+/// that came back writable after its standby was promoted stays on the old one; a standby
+/// promoted outside the herd while it replicates from the primary is on a later one). Before
 /// the target was filled from anything, only a configured primary or a promoted standby.
 async fn find_source<'a>(
     settings: &Settings,
     sources: &[(&'a str, &crate::settings::EndpointSettings)],
     filled_from: Option<&str>,
+    applied_timeline: Option<i32>,
 ) -> Result<Option<(&'a str, tokio_postgres::Client)>, Error> {
     let mut best: Option<(&str, tokio_postgres::Client, i32)> = None;
     let mut last_error = None;
@@ -230,7 +233,11 @@ async fn find_source<'a>(
             Ok(None) => {}
             Ok(Some((_, system_id, _))) if filled_from.is_some_and(|s| s != system_id) => {}
             Ok(Some((client, _, timeline))) => {
-                if best.as_ref().is_none_or(|(_, _, t)| timeline > *t) {
+                if prefer(
+                    timeline,
+                    best.as_ref().map(|(_, _, t)| *t),
+                    applied_timeline,
+                ) {
                     best = Some((name, client, timeline));
                 }
             }
@@ -247,6 +254,13 @@ async fn find_source<'a>(
     }
 }
 
+/// Whether a writable endpoint on `timeline` is a better source than the best so far (on
+/// `best`): the timeline the target last applied (`applied`) first, then the latest.
+fn prefer(timeline: i32, best: Option<i32>, applied: Option<i32>) -> bool {
+    let rank = |timeline: i32| (Some(timeline) == applied, timeline);
+    best.is_none_or(|best| rank(timeline) > rank(best))
+}
+
 async fn measure(
     settings: &Settings,
     name: &str,
@@ -261,7 +275,7 @@ async fn measure(
         .query_opt(
             &format!(
                 "SELECT batch, lsn::text, snapshot::text, \
-                 extract(epoch FROM now() - applied_at)::float8, system_id \
+                 extract(epoch FROM now() - applied_at)::float8, system_id, timeline \
                  FROM {schema}.progress WHERE source = $1"
             ),
             &[&endpoint.cluster],
@@ -278,7 +292,9 @@ async fn measure(
     let snapshot: Option<String> = row.get(2);
     let since = std::time::Duration::from_secs_f64(row.get::<_, f64>(3).max(0.0));
     let filled_from: Option<String> = row.get(4);
-    let Some((primary, source)) = find_source(settings, sources, filled_from.as_deref()).await?
+    let timeline: Option<i32> = row.get(5);
+    let Some((primary, source)) =
+        find_source(settings, sources, filled_from.as_deref(), timeline).await?
     else {
         return Ok(());
     };
@@ -322,4 +338,24 @@ async fn measure(
         std::time::Duration::ZERO
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefer;
+
+    #[test]
+    fn the_source_is_on_the_timeline_the_target_applied_else_the_latest() {
+        // A standby promoted outside the herd (timeline 3) while the target applies from the
+        // primary (timeline 2): the primary.
+        assert!(!prefer(3, Some(2), Some(2)));
+        assert!(prefer(2, Some(3), Some(2)));
+        // After a failover the target applied from the promoted standby: not the old primary
+        // that came back writable.
+        assert!(!prefer(1, Some(2), Some(2)));
+        // Nothing applied on any of them: the latest.
+        assert!(prefer(4, Some(2), Some(1)));
+        assert!(!prefer(2, Some(4), None));
+        assert!(prefer(2, None, None));
+    }
 }
