@@ -704,6 +704,11 @@ fn replicator_mode_and_timings_are_checked() {
     expect_problem(&text, &[], "replicator.poll_interval");
     expect_problem(&text, &[], "replicator.poll_after_changes");
     expect_problem(&text, &[], "replicator.batch_rows");
+    // The capture triggers' names must fit PostgreSQL's 63 bytes.
+    let long = "s".repeat(47);
+    let text = format!("{VALID}\n[replicator]\nschema = \"{long}\"\n");
+    let message = expect_problem(&text, &[], "replicator.schema");
+    assert!(message.contains("at most 46"), "{message}");
 }
 
 #[test]

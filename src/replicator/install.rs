@@ -298,6 +298,10 @@ pub(crate) fn capture_functions(schema: &str, table: &TableInfo) -> [String; 2] 
     })
 }
 
+/// The suffixes of the capture triggers' names (`<schema>_capture_<event>`), one trigger each
+/// per table.
+pub(crate) const TRIGGER_EVENTS: [&str; 5] = ["insert", "update", "key", "delete", "truncate"];
+
 /// The notification channel the capture triggers signal.
 pub(crate) fn channel(schema: &str) -> String {
     format!("{schema}_changes")
@@ -324,8 +328,17 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
          CREATE INDEX IF NOT EXISTS truncations_txid ON {schema}.truncations (txid);\n\
          CREATE TABLE IF NOT EXISTS {schema}.consumers (target text PRIMARY KEY, \
            snapshot pg_snapshot NOT NULL, updated_at timestamptz NOT NULL DEFAULT now());\n\
+         CREATE TABLE IF NOT EXISTS {schema}.recopies (tbl text NOT NULL, \
+           txid xid8 NOT NULL DEFAULT pg_current_xact_id());\n\
+         CREATE INDEX IF NOT EXISTS recopies_txid ON {schema}.recopies (txid);\n\
+         CREATE TABLE IF NOT EXISTS {schema}.captured (tbl text PRIMARY KEY, relid oid NOT NULL);\n\
          COMMIT;\n"
     );
+    let trigger_names: Vec<String> = TRIGGER_EVENTS
+        .iter()
+        .map(|event| quote_literal(&format!("{}_capture_{event}", settings.schema)))
+        .collect();
+    let trigger_names = format!("ARRAY[{}]", trigger_names.join(", "));
     let notify = if settings.notify {
         format!(
             "PERFORM pg_catalog.pg_notify({}, '');",
@@ -443,9 +456,23 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
             old_key.join(", ")
         );
         let tag = dollar_tag(&[&capture_body, &key_body]);
+        // A table captured before whose triggers are missing or not firing, or that is another
+        // table now (created again, restored, swapped by renames), may have had writes that
+        // were never logged: every target copies it again when its window reaches this
+        // record (see `trigger::step`).
+        let display = quote_literal(&table.display());
+        let relid = format!("{}::regclass", quote_literal(&name));
+        let recopy = format!(
+            "INSERT INTO {schema}.recopies (tbl) SELECT {display} FROM {schema}.captured c \
+               WHERE c.tbl = {display} AND (c.relid <> {relid} OR (SELECT count(*) \
+               FROM pg_catalog.pg_trigger t WHERE t.tgrelid = {relid} AND t.tgname = \
+               ANY({trigger_names}) AND t.tgenabled IN ('O', 'A')) <> {});\n",
+            TRIGGER_EVENTS.len()
+        );
         sql.push_str(&format!(
             "{begin}\
              LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE;\n\
+             {recopy}\
              CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
                inserted boolean NOT NULL DEFAULT false, {});\n\
              ALTER TABLE {log} ADD COLUMN IF NOT EXISTS inserted boolean NOT NULL DEFAULT false;\n\
@@ -466,6 +493,9 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
              CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {name} \
                FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+             REVOKE ALL ON FUNCTION {function}(), {key_function}() FROM PUBLIC;\n\
+             INSERT INTO {schema}.captured (tbl, relid) VALUES ({display}, {relid}) \
+               ON CONFLICT (tbl) DO UPDATE SET relid = EXCLUDED.relid;\n\
              COMMIT;\n",
             key_defs.join(", "),
             trigger("insert"),

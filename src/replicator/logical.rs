@@ -510,6 +510,10 @@ impl<'a> Folder<'a> {
                             row,
                         }));
                     }
+                    // The row moves to its new key, with what it still lacks.
+                    if let Some(columns) = self.pending[table].fill.remove(&old_key) {
+                        self.pending[table].fill.insert(key.clone(), columns);
+                    }
                     self.set(table, old_key, Entry::Delete, false);
                 }
                 let entry = if complete {
@@ -728,9 +732,9 @@ async fn running_xids(
 
 /// Reads from the source the values `changes.fill` asks for. The source's current row may be
 /// newer than the change: every change after it comes later in the stream and is applied after
-/// it, so the target ends up with the source's row all the same. A row the source no longer
-/// has keeps NULL there (its delete comes later). A connection of its own: the session's may
-/// be streaming a peek.
+/// it, so the target ends up with the source's row all the same. A row the source no longer has
+/// under its key is not written: its delete, or the change of its key, comes later. A
+/// connection of its own: the session's may be streaming a peek.
 async fn fill_from_source(
     s: &Session,
     table: &TableInfo,
@@ -745,83 +749,83 @@ async fn fill_from_source(
         .batch_execute(super::run::SESSION_SETTINGS)
         .await
         .map_err(source_error)?;
-    let row_of = |changes: &TableChanges, (upsert, i): (bool, usize)| -> Row {
+    let row_at = |(upsert, i): (bool, usize)| -> &Row {
         if upsert {
-            changes.upserts[i].clone()
+            &changes.upserts[i]
         } else {
-            changes.inserts[i].clone()
+            &changes.inserts[i]
         }
     };
+    // Each key as its values came in the stream, one array per key column, matched back by
+    // position (their text may differ from what `::text` gives on the source).
     let keys: Vec<Vec<Option<Text>>> = table
         .key
         .iter()
-        .map(|&k| {
-            fill.rows
-                .iter()
-                .map(|&at| row_of(changes, at)[k].clone())
-                .collect()
-        })
+        .map(|&k| fill.rows.iter().map(|&at| row_at(at)[k].clone()).collect())
         .collect();
     let quoted = |i: usize| quote_ident(&table.columns[i].name);
-    let key_list: Vec<String> = table
-        .key
-        .iter()
-        .map(|&k| format!("t.{}", quoted(k)))
-        .collect();
-    let casts: Vec<String> = table
+    let join: Vec<String> = table
         .key
         .iter()
         .enumerate()
-        .map(|(n, &k)| format!("u.c{n}::{}", table.columns[k].type_name))
+        .map(|(n, &k)| format!("t.{} = u.c{n}::{}", quoted(k), table.columns[k].type_name))
         .collect();
     let arrays: Vec<String> = (1..=table.key.len())
         .map(|n| format!("${n}::text[]"))
         .collect();
     let aliases: Vec<String> = (0..table.key.len()).map(|n| format!("c{n}")).collect();
-    let read: Vec<String> = table
-        .key
+    let read: Vec<String> = fill
+        .columns
         .iter()
-        .chain(&fill.columns)
         .map(|&i| format!("t.{}::text", quoted(i)))
         .collect();
     let sql = format!(
-        "SELECT {} FROM ONLY {} AS t WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+        "SELECT u.i, {} FROM unnest({}) WITH ORDINALITY AS u({}, i) JOIN ONLY {} AS t ON {}",
         read.join(", "),
-        table.qualified(),
-        key_list.join(", "),
-        casts.join(", "),
         arrays.join(", "),
         aliases.join(", "),
+        table.qualified(),
+        join.join(" AND "),
     );
     let params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-    let found: HashMap<Key, Vec<Option<Text>>> = source
-        .query(&sql, &params)
-        .await
-        .map_err(source_error)?
-        .iter()
-        .map(|row| {
-            let width = table.key.len();
-            let key: Key = (0..width)
-                .map(|i| Text::from(row.get::<_, String>(i)))
-                .collect();
-            let values = (0..fill.columns.len())
-                .map(|i| row.get::<_, Option<String>>(width + i).map(Text::from))
-                .collect();
-            (key, values)
-        })
-        .collect();
-    for &(upsert, i) in &fill.rows {
-        let row = if upsert {
+    let mut found = vec![false; fill.rows.len()];
+    for row in source.query(&sql, &params).await.map_err(source_error)? {
+        let Some(at) = usize::try_from(row.get::<_, i64>(0) - 1)
+            .ok()
+            .filter(|&at| at < fill.rows.len())
+        else {
+            continue;
+        };
+        found[at] = true;
+        let (upsert, i) = fill.rows[at];
+        let target = if upsert {
             &mut changes.upserts[i]
         } else {
             &mut changes.inserts[i]
         };
-        let key: Option<Key> = table.key.iter().map(|&k| row[k].clone()).collect();
-        if let Some(values) = key.and_then(|key| found.get(&key)) {
-            for (&column, value) in fill.columns.iter().zip(values) {
-                row[column].clone_from(value);
-            }
+        for (n, &column) in fill.columns.iter().enumerate() {
+            target[column] = row.get::<_, Option<String>>(n + 1).map(Text::from);
         }
+    }
+    let gone: std::collections::HashSet<(bool, usize)> = fill
+        .rows
+        .iter()
+        .zip(&found)
+        .filter(|(_, found)| !**found)
+        .map(|(&at, _)| at)
+        .collect();
+    for upsert in [false, true] {
+        let rows = if upsert {
+            &mut changes.upserts
+        } else {
+            &mut changes.inserts
+        };
+        let mut index = 0;
+        rows.retain(|_| {
+            let keep = !gone.contains(&(upsert, index));
+            index += 1;
+            keep
+        });
     }
     Ok(())
 }
@@ -1508,13 +1512,23 @@ mod tests {
             old_is_key_only: true,
         };
         assert!(folder.fold(delete).expect("fold").is_none());
+        // Its key changed later in the step: read under the new key.
+        let moved = Message::Update {
+            relation: 7,
+            old: Some(vec![text("3"), Value::Null]),
+            old_is_key_only: true,
+            new: vec![text("4"), text("t")],
+        };
+        assert!(folder.fold(moved).expect("fold").is_none());
         let changes = folder.take().remove(0);
-        assert_eq!(changes.inserts.len(), 2);
+        assert_eq!(changes.inserts.len(), 1);
+        assert_eq!(changes.upserts.len(), 1);
+        assert_eq!(changes.upserts[0][0], Some(Text::from("4")));
         assert_eq!(
             changes.fill,
             Some(Fill {
                 columns: vec![2],
-                rows: vec![(false, 0), (false, 1)],
+                rows: vec![(false, 0), (true, 0)],
             })
         );
         // The next chunk starts with nothing to read.

@@ -251,26 +251,26 @@ pub(crate) async fn claim(
     Ok(())
 }
 
-/// Removes from the target's progress row the tables not `kept` (no longer configured, or in
-/// `trigger` mode without their capture triggers), and returns them. A table no longer
-/// configured is removed before the source stops capturing it for this target (`logical` mode
-/// takes it out of the publication): a table added back must be copied again, not resumed past
-/// the changes made while it was out. Done as a claimed batch, so that a replicator still
-/// running with the old list cannot write the old list back.
+/// Removes from the target's progress row the tables no longer configured, before the source
+/// stops capturing them for this target (`logical` mode takes them out of the publication): a
+/// table added back must be copied again, not resumed past the changes made while it was out.
+/// Done as a claimed batch, so that a replicator still running with the old list cannot write
+/// the old list back.
 async fn forget_tables(
     target: &Client,
     schema: &str,
     source: &str,
-    kept: &[String],
-) -> Result<Vec<String>, Error> {
+    tables: &[TableInfo],
+) -> Result<(), Error> {
     let progress = load_progress(target, schema, source).await?;
-    let (kept, forgotten): (Vec<String>, Vec<String>) = progress
+    let configured: Vec<String> = tables.iter().map(TableInfo::display).collect();
+    let kept: Vec<&String> = progress
         .tables
         .iter()
-        .cloned()
-        .partition(|t| kept.contains(t));
-    if forgotten.is_empty() {
-        return Ok(forgotten);
+        .filter(|t| configured.contains(t))
+        .collect();
+    if kept.len() == progress.tables.len() {
+        return Ok(());
     }
     let schema = quote_ident(schema);
     claim(target, &schema, source, progress.batch).await?;
@@ -281,19 +281,7 @@ async fn forget_tables(
         )
         .await
         .map_err(target_error)?;
-    target.batch_execute("COMMIT").await.map_err(target_error)?;
-    Ok(forgotten)
-}
-
-/// Reports that `table`'s capture triggers `what` (and that it is copied again).
-fn uncaptured(spec: &TargetSpec, shared: &Shared, table: &str, what: &str) {
-    let warning = format!(
-        "the capture triggers of {table} {what} (the table was created again, replaced by a \
-         rename, or its triggers dropped or disabled): writes may have gone unlogged, \
-         copied again"
-    );
-    tracing::warn!(target = %spec.target, %warning);
-    shared.warn(warning);
+    target.batch_execute("COMMIT").await.map_err(target_error)
 }
 
 /// Reads the progress row, creating it (batch 0, nothing copied) for a new target.
@@ -682,30 +670,13 @@ async fn open(
         .parse()
         .map_err(|e: crate::PositionParseError| Error::mapping(e.to_string()))?;
     let tables = install::tables(&source, settings, &source_name).await?;
-    let mut kept: Vec<String> = tables.iter().map(TableInfo::display).collect();
-    let installed = match settings.mode {
-        CaptureMode::Trigger => {
-            let installed = trigger::check_installed(&source, settings, &tables)
-                .await
-                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
-            kept.retain(|name| {
-                !installed
-                    .uncaptured
-                    .iter()
-                    .any(|&i| tables[i].display() == *name)
-            });
-            Some(installed)
-        }
-        CaptureMode::Logical => None,
-    };
-    for table in forget_tables(&target, &settings.schema, &spec.cluster, &kept).await? {
-        if tables.iter().any(|t| t.display() == table) {
-            uncaptured(spec, shared, &table, "were missing or disabled");
-        }
-    }
+    forget_tables(&target, &settings.schema, &spec.cluster, &tables).await?;
     match settings.mode {
         CaptureMode::Trigger => {
-            if installed.is_some_and(|installed| !installed.complete) {
+            let installed = trigger::installed(&source, settings, &tables)
+                .await
+                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
+            if !installed {
                 tracing::info!(target = %spec.target, "installing the capture triggers");
                 install::install_triggers(&source, settings, &tables)
                     .await

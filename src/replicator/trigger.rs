@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use super::{
     apply::{Key, Row, TableChanges, Text},
     catalog::{TableInfo, SHAPE_SQL},
-    install,
+    install::{self, TRIGGER_EVENTS},
     run::{
         claim, copy_table, parse_snapshot, snapshot_transaction, target_error, Identity, Progress,
         Session, Step,
@@ -32,9 +32,6 @@ const ACK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a target deletes change rows every target has applied.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The suffixes of the capture triggers' names, one trigger each per table.
-const TRIGGER_EVENTS: [&str; 5] = ["insert", "update", "key", "delete", "truncate"];
-
 /// The names of the capture triggers.
 fn trigger_names(settings: &ReplicatorSettings) -> Vec<String> {
     TRIGGER_EVENTS
@@ -49,30 +46,23 @@ fn uncaptured_sql(tables: &str, triggers: &str) -> String {
     format!(
         "ARRAY(SELECT d.name FROM unnest({tables}::text[]) AS d(name) \
          WHERE (SELECT count(*) FROM pg_catalog.pg_trigger t WHERE t.tgrelid = to_regclass(d.name) \
-         AND t.tgname = ANY({triggers}::text[]) AND t.tgenabled <> 'D') <> {})",
+         AND t.tgname = ANY({triggers}::text[]) AND t.tgenabled IN ('O', 'A')) <> {})",
         TRIGGER_EVENTS.len()
     )
 }
 
-/// What [`check_installed`] found.
-pub(crate) struct Installed {
-    /// Nothing to install.
-    pub(crate) complete: bool,
-    /// The tables whose capture triggers are missing or disabled: writes to them may have gone
-    /// unlogged (the table was dropped and created again, swapped with another by renames, or
-    /// its triggers were dropped or disabled), so a target that has them must copy them again.
-    pub(crate) uncaptured: Vec<usize>,
-}
-
-/// Checks what is installed: the triggers of every table, enabled; the change tables, their key
-/// columns with the types the keys have now; the capture functions running as their owner.
-pub(crate) async fn check_installed(
+/// Whether trigger capture is installed as it should be: every table with its five capture
+/// triggers, enabled, recorded as captured under its current oid; the change tables, with their
+/// key columns of the types the keys have now; the capture functions running as their owner.
+pub(crate) async fn installed(
     source: &Client,
     settings: &ReplicatorSettings,
     tables: &[TableInfo],
-) -> Result<Installed, tokio_postgres::Error> {
+) -> Result<bool, tokio_postgres::Error> {
     let names: Vec<String> = tables.iter().map(TableInfo::qualified).collect();
-    let logs: Vec<String> = tables
+    let displays: Vec<String> = tables.iter().map(TableInfo::display).collect();
+    let schema = quote_ident(&settings.schema);
+    let mut logs: Vec<String> = tables
         .iter()
         .map(|table| install::change_table(&settings.schema, table))
         .collect();
@@ -85,6 +75,8 @@ pub(crate) async fn check_installed(
             key_types.push(format!("{}[]", column.type_name));
         }
     }
+    let shared = ["recopies", "captured"].map(|t| format!("{schema}.{t}"));
+    logs.extend(shared.iter().cloned());
     // Functions installed before they ran as their owner are replaced.
     let functions: Vec<String> = tables
         .iter()
@@ -119,15 +111,25 @@ pub(crate) async fn check_installed(
     let (found_logs, found_keys, found_functions): (i64, i64, i64) =
         (row.get(1), row.get(2), row.get(3));
     let complete = uncaptured.is_empty()
-        && usize::try_from(found_logs).ok() == Some(tables.len())
+        && usize::try_from(found_logs).ok() == Some(logs.len())
         && usize::try_from(found_keys).ok() == Some(key_types.len())
         && usize::try_from(found_functions).ok() == Some(functions.len());
-    Ok(Installed {
-        complete,
-        uncaptured: (0..tables.len())
-            .filter(|&i| uncaptured.contains(&names[i]))
-            .collect(),
-    })
+    if !complete {
+        return Ok(false);
+    }
+    // Recorded as captured under the oid each table has now (another table under the name is
+    // installed again, which has it copied again).
+    let recorded: i64 = source
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM unnest($1::text[], $2::text[]) AS d(name, display) \
+                 JOIN {schema}.captured c ON c.tbl = d.display AND c.relid = to_regclass(d.name)"
+            ),
+            &[&names, &displays],
+        )
+        .await?
+        .get(0);
+    Ok(usize::try_from(recorded).ok() == Some(tables.len()))
 }
 
 /// Whether `txid` is of a transaction the previous snapshot (parameter `$1`) does not see: one
@@ -313,8 +315,40 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             }
         }
     }
+    // Tables whose capture was installed again (triggers missing or not firing, or another
+    // table under the name) in this window: their writes may not all have been logged.
+    let recopied: Vec<String> = match (&s.progress.snapshot, fresh) {
+        (Some(previous), false) => transaction
+            .query(
+                &format!(
+                    "SELECT DISTINCT tbl FROM {schema}.recopies WHERE {}",
+                    unseen("txid")
+                ),
+                &[&previous.to_string()],
+            )
+            .await
+            .map_err(source_error)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect(),
+        _ => Vec::new(),
+    };
+    for table in s.tables.iter().map(TableInfo::display) {
+        if recopied.contains(&table) && s.progress.tables.contains(&table) {
+            let warning = format!(
+                "the capture triggers of {table} were missing or not firing, or another table \
+                 took its name (created again, restored, swapped by renames): writes may have \
+                 gone unlogged, copied again"
+            );
+            tracing::warn!(target = %s.spec.target, %warning);
+            s.shared.warn(warning);
+        }
+    }
     let copy: Vec<usize> = (0..s.tables.len())
-        .filter(|&i| fresh || !s.progress.tables.contains(&s.tables[i].display()))
+        .filter(|&i| {
+            let name = s.tables[i].display();
+            fresh || !s.progress.tables.contains(&name) || recopied.contains(&name)
+        })
         .collect();
     let previous = if fresh {
         None
@@ -653,7 +687,10 @@ async fn acknowledge(s: &mut Session, source_time: &str) -> Result<(), Error> {
         return Ok(());
     }
     let horizon = format!("(SELECT min(pg_snapshot_xmin(snapshot)) FROM {schema}.consumers)");
-    let mut sql = format!("DELETE FROM {schema}.truncations WHERE txid < {horizon};");
+    let mut sql = format!(
+        "DELETE FROM {schema}.truncations WHERE txid < {horizon};\
+         DELETE FROM {schema}.recopies WHERE txid < {horizon};"
+    );
     for table in &s.tables {
         let log = install::change_table(&s.spec.settings.schema, table);
         sql.push_str(&format!("DELETE FROM {log} WHERE txid < {horizon};"));

@@ -11,6 +11,10 @@ use super::{
     Settings,
 };
 
+/// The longest `replicator.schema`: the capture triggers' names (`<schema>_capture_truncate`)
+/// must fit PostgreSQL's 63 bytes.
+const MAX_SCHEMA_LEN: usize = 63 - "_capture_truncate".len();
+
 /// The largest read weight accepted.
 pub const MAX_WEIGHT: u32 = 1000;
 /// The largest router queue accepted.
@@ -152,12 +156,14 @@ fn check_replicator(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
             Some(_) => {}
         }
     }
-    if !is_identifier(&replicator.schema) {
+    if !is_identifier(&replicator.schema) || replicator.schema.len() > MAX_SCHEMA_LEN {
         problems.push(SettingsProblem::new(
             "replicator.schema",
             format!(
                 "`{}` is not a usable schema name: expected lowercase letters, digits and `_`, \
-                 starting with a letter",
+                 starting with a letter, at most {MAX_SCHEMA_LEN} of them (the capture \
+                 triggers are named `<schema>_capture_truncate`, and PostgreSQL cuts names at \
+                 63 bytes)",
                 replicator.schema
             ),
         ));
