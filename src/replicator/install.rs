@@ -462,11 +462,16 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         // record (see `trigger::step`).
         let display = quote_literal(&table.display());
         let relid = format!("{}::regclass", quote_literal(&name));
+        // Captured before: its change table exists (also under versions without
+        // `pgherd.captured`), or `captured` has it.
         let recopy = format!(
-            "INSERT INTO {schema}.recopies (tbl) SELECT {display} FROM {schema}.captured c \
-               WHERE c.tbl = {display} AND (c.relid <> {relid} OR (SELECT count(*) \
-               FROM pg_catalog.pg_trigger t WHERE t.tgrelid = {relid} AND t.tgname = \
-               ANY({trigger_names}) AND t.tgenabled IN ('O', 'A')) <> {});\n",
+            "INSERT INTO {schema}.recopies (tbl) SELECT {display} \
+               WHERE (to_regclass({}) IS NOT NULL \
+                 OR EXISTS (SELECT 1 FROM {schema}.captured WHERE tbl = {display})) \
+               AND ((SELECT relid FROM {schema}.captured WHERE tbl = {display}) <> {relid} \
+                 OR (SELECT count(*) FROM pg_catalog.pg_trigger t WHERE t.tgrelid = {relid} \
+                   AND t.tgname = ANY({trigger_names}) AND t.tgenabled IN ('O', 'A')) <> {});\n",
+            quote_literal(&log),
             TRIGGER_EVENTS.len()
         );
         sql.push_str(&format!(

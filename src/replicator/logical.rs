@@ -777,11 +777,11 @@ async fn fill_from_source(
     let read: Vec<String> = fill
         .columns
         .iter()
-        .map(|&i| format!("t.{}::text", quoted(i)))
+        .map(|&i| format!(", t.{}::text", quoted(i)))
         .collect();
     let sql = format!(
-        "SELECT u.i, {} FROM unnest({}) WITH ORDINALITY AS u({}, i) JOIN ONLY {} AS t ON {}",
-        read.join(", "),
+        "SELECT u.i{} FROM unnest({}) WITH ORDINALITY AS u({}, i) JOIN ONLY {} AS t ON {}",
+        read.concat(),
         arrays.join(", "),
         aliases.join(", "),
         table.qualified(),
@@ -1021,10 +1021,36 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             }
             ChunkEnd::Move(moved) => {
                 rows += apply_all(s, chunk).await?;
-                rows += s.plans[moved.table]
+                let plan = &s.plans[moved.table];
+                let written = plan
                     .move_row(&s.target, &moved.old_key, &moved.present, &moved.row)
                     .await
                     .map_err(target_error)?;
+                rows += written;
+                if written == 0 {
+                    // Not on the target under its old key: a row replayed from before columns
+                    // were added that the source no longer had under that key was not written
+                    // (see `fill_from_source`). The source's row under the new key is.
+                    let table = &s.tables[moved.table];
+                    let missing: Vec<usize> = (0..moved.present.len())
+                        .filter(|&i| !moved.present[i])
+                        .collect();
+                    let mut changes = TableChanges {
+                        upserts: vec![moved.row],
+                        fill: Some(Fill {
+                            columns: missing,
+                            rows: vec![(true, 0)],
+                        }),
+                        ..TableChanges::default()
+                    };
+                    fill_from_source(s, table, &mut changes).await?;
+                    if !changes.is_empty() {
+                        rows += plan
+                            .apply(&s.target, &changes)
+                            .await
+                            .map_err(target_error)?;
+                    }
+                }
                 end = fold_chunk(&mut stream, &mut folder, &mut reading, source_error).await?;
             }
             ChunkEnd::Drained => {
