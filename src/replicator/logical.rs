@@ -1470,17 +1470,24 @@ mod tests {
         assert!(place(&taken, &[], &["id", "status"]).is_err());
     }
 
-    #[test]
-    fn a_row_written_before_a_column_was_added_gets_the_value_it_was_added_with() {
-        let mut tables = tables();
-        tables[0].missing[2] = Some("added with".to_owned());
+    /// A folder of changes older than the catalogs, whose relation lacks the table's last
+    /// column (added since).
+    fn folder_of_older_changes(tables: &[TableInfo]) -> Folder<'_> {
         let Message::Relation(mut narrow) = relation() else {
             unreachable!("relation() is a Relation")
         };
         narrow.columns.pop();
-        let mut folder = Folder::new(&tables, true);
+        let mut folder = Folder::new(tables, true);
         folder.recent = false;
         folder.fold(Message::Relation(narrow)).expect("older");
+        folder
+    }
+
+    #[test]
+    fn a_row_written_before_a_column_was_added_gets_the_value_it_was_added_with() {
+        let mut tables = tables();
+        tables[0].missing[2] = Some("added with".to_owned());
+        let mut folder = folder_of_older_changes(&tables);
         for message in [
             Message::Insert {
                 relation: 7,
@@ -1517,13 +1524,7 @@ mod tests {
     #[test]
     fn a_row_written_before_a_column_added_without_a_recorded_value_is_read_from_the_source() {
         let tables = tables();
-        let Message::Relation(mut narrow) = relation() else {
-            unreachable!("relation() is a Relation")
-        };
-        narrow.columns.pop();
-        let mut folder = Folder::new(&tables, true);
-        folder.recent = false;
-        folder.fold(Message::Relation(narrow)).expect("older");
+        let mut folder = folder_of_older_changes(&tables);
         for id in ["1", "2", "3"] {
             let insert = Message::Insert {
                 relation: 7,

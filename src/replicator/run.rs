@@ -441,7 +441,9 @@ pub(crate) async fn run(spec: TargetSpec, shared: Arc<Shared>) {
                 shared.update(|s| s.state = ReplicationState::Stopped(reason));
                 return;
             }
-            Ok(Ended::SourceMoved | Ended::Reopen) => continue,
+            Ok(Ended::SourceMoved) => continue,
+            // A pause, so that a table altered again and again cannot make sessions spin.
+            Ok(Ended::Reopen) => tokio::time::sleep(spec.settings.poll_interval).await,
             Ok(Ended::Standby) => {
                 shared.update(|s| s.state = ReplicationState::Standby);
                 tokio::time::sleep(spec.settings.retry_interval).await;

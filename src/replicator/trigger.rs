@@ -143,6 +143,22 @@ fn unseen(txid: &str) -> String {
     )
 }
 
+/// The tables `log` (`truncations` or `recopies` in `schema`, quoted) names for the window
+/// after `previous`.
+async fn logged_tables(
+    transaction: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    log: &str,
+    previous: &Snapshot,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT DISTINCT tbl FROM {schema}.{log} WHERE {}",
+        unseen("txid")
+    );
+    let rows = transaction.query(&sql, &[&previous.to_string()]).await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 /// The query that reads one table's changed keys and their rows as of the batch's snapshot:
 /// the parameter is the previous snapshot.
 fn dirty_sql(schema: &str, table: &TableInfo) -> String {
@@ -317,20 +333,10 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     }
     // Tables whose capture was installed again (triggers missing or not firing, or another
     // table under the name) in this window: their writes may not all have been logged.
-    let recopied: Vec<String> = match (&s.progress.snapshot, fresh) {
-        (Some(previous), false) => transaction
-            .query(
-                &format!(
-                    "SELECT DISTINCT tbl FROM {schema}.recopies WHERE {}",
-                    unseen("txid")
-                ),
-                &[&previous.to_string()],
-            )
+    let recopied = match (&s.progress.snapshot, fresh) {
+        (Some(previous), false) => logged_tables(&transaction, &schema, "recopies", previous)
             .await
-            .map_err(source_error)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect(),
+            .map_err(source_error)?,
         _ => Vec::new(),
     };
     for table in s.tables.iter().map(TableInfo::display) {
@@ -365,20 +371,10 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         s.shared
             .update(|status| status.state = super::ReplicationState::Copying);
     }
-    let truncated: Vec<String> = match &previous {
-        Some(previous) => transaction
-            .query(
-                &format!(
-                    "SELECT DISTINCT tbl FROM {schema}.truncations WHERE {}",
-                    unseen("txid")
-                ),
-                &[&previous.to_string()],
-            )
+    let truncated = match &previous {
+        Some(previous) => logged_tables(&transaction, &schema, "truncations", previous)
             .await
-            .map_err(source_error)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect(),
+            .map_err(source_error)?,
         None => Vec::new(),
     };
     let read_plans = match &previous {
