@@ -1075,9 +1075,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         (None, true) => Some(flushed),
         (None, false) => None,
     };
-    let quiet_due = s
-        .last_record
-        .is_none_or(|at| at.elapsed() >= QUIET_RECORD_INTERVAL);
+    // A peek that stopped at its limit and applied nothing (transactions the copy already
+    // holds, say) peeks the same changes again until the slot moves: it records at once.
+    let quiet_due = (taken.is_none() && !drained)
+        || s.last_record
+            .is_none_or(|at| at.elapsed() >= QUIET_RECORD_INTERVAL);
     let (reached, record) = step_end(watermark, last_commit, past, claimed, quiet_due);
     if record {
         if !claimed {
