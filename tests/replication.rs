@@ -670,10 +670,11 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
     .await;
     herd.shutdown().await;
 
-    // Written while no replicator runs, then columns are added (one with a default, one
-    // without) and their defaults changed: after the restart these changes come without the
-    // columns, and the rows they insert must hold what the primary's rows got when the columns
-    // were added (7 and NULL), not the defaults of now.
+    // Written while no replicator runs, then columns are added (with defaults, one without)
+    // and their defaults changed: after the restart these changes come without the columns, and
+    // the rows they insert must hold what the primary's rows got when the columns were added (7,
+    // NULL and the arrays), not the defaults of now. `box` arrays are delimited by `;`, and the
+    // text array's elements need quotes.
     primary
         .batch_execute(
             "INSERT INTO notes VALUES (5, 'e', 'before'); UPDATE notes SET name = 'bb' WHERE id = 2; \
@@ -683,8 +684,11 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
         .expect("changes before the column");
     on_both(
         &topology,
-        "ALTER TABLE notes ADD COLUMN ranked int DEFAULT 7, ADD COLUMN flag text; \
-         ALTER TABLE notes ALTER COLUMN ranked SET DEFAULT 8, ALTER COLUMN flag SET DEFAULT 'later'",
+        r#"ALTER TABLE notes ADD COLUMN ranked int DEFAULT 7, ADD COLUMN flag text,
+             ADD COLUMN shapes box[] DEFAULT '{(1,1),(0,0);(2,2),(1,1)}',
+             ADD COLUMN tags text[] DEFAULT '{"a,b","c\"d",NULL}';
+           ALTER TABLE notes ALTER COLUMN ranked SET DEFAULT 8, ALTER COLUMN flag SET DEFAULT 'later',
+             ALTER COLUMN shapes SET DEFAULT '{}', ALTER COLUMN tags SET DEFAULT '{}'"#,
     )
     .await;
     let herd = streaming_herd(&topology, CaptureMode::Logical, "notes").await;

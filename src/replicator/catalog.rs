@@ -77,19 +77,22 @@ pub(crate) enum CatalogProblem {
     NoPrimaryKey,
 }
 
-/// `attmissingval` is a one-element array of the column's type: its text form read back as
-/// `text[]` gives the element's text, except for `box`, whose arrays are delimited by `;` (its
-/// one element is then the array's text without the braces).
+/// `attmissingval` is a one-element array of the column's type, and its element's text is taken
+/// out of the array's text form by hand rather than by a cast to `text[]`: the cast splits at
+/// commas, but the element type sets the delimiter (`box` and `box[]` use `;`). One element is
+/// `{text}`, or `{"text"}` with `"` and `\` escaped by a backslash when it holds a delimiter,
+/// brace, quote, backslash or space, or reads `NULL`; `chr(92)` is the backslash, spelt so
+/// whatever `standard_conforming_strings` says.
 const COLUMNS_SQL: &str = "\
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), c.oid, \
        coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) \
                  WHERE k.att = a.attnum AND k.n <= i.indnkeyatts), 0)::int4, a.attnum, \
        ARRAY(SELECT d.attnum FROM pg_catalog.pg_attribute d WHERE d.attrelid = c.oid \
              AND d.attnum > 0 AND d.attisdropped ORDER BY d.attnum), \
-       CASE WHEN NOT a.atthasmissing THEN NULL \
-            WHEN (SELECT typdelim FROM pg_catalog.pg_type WHERE oid = a.atttypid) = ',' \
-            THEN (a.attmissingval::text::text[])[1] \
-            ELSE btrim(a.attmissingval::text, '{}') END, \
+       CASE WHEN NOT a.atthasmissing OR m.v = '{NULL}' THEN NULL \
+            WHEN m.v LIKE '{\"%' THEN pg_catalog.regexp_replace(substr(m.v, 3, length(m.v) - 4), \
+                                         repeat(chr(92), 2) || '(.)', chr(92) || '1', 'g') \
+            ELSE substr(m.v, 2, length(m.v) - 2) END, \
        a.atttypid, \
        (SELECT quote_ident(cn.nspname) || '.' || quote_ident(co.collname) \
         FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace \
@@ -98,6 +101,7 @@ SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), c.oid, \
 FROM pg_catalog.pg_class c \
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+CROSS JOIN LATERAL (SELECT a.attmissingval::text AS v) m \
 LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary \
 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'r' AND a.attgenerated = '' \
 ORDER BY a.attnum";
