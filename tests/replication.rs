@@ -1519,6 +1519,71 @@ mod convergence {
         panic_mid_stream(CaptureMode::Logical).await;
     }
 
+    /// While the workload runs, two tables' triggers are disabled in turn (as for a bulk load),
+    /// so that the workload's writes and ours go unlogged until a step notices: each table is
+    /// installed again, copied by the target in the window of that install while the workload
+    /// goes on writing it, and nothing is lost or doubled.
+    #[actix_rt::test]
+    async fn trigger_mode_converges_when_triggers_are_disabled_mid_workload() {
+        let topology = topology(false).await;
+        let herd = Herd::start(settings(&topology, CaptureMode::Trigger)).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        streaming(&herd).await;
+        let config = topology.primary().config();
+        let mut spec = workload::WorkloadSpec::new(51);
+        spec.transactions = 400;
+        // A TRUNCATE would empty the unlogged rows on both sides.
+        spec.truncates = false;
+        let writes = tokio::spawn(async move { workload::run(&config, &spec).await });
+        let primary = topology.primary().connect().await.expect("connect");
+        // The workload's keys are drawn from small ranges (and moved by 100,000): rows far out
+        // of them are written by these unlogged statements only.
+        for (table, unlogged) in [
+            (
+                "wl_accounts",
+                "INSERT INTO public.wl_accounts (id, owner, balance) \
+                 SELECT g, 'unlogged', g FROM generate_series(500000, 500099) g; \
+                 UPDATE public.wl_accounts SET owner = owner || '!' WHERE id % 7 = 0",
+            ),
+            (
+                "wl_docs",
+                "INSERT INTO public.wl_docs (id, body) \
+                 SELECT gen_random_uuid(), 'unlogged' FROM generate_series(1, 50); \
+                 DELETE FROM public.wl_docs WHERE body LIKE '%a%'",
+            ),
+        ] {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(!writes.is_finished(), "the workload still runs");
+            primary
+                .batch_execute(&format!(
+                    "ALTER TABLE public.{table} DISABLE TRIGGER USER; {unlogged};"
+                ))
+                .await
+                .expect("triggers disabled");
+            let qualified = format!("public.{table}");
+            eventually(
+                "the table to be copied again",
+                Duration::from_secs(15),
+                || {
+                    let copied = herd.replication()[0]
+                        .warnings
+                        .iter()
+                        .any(|w| w.contains(&qualified));
+                    async move { copied }
+                },
+            )
+            .await;
+        }
+        let report = writes.await.expect("join").expect("workload");
+        assert!(report.committed > 1000, "{report:?}");
+        converged(&topology).await;
+        let status = herd.replication();
+        assert_eq!(status[0].state, ReplicationState::Streaming, "{status:?}");
+        herd.shutdown().await;
+    }
+
     #[actix_rt::test]
     async fn trigger_mode_converges_through_faults_and_a_hand_over() {
         faults(CaptureMode::Trigger).await;
