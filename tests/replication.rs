@@ -284,7 +284,7 @@ async fn trigger_mode_follows_a_column_added_a_table_replaced_and_triggers_disab
             status
                 .warnings
                 .iter()
-                .any(|w| w.contains("capture triggers of public.items")),
+                .any(|w| w.contains("capture of public.items was installed again")),
             "{status:?}"
         );
     }
@@ -547,6 +547,65 @@ async fn trigger_mode_follows_a_key_column_widened_on_the_primary() {
         .await
         .expect("keys past integer, once the change table follows");
     eventually("the widened keys", Duration::from_secs(20), equal).await;
+    herd.shutdown().await;
+}
+
+/// The primary key replaced by one of other columns while a herd streams (the replica's
+/// first, as docs/replication.md says): the application's writes go on, the change table is
+/// made again with the new key's columns, and the table is copied again.
+#[actix_rt::test]
+async fn trigger_mode_follows_a_primary_key_replaced_on_the_primary() {
+    let topology = topology(false).await;
+    on_both(
+        &topology,
+        "CREATE TABLE rekeyed (id int PRIMARY KEY, code text NOT NULL, v int)",
+    )
+    .await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    primary
+        .batch_execute("INSERT INTO rekeyed SELECT g, 'c' || g, g FROM generate_series(1, 10) g")
+        .await
+        .expect("rows");
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "rekeyed").await;
+    let equal = || async {
+        digest(&primary, "rekeyed", "code").await == digest(&replica, "rekeyed", "code").await
+    };
+    eventually("the copy", Duration::from_secs(20), equal).await;
+    let rekey = "ALTER TABLE rekeyed DROP CONSTRAINT rekeyed_pkey, ADD PRIMARY KEY (code)";
+    replica
+        .batch_execute(rekey)
+        .await
+        .expect("rekey the replica");
+    primary
+        .batch_execute(rekey)
+        .await
+        .expect("rekey the primary");
+    primary
+        .batch_execute(
+            "UPDATE rekeyed SET v = -v WHERE id <= 3;
+             UPDATE rekeyed SET code = 'moved' WHERE id = 4;
+             INSERT INTO rekeyed VALUES (11, 'c11', 11), (11, 'c11b', 12);
+             DELETE FROM rekeyed WHERE id = 5;",
+        )
+        .await
+        .expect("writes under the new key");
+    eventually("the rows under the new key", Duration::from_secs(20), equal).await;
+    primary
+        .batch_execute(
+            "UPDATE rekeyed SET code = 'again' WHERE code = 'moved'; DELETE FROM rekeyed WHERE id = 6;",
+        )
+        .await
+        .expect("writes after the change table was made again");
+    eventually("the rows after", Duration::from_secs(20), equal).await;
+    assert!(
+        herd.replication()[0]
+            .warnings
+            .iter()
+            .any(|w| w.contains("public.rekeyed")),
+        "{:?}",
+        herd.replication()
+    );
     herd.shutdown().await;
 }
 
@@ -1767,7 +1826,10 @@ mod edges {
             node.connect()
                 .await
                 .expect("connect")
-                .batch_execute("CREATE TABLE logbook (at timestamptz, line text)")
+                .batch_execute(
+                    "CREATE TABLE logbook (at timestamptz, line text);
+                     CREATE TABLE ledger (txid bigint PRIMARY KEY, amount numeric);",
+                )
                 .await
                 .expect("schema");
         }
@@ -1779,6 +1841,18 @@ mod edges {
         assert_eq!(error.kind(), ErrorKind::Config);
         assert!(error.to_string().contains("has no primary key"), "{error}");
         assert!(error.to_string().contains("public.logbook"), "{error}");
+        // A key column named like a column of the change tables, in `trigger` mode.
+        settings.replicator.tables = vec!["ledger".to_owned()];
+        let error = pgherd::replicator::install(&settings)
+            .await
+            .expect_err("refused");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(
+            error
+                .to_string()
+                .contains("primary key column named `txid`"),
+            "{error}"
+        );
     }
 
     /// Statement triggers fire only on the table a statement names: in `trigger` mode a

@@ -49,7 +49,17 @@ pub(crate) async fn tables(
     }
     for table in &tables {
         match settings.mode {
-            CaptureMode::Trigger => refuse_inheritance(client, table, endpoint).await?,
+            CaptureMode::Trigger => {
+                if let Some(column) = reserved_key_column(table) {
+                    return Err(config(format!(
+                        "table {} on `{endpoint}` has a primary key column named `{column}`, \
+                         which `trigger` mode's change tables use for their own column: rename \
+                         the column, or replicate the table with mode = \"logical\"",
+                        table.display(),
+                    )));
+                }
+                refuse_inheritance(client, table, endpoint).await?;
+            }
             CaptureMode::Logical => {
                 refuse_identity_without_key(client, table, endpoint).await?;
                 if deferrable_key(client, table).await? {
@@ -66,6 +76,17 @@ pub(crate) async fn tables(
         }
     }
     Ok(tables)
+}
+
+/// The change table's own columns, which no key column may be named.
+const CHANGE_TABLE_COLUMNS: [&str; 2] = ["txid", "inserted"];
+
+/// A key column of `table` named like a column of its change table, if any.
+fn reserved_key_column(table: &TableInfo) -> Option<&str> {
+    table
+        .key_columns()
+        .map(|c| c.name.as_str())
+        .find(|name| CHANGE_TABLE_COLUMNS.contains(name))
 }
 
 /// Refuses, in `logical` mode, a table whose replica identity does not hold its primary key:
@@ -455,6 +476,25 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
              END\n",
             old_key.join(", ")
         );
+        // The key's columns changed (a new primary key): the change table is made again with
+        // the new ones, and the table copied again, since its rows logged under the old key
+        // name no row of the new one. Left as it is, its old key columns (`NOT NULL`) would
+        // refuse every row the capture functions log.
+        let mut wanted: Vec<&str> = table.key_columns().map(|c| c.name.as_str()).collect();
+        wanted.sort_unstable();
+        let wanted: Vec<String> = wanted.into_iter().map(quote_literal).collect();
+        let rekey_body = format!(
+            "BEGIN IF to_regclass({log_literal}) IS NOT NULL AND ARRAY(SELECT a.attname::text \
+             FROM pg_catalog.pg_attribute a WHERE a.attrelid = to_regclass({log_literal}) \
+             AND a.attnum > 0 AND NOT a.attisdropped AND a.attname NOT IN ('txid', 'inserted') \
+             ORDER BY a.attname::text COLLATE \"C\") IS DISTINCT FROM ARRAY[{}]::text[] THEN \
+             DROP TABLE {log}; INSERT INTO {schema}.recopies (tbl) VALUES ({}); END IF; END",
+            wanted.join(", "),
+            quote_literal(&table.display()),
+            log_literal = quote_literal(&log),
+        );
+        let rekey_tag = dollar_tag(&[&rekey_body]);
+        let rekey = format!("DO {rekey_tag}{rekey_body}{rekey_tag};\n");
         let tag = dollar_tag(&[&capture_body, &key_body]);
         // A table captured before whose triggers are missing or not firing, or that is another
         // table now (created again, restored, swapped by renames), may have had writes that
@@ -478,6 +518,7 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
             "{begin}\
              LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE;\n\
              {recopy}\
+             {rekey}\
              CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
                inserted boolean NOT NULL DEFAULT false, {});\n\
              ALTER TABLE {log} ADD COLUMN IF NOT EXISTS inserted boolean NOT NULL DEFAULT false;\n\

@@ -342,9 +342,9 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     for table in s.tables.iter().map(TableInfo::display) {
         if recopied.contains(&table) && s.progress.tables.contains(&table) {
             let warning = format!(
-                "the capture triggers of {table} were missing or not firing, or another table \
-                 took its name (created again, restored, swapped by renames): writes may have \
-                 gone unlogged, copied again"
+                "the capture of {table} was installed again (its triggers were missing or not \
+                 firing, another table took its name, or its primary key changed): writes may \
+                 have gone unlogged or been logged under another key; copied again"
             );
             tracing::warn!(target = %s.spec.target, %warning);
             s.shared.warn(warning);
