@@ -314,6 +314,56 @@ async fn trigger_mode_follows_a_column_added_a_table_replaced_and_triggers_disab
     herd.shutdown().await;
 }
 
+/// Triggers disabled for a load and enabled again in the load's transaction, which holds the
+/// table meanwhile: the install that a step starts on seeing them disabled waits for the load,
+/// then finds them enabled. The step's finding is kept on the primary, so the table is copied
+/// again all the same.
+#[actix_rt::test]
+async fn trigger_mode_copies_a_table_whose_triggers_were_seen_disabled_and_enabled_again() {
+    let topology = topology(false).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute(
+            "INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 20) g",
+        )
+        .await
+        .expect("rows");
+    let herd = herd(&topology, CaptureMode::Trigger);
+    streaming(&herd).await;
+    converge(&topology).await;
+    let errors = herd.replication()[0].errors;
+    let mut load = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute("ALTER TABLE items DISABLE TRIGGER USER")
+        .await
+        .expect("triggers disabled");
+    let transaction = load.transaction().await.expect("begin");
+    transaction
+        .batch_execute(
+            "UPDATE items SET name = 'loaded' WHERE id <= 10;
+             INSERT INTO items (id, name) SELECT g, 'loaded' FROM generate_series(100, 120) g;",
+        )
+        .await
+        .expect("the load");
+    // The install waits for the load's lock and gives up (lock_timeout): an error of the target.
+    eventually(
+        "a step to see the triggers disabled",
+        Duration::from_secs(20),
+        || {
+            let failed = herd.replication()[0].errors > errors;
+            async move { failed }
+        },
+    )
+    .await;
+    transaction
+        .batch_execute("ALTER TABLE items ENABLE TRIGGER USER")
+        .await
+        .expect("triggers enabled again");
+    transaction.commit().await.expect("the load committed");
+    converge(&topology).await;
+    herd.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn logical_mode_keeps_the_replica_equal() {
     basic_changes(CaptureMode::Logical, None, Read::Stream).await;

@@ -293,6 +293,31 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     let expected: Vec<String> = s.tables.iter().map(TableInfo::shape).collect();
     if shape != expected || !uncaptured.is_empty() {
         transaction.rollback().await.map_err(source_error)?;
+        // A table replaced, or whose triggers were seen missing or not firing, is marked as
+        // not captured: the install that follows records it to be copied again even if its
+        // triggers are back by then (enabled again after a bulk load).
+        let lost: Vec<String> = s
+            .tables
+            .iter()
+            .zip(&shape)
+            .filter(|(table, shape)| {
+                shape.split('/').next() != Some(table.oid.to_string().as_str())
+                    || uncaptured.contains(&table.qualified())
+            })
+            .map(|(table, _)| table.display())
+            .collect();
+        if !lost.is_empty() {
+            s.source
+                .execute(
+                    &format!(
+                        "INSERT INTO {schema}.captured (tbl, relid) SELECT unnest($1::text[]), 0 \
+                         ON CONFLICT (tbl) DO UPDATE SET relid = 0"
+                    ),
+                    &[&lost],
+                )
+                .await
+                .map_err(source_error)?;
+        }
         return Ok(Step::Reopen(
             "a replicated table was altered, replaced, or lost its capture triggers".to_owned(),
         ));
