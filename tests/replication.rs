@@ -288,6 +288,23 @@ async fn trigger_mode_follows_a_column_added_a_table_replaced_and_triggers_disab
             "{status:?}"
         );
     }
+    // Renamed away, emptied and renamed back: the same table, whose TRUNCATE must reach the
+    // replica although it ran under another name.
+    primary
+        .batch_execute(
+            "ALTER TABLE items RENAME TO items_aside; TRUNCATE items_aside;
+             ALTER TABLE items_aside RENAME TO items; INSERT INTO items (id) VALUES (9003);",
+        )
+        .await
+        .expect("emptied under another name");
+    converge(&topology).await;
+    primary
+        .batch_execute(
+            "INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(5001, 5100) g",
+        )
+        .await
+        .expect("rows again");
+    converge(&topology).await;
     // Triggers disabled (for a bulk load, say): the writes made meanwhile are not logged. The
     // next step finds them disabled; the table is copied again and its triggers installed.
     primary

@@ -340,12 +340,15 @@ const INSTALL_LOCK_TIMEOUT: &str = "5s";
 /// waits for the table's writers), so a copy taken after the install sees it.
 pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -> String {
     let schema = quote_ident(&settings.schema);
+    // The truncated table's oid: a table renamed away and back is still the same one.
+    let truncated_oid = add_column(&format!("{schema}.truncations"), "relid", "oid");
     let begin = format!("BEGIN;\nSET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}';\n");
     let mut sql = format!(
         "{begin}\
          CREATE SCHEMA IF NOT EXISTS {schema};\n\
          CREATE TABLE IF NOT EXISTS {schema}.truncations (tbl text NOT NULL, \
            txid xid8 NOT NULL DEFAULT pg_current_xact_id());\n\
+         {truncated_oid}\
          CREATE INDEX IF NOT EXISTS truncations_txid ON {schema}.truncations (txid);\n\
          CREATE TABLE IF NOT EXISTS {schema}.consumers (target text PRIMARY KEY, \
            snapshot pg_snapshot NOT NULL, updated_at timestamptz NOT NULL DEFAULT now());\n\
@@ -433,12 +436,19 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let storage: String = table
             .key_columns()
             .map(|c| {
-                format!(
-                    "ALTER TABLE {log} ALTER COLUMN {} SET STORAGE EXTERNAL;\n",
+                let body = format!(
+                    "BEGIN IF (SELECT attstorage FROM pg_catalog.pg_attribute WHERE attrelid = \
+                     {}::regclass AND attname = {}) IS DISTINCT FROM 'e' THEN \
+                     ALTER TABLE {log} ALTER COLUMN {} SET STORAGE EXTERNAL; END IF; END",
+                    quote_literal(&log),
+                    quote_literal(&c.name),
                     quote_ident(&c.name)
-                )
+                );
+                let tag = dollar_tag(&[&body]);
+                format!("DO {tag}{body}{tag};\n")
             })
             .collect();
+        let inserted_column = add_column(&log, "inserted", "boolean NOT NULL DEFAULT false");
         // An INSERT's keys are marked: a window in which a table only had rows inserted can
         // insert them on the target without looking for conflicts (see `TableChanges::fresh`).
         let inserted_rows = inserted.replacen("SELECT ", "SELECT true, ", 1);
@@ -461,8 +471,8 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
                ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN\n\
                  INSERT INTO {log} ({keys}) {updated};\n\
                ELSE\n\
-                 INSERT INTO {schema}.truncations (tbl) \
-                   VALUES (pg_catalog.format('%s.%s', TG_TABLE_SCHEMA, TG_TABLE_NAME));\n\
+                 INSERT INTO {schema}.truncations (tbl, relid) \
+                   VALUES (pg_catalog.format('%s.%s', TG_TABLE_SCHEMA, TG_TABLE_NAME), TG_RELID);\n\
                END IF;\n\
                {notify}\n\
                RETURN NULL;\n\
@@ -521,7 +531,7 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
              {rekey}\
              CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \
                inserted boolean NOT NULL DEFAULT false, {});\n\
-             ALTER TABLE {log} ADD COLUMN IF NOT EXISTS inserted boolean NOT NULL DEFAULT false;\n\
+             {inserted_column}\
              {retype}\
              {storage}\
              CREATE INDEX IF NOT EXISTS {index} ON {log} (txid);\n\
@@ -553,6 +563,22 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         ));
     }
     sql
+}
+
+/// Adds `column` to `table` (a quoted name) unless it has it. Checked first, since `ALTER TABLE`
+/// takes its `ACCESS EXCLUSIVE` lock before it looks, and waits for every step that reads the
+/// table (`IF NOT EXISTS` does not spare the wait).
+fn add_column(table: &str, column: &str, definition: &str) -> String {
+    let body = format!(
+        "BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = {}::regclass \
+         AND attname = {} AND NOT attisdropped) THEN ALTER TABLE {table} ADD COLUMN {} {definition}; \
+         END IF; END",
+        quote_literal(table),
+        quote_literal(column),
+        quote_ident(column),
+    );
+    let tag = dollar_tag(&[&body]);
+    format!("DO {tag}{body}{tag};\n")
 }
 
 /// A dollar-quote tag that occurs in none of `bodies` (which hold quoted names, and a name may

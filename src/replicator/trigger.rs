@@ -53,7 +53,8 @@ fn uncaptured_sql(tables: &str, triggers: &str) -> String {
 
 /// Whether trigger capture is installed as it should be: every table with its five capture
 /// triggers, enabled, recorded as captured under its current oid; the change tables, with their
-/// key columns of the types the keys have now; the capture functions running as their owner.
+/// key columns of the types the keys have now; the capture functions running as their owner and
+/// recording a TRUNCATE's oid.
 pub(crate) async fn installed(
     source: &Client,
     settings: &ReplicatorSettings,
@@ -76,6 +77,7 @@ pub(crate) async fn installed(
         }
     }
     let shared = ["recopies", "captured"].map(|t| format!("{schema}.{t}"));
+    let truncations = format!("{schema}.truncations");
     logs.extend(shared.iter().cloned());
     // Functions installed before they ran as their owner are replaced.
     let functions: Vec<String> = tables
@@ -93,7 +95,9 @@ pub(crate) async fn installed(
                      AND a.attname = k.col AND NOT a.attisdropped \
                    WHERE format_type(a.atttypid, a.atttypmod) = k.typ), \
                  (SELECT count(*) FROM unnest($7::text[]) AS f(name) \
-                   JOIN pg_catalog.pg_proc p ON p.oid = to_regprocedure(f.name) AND p.prosecdef)",
+                   JOIN pg_catalog.pg_proc p ON p.oid = to_regprocedure(f.name) AND p.prosecdef), \
+                 EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass($8) \
+                   AND attname = 'relid' AND NOT attisdropped)",
                 uncaptured_sql("$2", "$1")
             ),
             &[
@@ -104,13 +108,17 @@ pub(crate) async fn installed(
                 &key_columns,
                 &key_types,
                 &functions,
+                &truncations,
             ],
         )
         .await?;
     let uncaptured: Vec<String> = row.get(0);
     let (found_logs, found_keys, found_functions): (i64, i64, i64) =
         (row.get(1), row.get(2), row.get(3));
-    let complete = uncaptured.is_empty()
+    // Functions installed before TRUNCATE recorded the table's oid are replaced.
+    let truncated_oid: bool = row.get(4);
+    let complete = truncated_oid
+        && uncaptured.is_empty()
         && usize::try_from(found_logs).ok() == Some(logs.len())
         && usize::try_from(found_keys).ok() == Some(key_types.len())
         && usize::try_from(found_functions).ok() == Some(functions.len());
@@ -143,20 +151,38 @@ fn unseen(txid: &str) -> String {
     )
 }
 
-/// The tables `log` (`truncations` or `recopies` in `schema`, quoted) names for the window
-/// after `previous`.
+/// A row of `truncations` or `recopies`: the table's name, and (`truncations`, since it records
+/// it) its oid when the row was logged.
+type Logged = (String, Option<u32>);
+
+/// The rows `log` (`truncations` or `recopies` in `schema`, quoted) holds for the window after
+/// `previous`.
 async fn logged_tables(
     transaction: &tokio_postgres::Transaction<'_>,
     schema: &str,
     log: &str,
     previous: &Snapshot,
-) -> Result<Vec<String>, tokio_postgres::Error> {
+) -> Result<Vec<Logged>, tokio_postgres::Error> {
+    let relid = if log == "truncations" {
+        "relid"
+    } else {
+        "NULL::oid"
+    };
     let sql = format!(
-        "SELECT DISTINCT tbl FROM {schema}.{log} WHERE {}",
+        "SELECT DISTINCT tbl, {relid} FROM {schema}.{log} WHERE {}",
         unseen("txid")
     );
     let rows = transaction.query(&sql, &[&previous.to_string()]).await?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// Whether `logged` names `table`: by oid where the row has one (a table renamed away and back
+/// is the same table; another one under its name is not), else by name.
+fn names(logged: &[Logged], table: &TableInfo) -> bool {
+    logged.iter().any(|(name, relid)| match relid {
+        Some(relid) => *relid == table.oid,
+        None => *name == table.display(),
+    })
 }
 
 /// The query that reads one table's changed keys and their rows as of the batch's snapshot:
@@ -364,8 +390,9 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             .map_err(source_error)?,
         _ => Vec::new(),
     };
-    for table in s.tables.iter().map(TableInfo::display) {
-        if recopied.contains(&table) && s.progress.tables.contains(&table) {
+    for table in &s.tables {
+        if names(&recopied, table) && s.progress.tables.contains(&table.display()) {
+            let table = table.display();
             let warning = format!(
                 "the capture of {table} was installed again (its triggers were missing or not \
                  firing, another table took its name, or its primary key changed): writes may \
@@ -377,8 +404,8 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     }
     let copy: Vec<usize> = (0..s.tables.len())
         .filter(|&i| {
-            let name = s.tables[i].display();
-            fresh || !s.progress.tables.contains(&name) || recopied.contains(&name)
+            let table = &s.tables[i];
+            fresh || !s.progress.tables.contains(&table.display()) || names(&recopied, table)
         })
         .collect();
     let previous = if fresh {
@@ -460,7 +487,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         let mut chunk = read_chunk(&mut stream, table, read.fresh, limits)
             .await
             .map_err(source_error)?;
-        chunk.changes.truncate = truncated.contains(&name);
+        chunk.changes.truncate = names(&truncated, table);
         loop {
             s.shared.update(|status| {
                 *status.lag_rows.get_or_insert(0) += chunk.changes.rows() as u64;
