@@ -814,6 +814,17 @@ async fn fill_from_source(
         .filter(|(_, found)| !**found)
         .map(|(&at, _)| at)
         .collect();
+    // A row the source no longer has is not written. An upsert's key may be on the target with
+    // an older row (a delete folded into the upsert): it is deleted there, as the source has
+    // no row under it now; the later changes of the stream (a key change, which then reads the
+    // source's row under its new key) bring the rest.
+    for &(upsert, i) in &gone {
+        if upsert {
+            let row = &changes.upserts[i];
+            let key: Option<Key> = table.key.iter().map(|&k| row[k].clone()).collect();
+            changes.deletes.extend(key);
+        }
+    }
     for upsert in [false, true] {
         let rows = if upsert {
             &mut changes.upserts
