@@ -1205,6 +1205,44 @@ async fn trigger_mode_copies_again_a_target_that_went_back() {
     a_target_that_went_back(CaptureMode::Trigger).await;
 }
 
+/// A target whose acknowledgement the primary lost (its row of `pgherd.consumers` deleted, as
+/// for a target taken out of the settings, and the change rows since cleaned up by the others)
+/// is listed again: copied again, not streamed on past the rows deleted meanwhile.
+#[actix_rt::test]
+async fn trigger_mode_copies_again_a_target_the_primary_has_no_acknowledgement_of() {
+    let topology = topology(false).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let replica = topology.node("replica").connect().await.expect("connect");
+    let equal =
+        || async { digest(&primary, "items", "id").await == digest(&replica, "items", "id").await };
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "items").await;
+    primary
+        .batch_execute("INSERT INTO items (id, name) VALUES (1, 'streamed')")
+        .await
+        .expect("row");
+    eventually("the first row", Duration::from_secs(20), equal).await;
+    herd.shutdown().await;
+    primary
+        .batch_execute(
+            "DELETE FROM pgherd.consumers;
+             INSERT INTO items (id, name) VALUES (2, 'its change row deleted');
+             DELETE FROM pgherd.\"public.items\";",
+        )
+        .await
+        .expect("the target forgotten, its history released");
+    let herd = streaming_herd(&topology, CaptureMode::Trigger, "items").await;
+    eventually("the target copied again", Duration::from_secs(20), equal).await;
+    let status = herd.replication();
+    assert!(
+        status[0]
+            .warnings
+            .iter()
+            .any(|w| w.contains("no acknowledgement")),
+        "{status:?}"
+    );
+    herd.shutdown().await;
+}
+
 /// A target whose sessions do not wait for their commits to be flushed (`synchronous_commit =
 /// off`) crashes after the slot moved past a batch: the replicator's own commits must have been
 /// durable, or that batch is lost for good.

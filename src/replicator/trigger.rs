@@ -678,9 +678,19 @@ async fn register(s: &mut Session) -> Result<(), Error> {
 /// primary (`acknowledged`, the xmin of the snapshot it last acknowledged) is past it: the
 /// change rows below that were deleted, so the target went back in time (restored from a
 /// backup, or failed over to a standby that lacked its last commits).
+/// A target the primary has no acknowledgement of (`None`: its row deleted, as when a target
+/// taken out of the settings is cleaned up, then listed again) went back too: the change rows
+/// past its snapshot may have been deleted meanwhile.
 fn went_back(recorded: Option<&Snapshot>, acknowledged: Option<String>) -> Option<String> {
     let recorded = recorded?;
-    let acknowledged: u64 = acknowledged?.parse().ok()?;
+    let Some(acknowledged) = acknowledged else {
+        return Some(format!(
+            "the target holds the source as of snapshot {recorded}, but the primary has no \
+             acknowledgement of it (its row of the consumers table was deleted): the change rows \
+             it needs may be deleted"
+        ));
+    };
+    let acknowledged: u64 = acknowledged.parse().ok()?;
     (acknowledged > recorded.xmin()).then(|| {
         format!(
             "the target holds the source as of snapshot {recorded}, but it acknowledged one past \
@@ -759,9 +769,11 @@ mod tests {
         assert!(went_back(Some(&recorded), Some("120".to_owned())).is_some());
         assert!(went_back(Some(&recorded), Some("100".to_owned())).is_none());
         assert!(went_back(Some(&recorded), Some("90".to_owned())).is_none());
-        // Nothing acknowledged yet, or nothing recorded.
-        assert!(went_back(Some(&recorded), None).is_none());
+        // Nothing recorded: a first copy.
         assert!(went_back(None, Some("120".to_owned())).is_none());
+        assert!(went_back(None, None).is_none());
+        // Recorded, but no acknowledgement on the primary.
+        assert!(went_back(Some(&recorded), None).is_some());
     }
 
     #[test]
