@@ -185,6 +185,34 @@ async fn refuse_inheritance(
 }
 
 /// The types of `table`'s columns on a target, checking that the target has every column.
+/// How `table` is emptied on the target (before a copy, or for a TRUNCATE of the source):
+/// `TRUNCATE`, unless other tables' foreign keys reference it there, which `TRUNCATE` refuses.
+/// When every such key is `DEFERRABLE` and `ON DELETE NO ACTION` (as docs/replication.md asks of
+/// keys between replicated tables), its rows are deleted with those keys' checks deferred to the
+/// commit, by when the copy (or the other tables' changes) put back what they reference. Any
+/// other key would change or refuse the referencing rows: `TRUNCATE` then reports it.
+pub(crate) async fn emptying(client: &Client, table: &TableInfo) -> Result<String, Error> {
+    let rows = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.conname), c.condeferrable AND c.confdeltype = 'a' \
+             FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_namespace n ON n.oid = c.connamespace \
+             WHERE c.contype = 'f' AND c.confrelid = $1::text::regclass AND c.conrelid <> c.confrelid",
+            &[&table.qualified()],
+        )
+        .await
+        .map_err(Error::from_postgres)?;
+    let deferrable = rows.iter().all(|row| row.get::<_, bool>(1));
+    if rows.is_empty() || !deferrable {
+        return Ok(format!("TRUNCATE {}", table.qualified()));
+    }
+    let keys: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    Ok(format!(
+        "SET CONSTRAINTS {} DEFERRED; DELETE FROM ONLY {}",
+        keys.join(", "),
+        table.qualified()
+    ))
+}
+
 pub(crate) async fn target_types(
     client: &Client,
     table: &TableInfo,

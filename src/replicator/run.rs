@@ -706,7 +706,9 @@ async fn open(
     let mut plans = Vec::with_capacity(tables.len());
     for table in &tables {
         let types = install::target_types(&target, table, &spec.target).await?;
-        plans.push(TableSql::new(table, &types));
+        let mut plan = TableSql::new(table, &types);
+        plan.truncate = install::emptying(&target, table).await?;
+        plans.push(plan);
     }
     let progress = load_progress(&target, &settings.schema, &spec.cluster).await?;
     let listener = match (settings.mode, settings.notify) {
