@@ -969,6 +969,37 @@ async fn logical_mode_deletes_a_replayed_row_the_primary_no_longer_has_under_its
     herd.shutdown().await;
 }
 
+/// Replayed in chunks of two rows, all written before a column was added without a default
+/// (whose value for replayed inserts is then read from the primary): a row inserted (its chunk
+/// filled by another row), moved to another key, and a second row inserted under the first
+/// key and given a value in the new column. The first row's insert reads the second row's
+/// value; the key change must not carry it to the first row's new key.
+#[actix_rt::test]
+async fn logical_mode_moves_a_replayed_row_without_the_values_of_the_row_that_took_its_key() {
+    let topology = topology(true).await;
+    let herd = herd_in_chunks(&topology, CaptureMode::Logical, Some(2), Read::Stream);
+    streaming(&herd).await;
+    herd.shutdown().await;
+    let primary = topology.primary().connect().await.expect("connect");
+    primary
+        .batch_execute(
+            "INSERT INTO items (id, name) VALUES (1, 'first');
+             INSERT INTO items (id, name) VALUES (95, 'fills the chunk');
+             UPDATE items SET id = 2 WHERE id = 1;
+             INSERT INTO items (id, name) VALUES (1, 'second');",
+        )
+        .await
+        .expect("changes before the column");
+    on_both(&topology, "ALTER TABLE items ADD COLUMN tagged text").await;
+    primary
+        .batch_execute("UPDATE items SET tagged = 'the second row''s' WHERE id = 1")
+        .await
+        .expect("a value in the new column");
+    let herd = herd_in_chunks(&topology, CaptureMode::Logical, Some(2), Read::Stream);
+    converge(&topology).await;
+    herd.shutdown().await;
+}
+
 /// A table taken out of `tables` stops reaching the target's slot: once it is listed again it
 /// must be copied, not resumed past the changes made meanwhile. Installing with a shorter list
 /// (`pgherd replicator install`) while a herd streams must not take tables from its slot.

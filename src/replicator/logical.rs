@@ -106,6 +106,9 @@ struct Move {
     old_key: Key,
     present: Vec<bool>,
     row: Row,
+    /// Written before columns were added: the target's row under the old key may hold, for
+    /// them, values read from another row of the source that had that key since.
+    older: bool,
 }
 
 /// The relations a stream announced, by id. A replication connection sends each one once, so
@@ -434,6 +437,7 @@ impl<'a> Folder<'a> {
                     return Ok(None);
                 };
                 let table = mapping.table;
+                let older = !mapping.covers_table;
                 // Which columns came is tracked only when some did not.
                 let whole = mapping.whole(&new);
                 let mut present = Vec::new();
@@ -508,6 +512,7 @@ impl<'a> Folder<'a> {
                             old_key,
                             present,
                             row,
+                            older,
                         }));
                     }
                     // The row moves to its new key, with what it still lacks.
@@ -1038,10 +1043,13 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                     .await
                     .map_err(target_error)?;
                 rows += written;
-                if written == 0 {
+                if written == 0 || moved.older {
                     // Not on the target under its old key: a row replayed from before columns
                     // were added that the source no longer had under that key was not written
-                    // (see `fill_from_source`). The source's row under the new key is.
+                    // (see `fill_from_source`). Or moved from before columns were added: what
+                    // the target's row holds for them may have been read from a row that took
+                    // the old key on the source since. The source's row under the new key is
+                    // written (one that is gone is deleted: later changes bring the rest).
                     let table = &s.tables[moved.table];
                     let missing: Vec<usize> = (0..moved.present.len())
                         .filter(|&i| !moved.present[i])
