@@ -349,6 +349,14 @@ async fn trigger_mode_copies_a_table_whose_triggers_were_seen_disabled_and_enabl
     streaming(&herd).await;
     converge(&topology).await;
     let errors = herd.replication()[0].errors;
+    // Only the table that needs it is installed again: the other's triggers stay as they are.
+    let other = "SELECT string_agg(xmin::text, ',' ORDER BY tgname) FROM pg_trigger \
+                 WHERE tgrelid = 'public.pairs'::regclass";
+    let untouched: String = primary
+        .query_one(other, &[])
+        .await
+        .expect("triggers")
+        .get(0);
     let mut load = topology.primary().connect().await.expect("connect");
     primary
         .batch_execute("ALTER TABLE items DISABLE TRIGGER USER")
@@ -378,6 +386,12 @@ async fn trigger_mode_copies_a_table_whose_triggers_were_seen_disabled_and_enabl
         .expect("triggers enabled again");
     transaction.commit().await.expect("the load committed");
     converge(&topology).await;
+    let after: String = primary
+        .query_one(other, &[])
+        .await
+        .expect("triggers")
+        .get(0);
+    assert_eq!(after, untouched);
     herd.shutdown().await;
 }
 

@@ -675,12 +675,17 @@ async fn open(
     forget_tables(&target, &settings.schema, &spec.cluster, &tables).await?;
     match settings.mode {
         CaptureMode::Trigger => {
-            let installed = trigger::installed(&source, settings, &tables)
+            let uninstalled: Vec<TableInfo> = trigger::uninstalled(&source, settings, &tables)
                 .await
-                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
-            if !installed {
-                tracing::info!(target = %spec.target, "installing the capture triggers");
-                install::install_triggers(&source, settings, &tables)
+                .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?
+                .into_iter()
+                .map(|i| tables[i].clone())
+                .collect();
+            if !uninstalled.is_empty() {
+                let names: Vec<String> = uninstalled.iter().map(TableInfo::display).collect();
+                tracing::info!(target = %spec.target, tables = %names.join(", "),
+                    "installing the capture triggers");
+                install::install_triggers(&source, settings, &uninstalled)
                     .await
                     .map_err(|e| Error::from_postgres(e).with_endpoint(&source_name))?;
             }

@@ -51,93 +51,90 @@ fn uncaptured_sql(tables: &str, triggers: &str) -> String {
     )
 }
 
-/// Whether trigger capture is installed as it should be: every table with its five capture
-/// triggers, enabled, recorded as captured under its current oid; the change tables, with their
-/// key columns of the types the keys have now; the capture functions running as their owner and
-/// recording a TRUNCATE's oid.
-pub(crate) async fn installed(
+/// The positions in `tables` of those whose trigger capture is not installed as it should be:
+/// its five capture triggers, enabled; recorded as captured under its current oid; its change
+/// table, with its key columns of the types the keys have now; its capture functions running as
+/// their owner. Every table when the shared objects are missing or from before the TRUNCATE
+/// capture recorded the table's oid (whose functions are replaced). Only these are installed
+/// again: installing locks each table against writes for a moment.
+pub(crate) async fn uninstalled(
     source: &Client,
     settings: &ReplicatorSettings,
     tables: &[TableInfo],
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Vec<usize>, tokio_postgres::Error> {
+    let schema = quote_ident(&settings.schema);
+    let shared = ["recopies", "captured", "truncations"].map(|t| format!("{schema}.{t}"));
+    let complete: bool = source
+        .query_one(
+            "SELECT (SELECT count(to_regclass(t)) FROM unnest($1::text[]) AS t) = 3 \
+             AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass($1[3]) \
+               AND attname = 'relid' AND NOT attisdropped)",
+            &[&shared.to_vec()],
+        )
+        .await?
+        .get(0);
+    if !complete {
+        return Ok((0..tables.len()).collect());
+    }
     let names: Vec<String> = tables.iter().map(TableInfo::qualified).collect();
     let displays: Vec<String> = tables.iter().map(TableInfo::display).collect();
-    let schema = quote_ident(&settings.schema);
-    let mut logs: Vec<String> = tables
+    let logs: Vec<String> = tables
         .iter()
         .map(|table| install::change_table(&settings.schema, table))
         .collect();
-    // The change tables' key columns, with the types the keys have now.
-    let (mut key_logs, mut key_columns, mut key_types) = (Vec::new(), Vec::new(), Vec::new());
-    for (table, log) in tables.iter().zip(&logs) {
+    let [mut inserts, mut keys] = [Vec::new(), Vec::new()];
+    for table in tables {
+        let [insert, key] = install::capture_functions(&settings.schema, table);
+        inserts.push(format!("{insert}()"));
+        keys.push(format!("{key}()"));
+    }
+    // The change tables' key columns, with the types the keys have now, by table (from 1).
+    let (mut key_tables, mut key_columns, mut key_types) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, table) in (1_i64..).zip(tables) {
         for column in table.key_columns() {
-            key_logs.push(log.clone());
+            key_tables.push(i);
             key_columns.push(column.name.clone());
             key_types.push(format!("{}[]", column.type_name));
         }
     }
-    let shared = ["recopies", "captured"].map(|t| format!("{schema}.{t}"));
-    let truncations = format!("{schema}.truncations");
-    logs.extend(shared.iter().cloned());
-    // Functions installed before they ran as their owner are replaced.
-    let functions: Vec<String> = tables
-        .iter()
-        .flat_map(|table| install::capture_functions(&settings.schema, table))
-        .map(|function| format!("{function}()"))
-        .collect();
-    let row = source
-        .query_one(
+    let rows = source
+        .query(
             &format!(
-                "SELECT {}, \
-                 (SELECT count(to_regclass(log)) FROM unnest($3::text[]) AS log), \
-                 (SELECT count(*) FROM unnest($4::text[], $5::text[], $6::text[]) AS k(log, col, typ) \
-                   JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(k.log) \
-                     AND a.attname = k.col AND NOT a.attisdropped \
-                   WHERE format_type(a.atttypid, a.atttypmod) = k.typ), \
-                 (SELECT count(*) FROM unnest($7::text[]) AS f(name) \
-                   JOIN pg_catalog.pg_proc p ON p.oid = to_regprocedure(f.name) AND p.prosecdef), \
-                 EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass($8) \
-                   AND attname = 'relid' AND NOT attisdropped)",
-                uncaptured_sql("$2", "$1")
+                "SELECT d.i FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                   WITH ORDINALITY AS d(name, display, log, f1, f2, i) \
+                 WHERE (SELECT count(*) FROM pg_catalog.pg_trigger t \
+                     WHERE t.tgrelid = to_regclass(d.name) AND t.tgname = ANY($6::text[]) \
+                     AND t.tgenabled IN ('O', 'A')) <> {events} \
+                   OR to_regclass(d.log) IS NULL \
+                   OR NOT EXISTS (SELECT 1 FROM {schema}.captured c \
+                     WHERE c.tbl = d.display AND c.relid = to_regclass(d.name)) \
+                   OR (SELECT count(*) FROM pg_catalog.pg_proc p \
+                     WHERE p.oid IN (to_regprocedure(d.f1), to_regprocedure(d.f2)) AND p.prosecdef) <> 2 \
+                   OR (SELECT count(*) FROM unnest($7::int8[], $8::text[], $9::text[]) AS k(t, col, typ) \
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(d.log) \
+                       AND a.attname = k.col AND NOT a.attisdropped \
+                     WHERE k.t = d.i AND format_type(a.atttypid, a.atttypmod) = k.typ) \
+                     <> (SELECT count(*) FROM unnest($7::int8[]) AS k(t) WHERE k.t = d.i) \
+                 ORDER BY d.i",
+                events = TRIGGER_EVENTS.len(),
             ),
             &[
-                &trigger_names(settings),
                 &names,
+                &displays,
                 &logs,
-                &key_logs,
+                &inserts,
+                &keys,
+                &trigger_names(settings),
+                &key_tables,
                 &key_columns,
                 &key_types,
-                &functions,
-                &truncations,
             ],
         )
         .await?;
-    let uncaptured: Vec<String> = row.get(0);
-    let (found_logs, found_keys, found_functions): (i64, i64, i64) =
-        (row.get(1), row.get(2), row.get(3));
-    // Functions installed before TRUNCATE recorded the table's oid are replaced.
-    let truncated_oid: bool = row.get(4);
-    let complete = truncated_oid
-        && uncaptured.is_empty()
-        && usize::try_from(found_logs).ok() == Some(logs.len())
-        && usize::try_from(found_keys).ok() == Some(key_types.len())
-        && usize::try_from(found_functions).ok() == Some(functions.len());
-    if !complete {
-        return Ok(false);
-    }
-    // Recorded as captured under the oid each table has now (another table under the name is
-    // installed again, which has it copied again).
-    let recorded: i64 = source
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM unnest($1::text[], $2::text[]) AS d(name, display) \
-                 JOIN {schema}.captured c ON c.tbl = d.display AND c.relid = to_regclass(d.name)"
-            ),
-            &[&names, &displays],
-        )
-        .await?
-        .get(0);
-    Ok(usize::try_from(recorded).ok() == Some(tables.len()))
+    Ok(rows
+        .iter()
+        .filter_map(|row| usize::try_from(row.get::<_, i64>(0) - 1).ok())
+        .collect())
 }
 
 /// Whether `txid` is of a transaction the previous snapshot (parameter `$1`) does not see: one
