@@ -331,6 +331,49 @@ async fn trigger_mode_follows_a_column_added_a_table_replaced_and_triggers_disab
     herd.shutdown().await;
 }
 
+/// A capture function of an earlier version (its TRUNCATE recorded without the table's oid),
+/// left by an install that upgraded the shared objects and stopped before that table: a herd
+/// that opens replaces it, and the TRUNCATE of a table renamed away and back reaches the replica.
+#[actix_rt::test]
+async fn trigger_mode_replaces_a_capture_function_of_an_earlier_version() {
+    let topology = topology(false).await;
+    let primary = topology.primary().connect().await.expect("connect");
+    let first = herd(&topology, CaptureMode::Trigger);
+    streaming(&first).await;
+    first.shutdown().await;
+    let function = "pgherd.\"public.items/capture\"()";
+    let recording = format!(
+        "SELECT (prosrc LIKE '%TG_RELID%')::int::int8 FROM pg_proc WHERE oid = '{function}'::regprocedure"
+    );
+    primary
+        .batch_execute(&format!(
+            "DO $$ BEGIN EXECUTE replace(pg_get_functiondef('{function}'::regprocedure), \
+             'TG_RELID', 'NULL'); END $$"
+        ))
+        .await
+        .expect("the function as an earlier version wrote it");
+    assert_eq!(count(&primary, &recording).await, 0);
+    primary
+        .batch_execute(
+            "INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 20) g",
+        )
+        .await
+        .expect("rows");
+    let second = herd(&topology, CaptureMode::Trigger);
+    streaming(&second).await;
+    assert_eq!(count(&primary, &recording).await, 1, "replaced");
+    converge(&topology).await;
+    primary
+        .batch_execute(
+            "ALTER TABLE items RENAME TO items_aside; TRUNCATE items_aside;
+             ALTER TABLE items_aside RENAME TO items;",
+        )
+        .await
+        .expect("emptied under another name");
+    converge(&topology).await;
+    second.shutdown().await;
+}
+
 /// Triggers disabled for a load and enabled again in the load's transaction, which holds the
 /// table meanwhile: the install that a step starts on seeing them disabled waits for the load,
 /// then finds them enabled. The step's finding is kept on the primary, so the table is copied
@@ -1253,18 +1296,22 @@ async fn trigger_mode_copies_again_a_target_that_went_back() {
 /// A table that another one references on the replica, by a `DEFERRABLE` foreign key as
 /// docs/replication.md asks: `TRUNCATE` refuses to empty it, so it is emptied by a `DELETE`
 /// whose key checks wait for the commit, for the first copy, a TRUNCATE of both tables and
-/// (`trigger` mode) a copy of it alone.
+/// (`trigger` mode) a copy of it alone. The referencing table, whose checks may be pending when
+/// it is emptied, is emptied the same way.
 async fn referenced_tables(mode: CaptureMode) {
     let topology = topology(mode == CaptureMode::Logical).await;
-    on_both(
-        &topology,
-        "CREATE TABLE parents (id int PRIMARY KEY, name text);
-         CREATE TABLE children (id int PRIMARY KEY,
-             parent int REFERENCES parents DEFERRABLE INITIALLY DEFERRED);",
-    )
-    .await;
     let primary = topology.primary().connect().await.expect("connect");
     let replica = topology.node("replica").connect().await.expect("connect");
+    // The primary checks its key at once; the replica, at the commit.
+    for (client, deferred) in [(&primary, ""), (&replica, "DEFERRABLE INITIALLY DEFERRED")] {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE parents (id int PRIMARY KEY, name text);
+                 CREATE TABLE children (id int PRIMARY KEY, parent int REFERENCES parents {deferred});"
+            ))
+            .await
+            .expect("schema");
+    }
     primary
         .batch_execute(
             "INSERT INTO parents SELECT g, 'p' || g FROM generate_series(1, 5) g;
@@ -1276,6 +1323,8 @@ async fn referenced_tables(mode: CaptureMode) {
     settings.replicator.mode = mode;
     settings.replicator.tables = vec!["parents".to_owned(), "children".to_owned()];
     settings.replicator.retry_interval = Duration::from_millis(200);
+    // Chunks of two rows: a transaction's changes are applied in several.
+    settings.replicator.batch_rows = 2;
     let herd = Herd::start(settings).expect("start");
     streaming(&herd).await;
     let equal = || async {
@@ -1292,6 +1341,24 @@ async fn referenced_tables(mode: CaptureMode) {
         .await
         .expect("both emptied");
     eventually("the TRUNCATE", Duration::from_secs(20), equal).await;
+    // Rows written, then the table truncated, in one transaction applied in several chunks: the
+    // rows' key checks are still pending when the table is emptied.
+    primary
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO children VALUES (30, 10), (31, 11), (32, 12), (33, 10);
+             TRUNCATE children;
+             INSERT INTO children VALUES (40, 12);
+             COMMIT;",
+        )
+        .await
+        .expect("written, then emptied");
+    eventually(
+        "the rows after the TRUNCATE",
+        Duration::from_secs(20),
+        equal,
+    )
+    .await;
     if mode == CaptureMode::Trigger {
         primary
             .batch_execute(
@@ -1301,7 +1368,7 @@ async fn referenced_tables(mode: CaptureMode) {
             .expect("an unlogged write");
         eventually("the copy of one table", Duration::from_secs(20), equal).await;
     }
-    assert_eq!(herd.replication()[0].state, ReplicationState::Streaming);
+    streaming(&herd).await;
     herd.shutdown().await;
 }
 

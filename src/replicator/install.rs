@@ -186,31 +186,47 @@ async fn refuse_inheritance(
 
 /// The types of `table`'s columns on a target, checking that the target has every column.
 /// How `table` is emptied on the target (before a copy, or for a TRUNCATE of the source):
-/// `TRUNCATE`, unless other tables' foreign keys reference it there, which `TRUNCATE` refuses.
-/// When every such key is `DEFERRABLE` and `ON DELETE NO ACTION` (as docs/replication.md asks of
-/// keys between replicated tables), its rows are deleted with those keys' checks deferred to the
-/// commit, by when the copy (or the other tables' changes) put back what they reference. Any
-/// other key would change or refuse the referencing rows: `TRUNCATE` then reports it.
+/// `TRUNCATE`, unless foreign keys tie it to other tables there.
+/// - Other tables' keys that reference it make `TRUNCATE` refuse it. When every such key is
+///   `DEFERRABLE` and `ON DELETE NO ACTION` (as docs/replication.md asks of keys between
+///   replicated tables), its rows are deleted with the checks deferred to the commit, by when
+///   the copy (or the other tables' changes) put back what they reference. Any other key would
+///   change or refuse the referencing rows: `TRUNCATE` then reports it.
+/// - Its own `DEFERRABLE` keys (one referencing itself too) leave checks pending for the rows a
+///   batch wrote to it, and `TRUNCATE` refuses a table with pending checks (a source
+///   transaction that inserted rows, then truncated the table, applied in several chunks): its
+///   rows are deleted.
+///
+/// `SET CONSTRAINTS ALL`, since a constraint's name is unique only per table, and naming one
+/// also names any other of that name in its schema.
 pub(crate) async fn emptying(client: &Client, table: &TableInfo) -> Result<String, Error> {
-    let rows = client
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.conname), c.condeferrable AND c.confdeltype = 'a' \
-             FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_namespace n ON n.oid = c.connamespace \
-             WHERE c.contype = 'f' AND c.confrelid = $1::text::regclass AND c.conrelid <> c.confrelid",
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE c.conrelid <> t.oid), \
+                    bool_and(c.condeferrable AND c.confdeltype = 'a') FILTER (WHERE c.conrelid <> t.oid), \
+                    bool_or(c.condeferrable) FILTER (WHERE c.conrelid = t.oid) \
+             FROM (SELECT $1::text::regclass::oid AS oid) t \
+             JOIN pg_catalog.pg_constraint c ON c.contype = 'f' \
+               AND t.oid IN (c.conrelid, c.confrelid)",
             &[&table.qualified()],
         )
         .await
         .map_err(Error::from_postgres)?;
-    let deferrable = rows.iter().all(|row| row.get::<_, bool>(1));
-    if rows.is_empty() || !deferrable {
-        return Ok(format!("TRUNCATE {}", table.qualified()));
-    }
-    let keys: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-    Ok(format!(
-        "SET CONSTRAINTS {} DEFERRED; DELETE FROM ONLY {}",
-        keys.join(", "),
-        table.qualified()
-    ))
+    let (referenced, deferrable, pending): (i64, Option<bool>, Option<bool>) =
+        (row.get(0), row.get(1), row.get(2));
+    let delete = if referenced > 0 {
+        deferrable == Some(true)
+    } else {
+        pending == Some(true)
+    };
+    Ok(if delete {
+        format!(
+            "SET CONSTRAINTS ALL DEFERRED; DELETE FROM ONLY {}",
+            table.qualified()
+        )
+    } else {
+        format!("TRUNCATE {}", table.qualified())
+    })
 }
 
 pub(crate) async fn target_types(

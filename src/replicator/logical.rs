@@ -749,11 +749,17 @@ async fn fill_from_source(
         return Ok(());
     };
     let source_error = |e| Error::from_postgres(e).with_endpoint(&s.source_name);
-    let source = s.source_connector.connect().await.map_err(source_error)?;
-    source
-        .batch_execute(super::run::SESSION_SETTINGS)
-        .await
-        .map_err(source_error)?;
+    let source = match s.take_fill_source() {
+        Some(source) if !source.is_closed() => source,
+        _ => {
+            let source = s.source_connector.connect().await.map_err(source_error)?;
+            source
+                .batch_execute(super::run::SESSION_SETTINGS)
+                .await
+                .map_err(source_error)?;
+            source
+        }
+    };
     let row_at = |(upsert, i): (bool, usize)| -> &Row {
         if upsert {
             &changes.upserts[i]
@@ -794,7 +800,9 @@ async fn fill_from_source(
     );
     let params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
     let mut found = vec![false; fill.rows.len()];
-    for row in source.query(&sql, &params).await.map_err(source_error)? {
+    let read = source.query(&sql, &params).await.map_err(source_error)?;
+    s.keep_fill_source(source);
+    for row in read {
         let Some(at) = usize::try_from(row.get::<_, i64>(0) - 1)
             .ok()
             .filter(|&at| at < fill.rows.len())

@@ -174,11 +174,30 @@ pub(crate) struct Session {
     pub(crate) wake: Arc<Notify>,
     /// `logical` mode with `logical_stream`: the open replication stream.
     pub(crate) stream: Option<super::stream::ReplicationStream>,
+    /// `logical` mode: the connection that reads rows from the source for replayed changes that
+    /// lack columns (see `TableChanges::fill`), opened when first needed and kept meanwhile.
+    /// Not `source`, which may be streaming a peek while a chunk is applied.
+    /// (A lock held only to take it out or put it back, never across an await.)
+    fill_source: std::sync::Mutex<Option<Client>>,
 }
 
 impl Session {
     pub(crate) fn schema(&self) -> String {
         quote_ident(&self.spec.settings.schema)
+    }
+
+    /// The kept connection for reading rows to fill, if any (see `fill_source`).
+    pub(crate) fn take_fill_source(&self) -> Option<Client> {
+        self.fill_source
+            .lock()
+            .ok()
+            .and_then(|mut kept| kept.take())
+    }
+
+    pub(crate) fn keep_fill_source(&self, client: Client) {
+        if let Ok(mut kept) = self.fill_source.lock() {
+            *kept = Some(client);
+        }
     }
 
     /// Records the new progress in the batch's transaction and commits it.
@@ -744,6 +763,7 @@ async fn open(
         registered: false,
         _listener: listener,
         source_connector: Arc::clone(connector),
+        fill_source: std::sync::Mutex::new(None),
         wake: Arc::clone(wake),
         stream: None,
     };

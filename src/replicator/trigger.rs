@@ -54,9 +54,9 @@ fn uncaptured_sql(tables: &str, triggers: &str) -> String {
 /// The positions in `tables` of those whose trigger capture is not installed as it should be:
 /// its five capture triggers, enabled; recorded as captured under its current oid; its change
 /// table, with its key columns of the types the keys have now; its capture functions running as
-/// their owner. Every table when the shared objects are missing or from before the TRUNCATE
-/// capture recorded the table's oid (whose functions are replaced). Only these are installed
-/// again: installing locks each table against writes for a moment.
+/// their owner, and recording a TRUNCATE's oid (functions of earlier versions are replaced, even
+/// after an install that stopped part-way). Every table when the shared objects are missing.
+/// Only these are installed again: installing locks each table against writes for a moment.
 pub(crate) async fn uninstalled(
     source: &Client,
     settings: &ReplicatorSettings,
@@ -108,8 +108,9 @@ pub(crate) async fn uninstalled(
                    OR to_regclass(d.log) IS NULL \
                    OR NOT EXISTS (SELECT 1 FROM {schema}.captured c \
                      WHERE c.tbl = d.display AND c.relid = to_regclass(d.name)) \
-                   OR (SELECT count(*) FROM pg_catalog.pg_proc p \
-                     WHERE p.oid IN (to_regprocedure(d.f1), to_regprocedure(d.f2)) AND p.prosecdef) <> 2 \
+                   OR (SELECT count(*) FROM pg_catalog.pg_proc p WHERE p.prosecdef \
+                     AND (p.oid = to_regprocedure(d.f2) OR p.oid = to_regprocedure(d.f1) \
+                       AND p.prosrc LIKE '%TG_RELID%')) <> 2 \
                    OR (SELECT count(*) FROM unnest($7::int8[], $8::text[], $9::text[]) AS k(t, col, typ) \
                      JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(d.log) \
                        AND a.attname = k.col AND NOT a.attisdropped \
@@ -318,8 +319,10 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         transaction.rollback().await.map_err(source_error)?;
         // A table replaced, or whose triggers were seen missing or not firing, is marked as
         // not captured: the install that follows records it to be copied again even if its
-        // triggers are back by then (enabled again after a bulk load).
-        let lost: Vec<String> = s
+        // triggers are back by then (enabled again after a bulk load). Not when another
+        // session's install has already recorded that since this step's snapshot (which
+        // covers what went unlogged before it), or recorded the table under another oid.
+        let lost: Vec<&TableInfo> = s
             .tables
             .iter()
             .zip(&shape)
@@ -327,16 +330,22 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 shape.split('/').next() != Some(table.oid.to_string().as_str())
                     || uncaptured.contains(&table.qualified())
             })
-            .map(|(table, _)| table.display())
+            .map(|(table, _)| table)
             .collect();
         if !lost.is_empty() {
+            let names: Vec<String> = lost.iter().map(|table| table.display()).collect();
+            let oids: Vec<u32> = lost.iter().map(|table| table.oid).collect();
             s.source
                 .execute(
                     &format!(
-                        "INSERT INTO {schema}.captured (tbl, relid) SELECT unnest($1::text[]), 0 \
-                         ON CONFLICT (tbl) DO UPDATE SET relid = 0"
+                        "UPDATE {schema}.captured c SET relid = 0 \
+                         FROM unnest($1::text[], $2::oid[]) AS d(tbl, relid) \
+                         WHERE c.tbl = d.tbl AND c.relid = d.relid AND NOT EXISTS ( \
+                           SELECT 1 FROM {schema}.recopies r WHERE r.tbl = d.tbl \
+                           AND (r.txid >= pg_snapshot_xmax($3::text::pg_snapshot) \
+                             OR r.txid = ANY(ARRAY(SELECT pg_snapshot_xip($3::text::pg_snapshot)))))"
                     ),
-                    &[&lost],
+                    &[&names, &oids, &row.get::<_, String>(0)],
                 )
                 .await
                 .map_err(source_error)?;
