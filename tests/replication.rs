@@ -722,6 +722,32 @@ async fn trigger_mode_follows_a_primary_key_replaced_on_the_primary() {
         .await
         .expect("writes after the change table was made again");
     eventually("the rows after", Duration::from_secs(20), equal).await;
+    // A key that gains a column, then loses one: the change table follows each time.
+    for rekey in [
+        "ALTER TABLE rekeyed DROP CONSTRAINT rekeyed_pkey, ADD PRIMARY KEY (code, id)",
+        "ALTER TABLE rekeyed DROP CONSTRAINT rekeyed_pkey, ADD PRIMARY KEY (code)",
+    ] {
+        replica
+            .batch_execute(rekey)
+            .await
+            .expect("rekey the replica");
+        primary
+            .batch_execute(rekey)
+            .await
+            .expect("rekey the primary");
+        primary
+            .batch_execute("UPDATE rekeyed SET v = v + 1 WHERE id <= 8; INSERT INTO rekeyed VALUES (50 + (SELECT count(*) FROM rekeyed), 'n' || random(), 0);")
+            .await
+            .expect("writes under the new key");
+        eventually("the rows under the new key", Duration::from_secs(20), equal).await;
+    }
+    let logged: i64 = count(
+        &primary,
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = 'pgherd.\"public.rekeyed\"'::regclass \
+         AND attnum > 0 AND NOT attisdropped AND attname NOT IN ('txid', 'inserted')",
+    )
+    .await;
+    assert_eq!(logged, 1, "the change table holds the key's one column");
     assert!(
         herd.replication()[0]
             .warnings

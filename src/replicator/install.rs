@@ -192,32 +192,34 @@ async fn refuse_inheritance(
 ///   replicated tables), its rows are deleted with the checks deferred to the commit, by when
 ///   the copy (or the other tables' changes) put back what they reference. Any other key would
 ///   change or refuse the referencing rows: `TRUNCATE` then reports it.
-/// - Its own `DEFERRABLE` keys (one referencing itself too) leave checks pending for the rows a
-///   batch wrote to it, and `TRUNCATE` refuses a table with pending checks (a source
-///   transaction that inserted rows, then truncated the table, applied in several chunks): its
-///   rows are deleted.
+/// - Its own deferrable checks (of its `DEFERRABLE` foreign, unique or exclusion keys, or
+///   constraint triggers) may be pending for the rows a batch wrote to it, and `TRUNCATE`
+///   refuses a table with pending checks (a source transaction that wrote rows, then truncated
+///   the table, applied in several chunks; once a table is emptied this way, every deferrable
+///   check is deferred for the rest of the target transaction): its rows are deleted.
 ///
 /// `SET CONSTRAINTS ALL`, since a constraint's name is unique only per table, and naming one
 /// also names any other of that name in its schema.
 pub(crate) async fn emptying(client: &Client, table: &TableInfo) -> Result<String, Error> {
     let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE c.conrelid <> t.oid), \
-                    bool_and(c.condeferrable AND c.confdeltype = 'a') FILTER (WHERE c.conrelid <> t.oid), \
-                    bool_or(c.condeferrable) FILTER (WHERE c.conrelid = t.oid) \
+            "SELECT count(c.oid), bool_and(c.condeferrable AND c.confdeltype = 'a'), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g \
+                            WHERE g.tgrelid = t.oid AND g.tgdeferrable) \
              FROM (SELECT $1::text::regclass::oid AS oid) t \
-             JOIN pg_catalog.pg_constraint c ON c.contype = 'f' \
-               AND t.oid IN (c.conrelid, c.confrelid)",
+             LEFT JOIN pg_catalog.pg_constraint c ON c.contype = 'f' AND c.confrelid = t.oid \
+               AND c.conrelid <> t.oid \
+             GROUP BY t.oid",
             &[&table.qualified()],
         )
         .await
         .map_err(Error::from_postgres)?;
-    let (referenced, deferrable, pending): (i64, Option<bool>, Option<bool>) =
+    let (referenced, deferrable, pending): (i64, Option<bool>, bool) =
         (row.get(0), row.get(1), row.get(2));
     let delete = if referenced > 0 {
         deferrable == Some(true)
     } else {
-        pending == Some(true)
+        pending
     };
     Ok(if delete {
         format!(
@@ -557,7 +559,9 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let display = quote_literal(&table.display());
         let relid = format!("{}::regclass", quote_literal(&name));
         // Captured before: its change table exists (also under versions without
-        // `pgherd.captured`), or `captured` has it.
+        // `pgherd.captured`), or `captured` has it. Its `captured` row is locked first: a
+        // step's not-captured mark (see `trigger::step`) made meanwhile waits for this install,
+        // then finds the row as the install left it, instead of being overwritten by it.
         let recopy = format!(
             "INSERT INTO {schema}.recopies (tbl) SELECT {display} \
                WHERE (to_regclass({}) IS NOT NULL \
@@ -571,6 +575,7 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         sql.push_str(&format!(
             "{begin}\
              LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE;\n\
+             SELECT 1 FROM {schema}.captured WHERE tbl = {display} FOR UPDATE;\n\
              {recopy}\
              {rekey}\
              CREATE TABLE IF NOT EXISTS {log} (txid xid8 NOT NULL DEFAULT pg_current_xact_id(), \

@@ -53,7 +53,8 @@ fn uncaptured_sql(tables: &str, triggers: &str) -> String {
 
 /// The positions in `tables` of those whose trigger capture is not installed as it should be:
 /// its five capture triggers, enabled; recorded as captured under its current oid; its change
-/// table, with its key columns of the types the keys have now; its capture functions running as
+/// table, with its key columns (no others: a key that lost columns is installed again) of the
+/// types the keys have now; its capture functions running as
 /// their owner, and recording a TRUNCATE's oid (functions of earlier versions are replaced, even
 /// after an install that stopped part-way). Every table when the shared objects are missing.
 /// Only these are installed again: installing locks each table against writes for a moment.
@@ -115,6 +116,10 @@ pub(crate) async fn uninstalled(
                      JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(d.log) \
                        AND a.attname = k.col AND NOT a.attisdropped \
                      WHERE k.t = d.i AND format_type(a.atttypid, a.atttypmod) = k.typ) \
+                     <> (SELECT count(*) FROM unnest($7::int8[]) AS k(t) WHERE k.t = d.i) \
+                   OR (SELECT count(*) FROM pg_catalog.pg_attribute a \
+                     WHERE a.attrelid = to_regclass(d.log) AND a.attnum > 0 AND NOT a.attisdropped \
+                       AND a.attname NOT IN ('txid', 'inserted')) \
                      <> (SELECT count(*) FROM unnest($7::int8[]) AS k(t) WHERE k.t = d.i) \
                  ORDER BY d.i",
                 events = TRIGGER_EVENTS.len(),
