@@ -735,11 +735,23 @@ async fn running_xids(
         .get(0))
 }
 
+/// A new connection to the source for [`fill_from_source`], set up as the session's others.
+async fn open_fill_source(s: &Session) -> Result<tokio_postgres::Client, Error> {
+    let source_error = |e| Error::from_postgres(e).with_endpoint(&s.source_name);
+    let source = s.source_connector.connect().await.map_err(source_error)?;
+    source
+        .batch_execute(super::run::SESSION_SETTINGS)
+        .await
+        .map_err(source_error)?;
+    Ok(source)
+}
+
 /// Reads from the source the values `changes.fill` asks for. The source's current row may be
 /// newer than the change: every change after it comes later in the stream and is applied after
 /// it, so the target ends up with the source's row all the same. A row the source no longer has
-/// under its key is not written: its delete, or the change of its key, comes later. A
-/// connection of its own: the session's may be streaming a peek.
+/// under its key is not written (and an older row under that key on the target is deleted): its
+/// delete, or the change of its key, comes later. On a connection of its own, kept by the
+/// session: the session's may be streaming a peek.
 async fn fill_from_source(
     s: &Session,
     table: &TableInfo,
@@ -749,16 +761,11 @@ async fn fill_from_source(
         return Ok(());
     };
     let source_error = |e| Error::from_postgres(e).with_endpoint(&s.source_name);
-    let source = match s.take_fill_source() {
-        Some(source) if !source.is_closed() => source,
-        _ => {
-            let source = s.source_connector.connect().await.map_err(source_error)?;
-            source
-                .batch_execute(super::run::SESSION_SETTINGS)
-                .await
-                .map_err(source_error)?;
-            source
-        }
+    let kept = s.take_fill_source().filter(|source| !source.is_closed());
+    let reused = kept.is_some();
+    let source = match kept {
+        Some(source) => source,
+        None => open_fill_source(s).await?,
     };
     let row_at = |(upsert, i): (bool, usize)| -> &Row {
         if upsert {
@@ -800,8 +807,21 @@ async fn fill_from_source(
     );
     let params: Vec<&(dyn ToSql + Sync)> = keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
     let mut found = vec![false; fill.rows.len()];
-    let read = source.query(&sql, &params).await.map_err(source_error)?;
-    s.keep_fill_source(source);
+    let read = match source.query(&sql, &params).await {
+        Ok(read) => {
+            s.keep_fill_source(source);
+            read
+        }
+        // The kept connection was closed meanwhile (by the server, or a firewall's idle
+        // timeout): once more on a new one.
+        Err(_) if reused && source.is_closed() => {
+            let source = open_fill_source(s).await?;
+            let read = source.query(&sql, &params).await.map_err(source_error)?;
+            s.keep_fill_source(source);
+            read
+        }
+        Err(error) => return Err(source_error(error)),
+    };
     for row in read {
         let Some(at) = usize::try_from(row.get::<_, i64>(0) - 1)
             .ok()
