@@ -961,6 +961,33 @@ async fn logical_mode_follows_columns_added_and_a_table_renamed() {
     herd.shutdown().await;
 }
 
+/// Adds `items.tagged` with a default on both servers, gives the replica another default, then
+/// rewrites the primary's table: PostgreSQL no longer records what the rows older than the
+/// column got, so the replayed changes from before it read the value from the primary.
+async fn add_a_column_then_rewrite(topology: &Topology) {
+    on_both(
+        topology,
+        "ALTER TABLE items ADD COLUMN tagged text NOT NULL DEFAULT 'tag'",
+    )
+    .await;
+    topology
+        .node("replica")
+        .connect()
+        .await
+        .expect("connect")
+        .batch_execute("ALTER TABLE items ALTER COLUMN tagged SET DEFAULT 'replica'")
+        .await
+        .expect("another default on the replica");
+    topology
+        .primary()
+        .connect()
+        .await
+        .expect("connect")
+        .batch_execute("VACUUM FULL items")
+        .await
+        .expect("the primary's table rewritten");
+}
+
 /// Replayed in chunks of one row: an insert written before a column was added, whose value for
 /// it must come from the primary (its table was rewritten since), and a change of its key that
 /// leaves that column out. When the insert is applied the primary no longer has the row under
@@ -980,23 +1007,7 @@ async fn logical_mode_writes_a_replayed_row_whose_key_changed_since() {
         )
         .await
         .expect("changes before the column");
-    on_both(
-        &topology,
-        "ALTER TABLE items ADD COLUMN tagged text NOT NULL DEFAULT 'tag'",
-    )
-    .await;
-    topology
-        .node("replica")
-        .connect()
-        .await
-        .expect("connect")
-        .batch_execute("ALTER TABLE items ALTER COLUMN tagged SET DEFAULT 'replica'")
-        .await
-        .expect("another default on the replica");
-    primary
-        .batch_execute("VACUUM FULL items")
-        .await
-        .expect("the primary's table rewritten");
+    add_a_column_then_rewrite(&topology).await;
     let herd = herd_in_chunks(&topology, CaptureMode::Logical, Some(1), Read::Stream);
     converge(&topology).await;
     herd.shutdown().await;
@@ -1030,23 +1041,7 @@ async fn logical_mode_deletes_a_replayed_row_the_primary_no_longer_has_under_its
         )
         .await
         .expect("changes before the column");
-    on_both(
-        &topology,
-        "ALTER TABLE items ADD COLUMN tagged text NOT NULL DEFAULT 'tag'",
-    )
-    .await;
-    topology
-        .node("replica")
-        .connect()
-        .await
-        .expect("connect")
-        .batch_execute("ALTER TABLE items ALTER COLUMN tagged SET DEFAULT 'replica'")
-        .await
-        .expect("another default on the replica");
-    primary
-        .batch_execute("VACUUM FULL items")
-        .await
-        .expect("the primary's table rewritten");
+    add_a_column_then_rewrite(&topology).await;
     let herd = herd_in_chunks(&topology, CaptureMode::Logical, Some(2), Read::Stream);
     converge(&topology).await;
     herd.shutdown().await;
@@ -1971,6 +1966,7 @@ mod convergence {
                  DELETE FROM public.wl_docs WHERE body LIKE '%a%'",
             ),
         ] {
+            // The spacing of the disables is the fault under test: each lands mid-workload.
             tokio::time::sleep(Duration::from_millis(400)).await;
             assert!(!writes.is_finished(), "the workload still runs");
             primary
