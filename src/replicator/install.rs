@@ -81,6 +81,11 @@ pub(crate) async fn tables(
 /// The change table's own columns, which no key column may be named.
 const CHANGE_TABLE_COLUMNS: [&str; 2] = ["txid", "inserted"];
 
+/// [`CHANGE_TABLE_COLUMNS`] as an SQL list: `'txid', 'inserted'`.
+pub(crate) fn change_table_columns_sql() -> String {
+    CHANGE_TABLE_COLUMNS.map(quote_literal).join(", ")
+}
+
 /// A key column of `table` named like a column of its change table, if any.
 fn reserved_key_column(table: &TableInfo) -> Option<&str> {
     table
@@ -184,7 +189,6 @@ async fn refuse_inheritance(
     )))
 }
 
-/// The types of `table`'s columns on a target, checking that the target has every column.
 /// How `table` is emptied on the target (before a copy, or for a TRUNCATE of the source):
 /// `TRUNCATE`, unless foreign keys tie it to other tables there.
 /// - Other tables' keys that reference it make `TRUNCATE` refuse it. When every such key is
@@ -231,6 +235,7 @@ pub(crate) async fn emptying(client: &Client, table: &TableInfo) -> Result<Strin
     })
 }
 
+/// The types of `table`'s columns on a target, checking that the target has every column.
 pub(crate) async fn target_types(
     client: &Client,
     table: &TableInfo,
@@ -542,12 +547,13 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
         let rekey_body = format!(
             "BEGIN IF to_regclass({log_literal}) IS NOT NULL AND ARRAY(SELECT a.attname::text \
              FROM pg_catalog.pg_attribute a WHERE a.attrelid = to_regclass({log_literal}) \
-             AND a.attnum > 0 AND NOT a.attisdropped AND a.attname NOT IN ('txid', 'inserted') \
+             AND a.attnum > 0 AND NOT a.attisdropped AND a.attname NOT IN ({own}) \
              ORDER BY a.attname::text COLLATE \"C\") IS DISTINCT FROM ARRAY[{}]::text[] THEN \
              DROP TABLE {log}; INSERT INTO {schema}.recopies (tbl) VALUES ({}); END IF; END",
             wanted.join(", "),
             quote_literal(&table.display()),
             log_literal = quote_literal(&log),
+            own = change_table_columns_sql(),
         );
         let rekey_tag = dollar_tag(&[&rekey_body]);
         let rekey = format!("DO {rekey_tag}{rekey_body}{rekey_tag};\n");

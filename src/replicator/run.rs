@@ -194,6 +194,7 @@ impl Session {
             .and_then(|mut kept| kept.take())
     }
 
+    /// Keeps `client` for the next rows to fill.
     pub(crate) fn keep_fill_source(&self, client: Client) {
         if let Ok(mut kept) = self.fill_source.lock() {
             *kept = Some(client);

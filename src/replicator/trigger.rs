@@ -119,10 +119,11 @@ pub(crate) async fn uninstalled(
                      <> (SELECT count(*) FROM unnest($7::int8[]) AS k(t) WHERE k.t = d.i) \
                    OR (SELECT count(*) FROM pg_catalog.pg_attribute a \
                      WHERE a.attrelid = to_regclass(d.log) AND a.attnum > 0 AND NOT a.attisdropped \
-                       AND a.attname NOT IN ('txid', 'inserted')) \
+                       AND a.attname NOT IN ({own})) \
                      <> (SELECT count(*) FROM unnest($7::int8[]) AS k(t) WHERE k.t = d.i) \
                  ORDER BY d.i",
                 events = TRIGGER_EVENTS.len(),
+                own = install::change_table_columns_sql(),
             ),
             &[
                 &names,
