@@ -54,10 +54,10 @@ fn uncaptured_sql(tables: &str, triggers: &str) -> String {
 /// The positions in `tables` of those whose trigger capture is not installed as it should be:
 /// its five capture triggers, enabled; recorded as captured under its current oid; its change
 /// table, with its key columns (no others: a key that lost columns is installed again) of the
-/// types the keys have now; its capture functions running as
-/// their owner, and recording a TRUNCATE's oid (functions of earlier versions are replaced, even
-/// after an install that stopped part-way). Every table when the shared objects are missing.
-/// Only these are installed again: installing locks each table against writes for a moment.
+/// types the keys have now; its capture functions running as their owner, and recording a
+/// TRUNCATE's oid (functions of earlier versions are replaced, even after an install that
+/// stopped part-way). Every table when the shared objects are missing. Only these are installed
+/// again: installing locks each table against writes for a moment.
 pub(crate) async fn uninstalled(
     source: &Client,
     settings: &ReplicatorSettings,
@@ -149,10 +149,34 @@ pub(crate) async fn uninstalled(
 /// are index conditions, so a transaction left open for hours does not make every step read
 /// every change row logged since it began.
 fn unseen(txid: &str) -> String {
+    unseen_by(txid, "$1")
+}
+
+/// [`unseen`], by the snapshot (as text) in parameter `snapshot`.
+fn unseen_by(txid: &str, snapshot: &str) -> String {
     format!(
-        "({txid} >= pg_snapshot_xmax($1::text::pg_snapshot) \
-         OR {txid} = ANY(ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot))))"
+        "({txid} >= pg_snapshot_xmax({snapshot}::text::pg_snapshot) \
+         OR {txid} = ANY(ARRAY(SELECT pg_snapshot_xip({snapshot}::text::pg_snapshot))))"
     )
+}
+
+/// The tables a step found replaced (`shape`, as [`SHAPE_SQL`] reads it, names another oid) or
+/// without their capture triggers firing (`uncaptured`, qualified names): their writes may have
+/// gone unlogged.
+fn lost_capture<'a>(
+    tables: &'a [TableInfo],
+    shape: &[String],
+    uncaptured: &[String],
+) -> Vec<&'a TableInfo> {
+    tables
+        .iter()
+        .zip(shape)
+        .filter(|(table, shape)| {
+            shape.split('/').next() != Some(table.oid.to_string().as_str())
+                || uncaptured.contains(&table.qualified())
+        })
+        .map(|(table, _)| table)
+        .collect()
 }
 
 /// A row of `truncations` or `recopies`: the table's name, and (`truncations`, since it records
@@ -328,16 +352,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         // triggers are back by then (enabled again after a bulk load). Not when another
         // session's install has already recorded that since this step's snapshot (which
         // covers what went unlogged before it), or recorded the table under another oid.
-        let lost: Vec<&TableInfo> = s
-            .tables
-            .iter()
-            .zip(&shape)
-            .filter(|(table, shape)| {
-                shape.split('/').next() != Some(table.oid.to_string().as_str())
-                    || uncaptured.contains(&table.qualified())
-            })
-            .map(|(table, _)| table)
-            .collect();
+        let lost = lost_capture(&s.tables, &shape, &uncaptured);
         if !lost.is_empty() {
             let names: Vec<String> = lost.iter().map(|table| table.display()).collect();
             let oids: Vec<u32> = lost.iter().map(|table| table.oid).collect();
@@ -347,9 +362,8 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                         "UPDATE {schema}.captured c SET relid = 0 \
                          FROM unnest($1::text[], $2::oid[]) AS d(tbl, relid) \
                          WHERE c.tbl = d.tbl AND c.relid = d.relid AND NOT EXISTS ( \
-                           SELECT 1 FROM {schema}.recopies r WHERE r.tbl = d.tbl \
-                           AND (r.txid >= pg_snapshot_xmax($3::text::pg_snapshot) \
-                             OR r.txid = ANY(ARRAY(SELECT pg_snapshot_xip($3::text::pg_snapshot)))))"
+                           SELECT 1 FROM {schema}.recopies r WHERE r.tbl = d.tbl AND {})",
+                        unseen_by("r.txid", "$3")
                     ),
                     &[&names, &oids, &row.get::<_, String>(0)],
                 )
@@ -807,6 +821,38 @@ mod tests {
         ));
         // No overflow for absurd counts.
         assert!(scan_the_table(i64::MAX, i64::MAX));
+    }
+
+    #[test]
+    fn a_table_replaced_or_without_its_triggers_firing_lost_its_capture() {
+        let table = |oid, name: &str| TableInfo {
+            oid,
+            schema: "public".to_owned(),
+            name: name.to_owned(),
+            columns: Vec::new(),
+            key: Vec::new(),
+            attnums: Vec::new(),
+            dropped: Vec::new(),
+            missing: Vec::new(),
+            type_oids: Vec::new(),
+            natts: 2,
+        };
+        let tables = [
+            table(10, "a"),
+            table(20, "b"),
+            table(30, "c"),
+            table(40, "d"),
+        ];
+        let shape = ["10/3", "21/2", "30/2", "-"].map(str::to_owned);
+        // Qualified as the step passes them: `"public"."c"`.
+        let uncaptured = [tables[2].qualified()];
+        // A column added (`a`) is no loss; another oid (`b`), triggers not firing (`c`) and a
+        // table gone (`d`) are.
+        let lost: Vec<&str> = lost_capture(&tables, &shape, &uncaptured)
+            .iter()
+            .map(|table| table.name.as_str())
+            .collect();
+        assert_eq!(lost, ["b", "c", "d"]);
     }
 
     #[test]
