@@ -179,6 +179,9 @@ pub(crate) struct Session {
     /// Not `source`, which may be streaming a peek while a chunk is applied.
     /// (A lock held only to take it out or put it back, never across an await.)
     fill_source: std::sync::Mutex<Option<Client>>,
+    /// `trigger` mode: the source's position after the record the last idle step wrote so that
+    /// the target's applied position can pass the last commit (see `trigger::step`).
+    pub(crate) nudged: Option<Position>,
 }
 
 impl Session {
@@ -765,6 +768,7 @@ async fn open(
         _listener: listener,
         source_connector: Arc::clone(connector),
         fill_source: std::sync::Mutex::new(None),
+        nudged: None,
         wake: Arc::clone(wake),
         stream: None,
     };

@@ -443,6 +443,27 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         transaction.commit().await.map_err(source_error)?;
         caught_up(s, position);
         acknowledge(s, &source_time).await?;
+        // The target holds everything, but may claim only one byte less than `position` (see
+        // `caught_up`): on a quiet primary whose last commit ends there, a read waiting for
+        // that commit would wait until something else writes WAL. A record is written after
+        // it (a logical message: no privilege, any `wal_level`, nothing to flush), and the
+        // next step, at once, claims past it. Once per position: not again while quiet.
+        if position.is_some() && position != s.nudged {
+            s.source
+                .execute(
+                    "SELECT pg_catalog.pg_logical_emit_message(false, 'pgherd', '')",
+                    &[],
+                )
+                .await
+                .map_err(source_error)?;
+            let after = s
+                .source
+                .query_one(POSITION_SQL, &[])
+                .await
+                .map_err(source_error)?;
+            s.nudged = position_of(&after);
+            return Ok(Step::Again);
+        }
         return Ok(Step::Idle);
     }
     if !copy.is_empty() {
