@@ -447,15 +447,21 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         // `caught_up`): on a quiet primary whose last commit ends there, a read waiting for
         // that commit would wait until something else writes WAL. A record is written after
         // it (a logical message: no privilege, any `wal_level`, nothing to flush), and the
-        // next step, at once, claims past it. Once per position: not again while quiet.
+        // next step, at once, claims past it. Once per position: not again while quiet. Only
+        // a help: where it fails (the function revoked), reads wait for the next write.
         if position.is_some() && position != s.nudged {
-            s.source
+            let nudged = s
+                .source
                 .execute(
                     "SELECT pg_catalog.pg_logical_emit_message(false, 'pgherd', '')",
                     &[],
                 )
-                .await
-                .map_err(source_error)?;
+                .await;
+            if let Err(error) = nudged {
+                tracing::debug!(target = %s.spec.target, %error, "could not write a WAL record");
+                s.nudged = position;
+                return Ok(Step::Idle);
+            }
             let after = s
                 .source
                 .query_one(POSITION_SQL, &[])
