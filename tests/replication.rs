@@ -1318,17 +1318,27 @@ async fn trigger_mode_copies_again_a_target_that_went_back() {
 /// docs/replication.md asks: `TRUNCATE` refuses to empty it, so it is emptied by a `DELETE`
 /// whose key checks wait for the commit, for the first copy, a TRUNCATE of both tables and
 /// (`trigger` mode) a copy of it alone. The referencing table, whose checks may be pending when
-/// it is emptied, is emptied the same way.
+/// it is emptied, is emptied the same way; so is a table with a deferred unique constraint of
+/// its own, whose check a swap of two values leaves pending.
 async fn referenced_tables(mode: CaptureMode) {
     let topology = topology(mode == CaptureMode::Logical).await;
     let primary = topology.primary().connect().await.expect("connect");
     let replica = topology.node("replica").connect().await.expect("connect");
     // The primary checks its key at once; the replica, at the commit.
-    for (client, deferred) in [(&primary, ""), (&replica, "DEFERRABLE INITIALLY DEFERRED")] {
+    // Labels are unique at the end of each statement on the primary, at the commit on the replica.
+    for (client, key, unique) in [
+        (&primary, "", "DEFERRABLE"),
+        (
+            &replica,
+            "DEFERRABLE INITIALLY DEFERRED",
+            "DEFERRABLE INITIALLY DEFERRED",
+        ),
+    ] {
         client
             .batch_execute(&format!(
                 "CREATE TABLE parents (id int PRIMARY KEY, name text);
-                 CREATE TABLE children (id int PRIMARY KEY, parent int REFERENCES parents {deferred});"
+                 CREATE TABLE children (id int PRIMARY KEY, parent int REFERENCES parents {key});
+                 CREATE TABLE labels (id int PRIMARY KEY, label text UNIQUE {unique});"
             ))
             .await
             .expect("schema");
@@ -1336,13 +1346,16 @@ async fn referenced_tables(mode: CaptureMode) {
     primary
         .batch_execute(
             "INSERT INTO parents SELECT g, 'p' || g FROM generate_series(1, 5) g;
-             INSERT INTO children SELECT g, g % 5 + 1 FROM generate_series(1, 10) g;",
+             INSERT INTO children SELECT g, g % 5 + 1 FROM generate_series(1, 10) g;
+             INSERT INTO labels VALUES (1, 'a'), (2, 'b');",
         )
         .await
         .expect("rows");
     let mut settings = topology.settings();
     settings.replicator.mode = mode;
-    settings.replicator.tables = vec!["parents".to_owned(), "children".to_owned()];
+    settings.replicator.tables = ["parents", "children", "labels"]
+        .map(str::to_owned)
+        .to_vec();
     settings.replicator.retry_interval = Duration::from_millis(200);
     // Chunks of two rows: a transaction's changes are applied in several.
     settings.replicator.batch_rows = 2;
@@ -1351,6 +1364,7 @@ async fn referenced_tables(mode: CaptureMode) {
     let equal = || async {
         digest(&primary, "parents", "id").await == digest(&replica, "parents", "id").await
             && digest(&primary, "children", "id").await == digest(&replica, "children", "id").await
+            && digest(&primary, "labels", "id").await == digest(&replica, "labels", "id").await
     };
     eventually("the first copy", Duration::from_secs(20), equal).await;
     primary
@@ -1370,6 +1384,9 @@ async fn referenced_tables(mode: CaptureMode) {
              INSERT INTO children VALUES (30, 10), (31, 11), (32, 12), (33, 10);
              TRUNCATE children;
              INSERT INTO children VALUES (40, 12);
+             UPDATE labels SET label = CASE id WHEN 1 THEN 'b' ELSE 'a' END;
+             TRUNCATE labels;
+             INSERT INTO labels VALUES (3, 'c');
              COMMIT;",
         )
         .await
@@ -2452,6 +2469,70 @@ mod edges {
             }
             herd.shutdown().await;
         }
+    }
+
+    /// A role that may not write WAL messages (`pg_logical_emit_message` revoked): a step on the
+    /// quiet primary cannot write the record that lets the replica claim the last commit's
+    /// position, and stays idle instead of failing. Reads after a position are served all the
+    /// same, once the next acknowledgement writes WAL.
+    #[actix_rt::test]
+    async fn trigger_mode_serves_reads_after_a_position_without_wal_messages() {
+        let topology = start(Topology::builder().replica("replica")).await;
+        for node in [topology.primary(), topology.node("replica")] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY)")
+                .await
+                .expect("schema");
+        }
+        let config = topology.primary().config();
+        let dbname = config.get_dbname().expect("a database");
+        topology
+            .primary()
+            .admin_execute(
+                dbname,
+                "REVOKE EXECUTE ON FUNCTION \
+                   pg_catalog.pg_logical_emit_message(boolean, text, text), \
+                   pg_catalog.pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC",
+            )
+            .await
+            .expect("revoke");
+        let refused = topology
+            .primary()
+            .connect()
+            .await
+            .expect("connect")
+            .batch_execute("SELECT pg_catalog.pg_logical_emit_message(false, 'pgherd', '')")
+            .await;
+        assert!(refused.is_err(), "the role still writes WAL messages");
+        let mut settings = topology.settings();
+        settings.replicator.mode = CaptureMode::Trigger;
+        settings.replicator.tables = vec!["notes".to_owned()];
+        let herd = Herd::start(settings).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        for id in 0..3_i64 {
+            let written = herd
+                .send(Write::new("INSERT INTO notes VALUES ($1)").bind(id))
+                .await
+                .expect("insert");
+            let rows = herd
+                .send(
+                    Read::new("SELECT count(*) FROM notes WHERE id = $1")
+                        .bind(id)
+                        .target("replica")
+                        .after(written.position.expect("position")),
+                )
+                .await
+                .expect("read on the replica");
+            assert_eq!(rows[0].get::<_, i64>(0), 1, "the read missed write {id}");
+        }
+        let status = herd.replication();
+        assert_eq!(status[0].errors, 0, "{status:?}");
+        assert_eq!(status[0].last_error, None, "{status:?}");
+        herd.shutdown().await;
     }
 }
 
