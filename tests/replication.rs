@@ -1078,6 +1078,50 @@ async fn logical_mode_moves_a_replayed_row_without_the_values_of_the_row_that_to
     herd.shutdown().await;
 }
 
+/// Replayed in chunks of one row, all needing values read from the primary (written before a
+/// column was added, the table rewritten since): the connection those reads use is kept between
+/// chunks. Closed by the server while kept (here while the first chunk's apply waits for a lock
+/// on the replica), it is replaced, and no step fails.
+#[actix_rt::test]
+async fn logical_mode_replaces_its_kept_connection_for_reading_rows_once_closed() {
+    let topology = topology(true).await;
+    let herd = herd_in_chunks(&topology, CaptureMode::Logical, Some(1), Read::Stream);
+    streaming(&herd).await;
+    herd.shutdown().await;
+    topology
+        .primary()
+        .connect()
+        .await
+        .expect("connect")
+        .batch_execute(
+            "INSERT INTO items (id, name) SELECT g, 'row ' || g FROM generate_series(1, 3) g",
+        )
+        .await
+        .expect("rows before the column");
+    add_a_column_then_rewrite(&topology).await;
+    let mut replica = topology.node("replica").connect().await.expect("connect");
+    let lock = replica.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE items IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let herd = herd_in_chunks(&topology, CaptureMode::Logical, Some(1), Read::Stream);
+    let admin = topology.primary().connect_admin().await.expect("connect");
+    let close =
+        "SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity \
+                 WHERE state = 'idle' AND query LIKE 'SELECT u.i%'";
+    eventually(
+        "the kept connection closed",
+        Duration::from_secs(20),
+        || async { count(&admin, close).await > 0 },
+    )
+    .await;
+    lock.rollback().await.expect("unlock");
+    converge(&topology).await;
+    let status = herd.replication();
+    assert_eq!(status[0].errors, 0, "{status:?}");
+    herd.shutdown().await;
+}
+
 /// A table taken out of `tables` stops reaching the target's slot: once it is listed again it
 /// must be copied, not resumed past the changes made meanwhile. Installing with a shorter list
 /// (`pgherd replicator install`) while a herd streams must not take tables from its slot.
