@@ -72,8 +72,9 @@ pub(crate) struct Routing {
     view: RwLock<Option<Arc<HealthView>>>,
     /// The furthest position a write was acknowledged at, per cluster.
     acked: Mutex<BTreeMap<Arc<str>, Position>>,
-    /// The source position each replica holds everything up to, reported by the replicator.
-    replicated: Mutex<BTreeMap<Arc<str>, Position>>,
+    /// The source position each replica holds everything up to, reported by the replicator,
+    /// with the endpoint it replicates from.
+    replicated: Mutex<BTreeMap<Arc<str>, Replicated>>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -260,20 +261,24 @@ impl Routing {
     }
 
     /// The view of every running endpoint.
-    /// Records that replica `endpoint` holds every write of its cluster up to `position`.
-    pub(crate) fn replicated(&self, endpoint: &Arc<str>, position: Position) {
-        let mut replicated = self
-            .replicated
+    /// Records that replica `endpoint` holds every write of its cluster up to `position`, as
+    /// replicated from `source`.
+    pub(crate) fn replicated(&self, endpoint: &Arc<str>, source: &Arc<str>, position: Position) {
+        self.replicated
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let entry = replicated.entry(Arc::clone(endpoint)).or_default();
-        *entry = position;
-        drop(replicated);
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                Arc::clone(endpoint),
+                Replicated {
+                    source: Arc::clone(source),
+                    position,
+                },
+            );
         self.changed.notify_waiters();
     }
 
-    /// Forgets what replica `endpoint` was said to hold (its replicator reads from another
-    /// source now).
+    /// Forgets what replica `endpoint` was said to hold: its replicator's session ended (the
+    /// target may come back older, restored or recopied) or reads from another source now.
     pub(crate) fn forget_replicated(&self, endpoint: &str) {
         self.replicated
             .lock()
@@ -281,13 +286,17 @@ impl Routing {
             .remove(endpoint);
     }
 
-    /// The position replica `endpoint` holds everything up to, once the replicator said.
-    pub(crate) fn replicated_position(&self, endpoint: &str) -> Option<Position> {
+    /// The position replica `endpoint` of `cluster` holds everything up to, once the
+    /// replicator said, while the source it said it of is the cluster's accepted primary: a
+    /// position of another primary (before a failover) is of another history.
+    fn replicated_position(&self, endpoint: &str, cluster: &str) -> Option<Position> {
+        let primary = self.primary_of(cluster)?;
         self.replicated
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(endpoint)
-            .copied()
+            .filter(|claim| claim.source == primary)
+            .map(|claim| claim.position)
     }
 
     /// The accepted primary of `cluster`, once there is one.
@@ -371,7 +380,7 @@ impl Routing {
                     // A replica's own WAL says nothing of its source: its position is the one
                     // the replicator applied.
                     position: if replica {
-                        self.replicated_position(endpoint.name())
+                        self.replicated_position(endpoint.name(), endpoint.cluster())
                     } else {
                         facts.and_then(|f| f.position)
                     },
@@ -464,7 +473,6 @@ impl Routing {
             (None, Some(session), Some(cluster)) if intent == Intent::Read => session.get(cluster),
             (after, _, _) => after,
         };
-        let routed_to_primary = matches!(scope, Scope::Cluster(_));
         let outcome = Attempts {
             routing: &self,
             job: std::rc::Rc::new(message),
@@ -479,16 +487,24 @@ impl Routing {
         }
         .run()
         .await;
-        if let (Ok((_, Some(position))), Some(cluster)) = (&outcome, cluster) {
-            if routed_to_primary {
-                self.record_acked(&cluster, *position);
-            }
+        // Only a position on the cluster's accepted primary is of the cluster's history: one
+        // of a write sent by name to a replica is of that replica's own.
+        if let (Ok((_, Some(position), true)), Some(cluster)) = (&outcome, cluster) {
+            self.record_acked(&cluster, *position);
             if let Some(session) = session {
                 session.advance(&cluster, *position);
             }
         }
-        outcome
+        outcome.map(|(output, position, _)| (output, position))
     }
+}
+
+/// What a replicator said a replica holds.
+#[derive(Debug, Clone)]
+struct Replicated {
+    /// The endpoint it replicated from.
+    source: Arc<str>,
+    position: Position,
 }
 
 /// The positions of a session's last writes, per cluster (positions of different clusters do
@@ -553,7 +569,9 @@ impl<J: Job> Attempts<'_, J> {
         }
     }
 
-    async fn run(self) -> Result<(J::Output, Option<Position>), Error> {
+    /// The answer, the position a write reached, and whether it ran on the cluster's accepted
+    /// primary.
+    async fn run(self) -> Result<(J::Output, Option<Position>, bool), Error> {
         let explicit = matches!(self.scope, Scope::Endpoint(_));
         let mut excluded: Vec<Arc<str>> = Vec::new();
         // Whether every exclusion so far is a standby that had not replayed `after` yet: such a
@@ -592,7 +610,10 @@ impl<J: Job> Attempts<'_, J> {
                         {
                             Failure::new(withdrawn_while_committing(&endpoint), Stage::Committing)
                         }
-                        Ok(outcome) => return Ok(outcome),
+                        Ok((output, position)) => {
+                            let on_primary = self.routing.is_accepted(&endpoint);
+                            return Ok((output, position, on_primary));
+                        }
                         Err(failure) => failure,
                     };
                     if failure.stale {

@@ -246,3 +246,65 @@ async fn a_session_keeps_its_positions_per_cluster() {
     assert_eq!(rows[0].get::<_, i64>(0), rows_written);
     herd.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_session_write_sent_to_a_replica_by_name_does_not_hold_its_reads() {
+    // A logical replica's WAL positions are of its own history, not of its cluster's: a session's
+    // write sent there by name must not make the session's reads in the cluster wait for it.
+    let topology = start(Topology::builder().standbys(1).replica("reporting")).await;
+    let mut settings = topology.settings();
+    settings.router.fallback_to_primary = false;
+    let herd = Herd::start(settings).expect("start");
+    herd.wait_ready(Duration::from_secs(15))
+        .await
+        .expect("ready");
+    let main_standby = herd
+        .routes()
+        .into_iter()
+        .find(|r| &*r.name == "standby_1")
+        .and_then(|r| r.position)
+        .expect("the standby's position");
+    let session = herd.session();
+    session
+        .send(Write::new("CREATE TABLE notes (id bigint PRIMARY KEY)").target("reporting"))
+        .await
+        .expect("create on the replica");
+    let reporting = topology.node("reporting");
+    let dbname = reporting
+        .config()
+        .get_dbname()
+        .expect("a database")
+        .to_owned();
+    let mut written = None;
+    for id in 0..20_i64 {
+        let write = session
+            .send(
+                Write::new("INSERT INTO notes VALUES ($1)")
+                    .bind(id)
+                    .target("reporting"),
+            )
+            .await
+            .expect("a write on the replica");
+        written = write.position;
+        if written.is_some_and(|p| p > main_standby) {
+            break;
+        }
+        // Its next write starts a new WAL segment: 16 MB further.
+        reporting
+            .admin_execute(&dbname, "SELECT pg_switch_wal()")
+            .await
+            .expect("switch the replica's WAL");
+    }
+    let written = written.expect("a write reports its position");
+    assert!(
+        written > main_standby,
+        "the test needs the replica's WAL ahead of the standby's ({written} against {main_standby})"
+    );
+    assert_eq!(session.position("main"), None);
+    let rows = session
+        .send(Read::new("SELECT 1").timeout(Duration::from_secs(2)))
+        .await
+        .expect("a read in the cluster, served by its standby");
+    assert_eq!(rows.len(), 1);
+    herd.shutdown().await;
+}

@@ -1192,7 +1192,14 @@ async fn logical_mode_copies_a_table_taken_out_and_added_back() {
 #[actix_rt::test]
 async fn a_replicator_whose_lock_connection_ended_takes_the_lock_again() {
     let topology = topology(false).await;
-    let herd = streaming_herd(&topology, CaptureMode::Trigger, "items").await;
+    let mut settings = topology.settings();
+    settings.replicator.mode = CaptureMode::Trigger;
+    settings.replicator.tables = vec!["items".to_owned()];
+    settings.replicator.retry_interval = Duration::from_millis(200);
+    // Windows without changes for the target are acknowledged soon, not after a minute.
+    settings.replicator.idle_ack_interval = Duration::from_millis(200);
+    let herd = Herd::start(settings).expect("start");
+    streaming(&herd).await;
     let admin = topology
         .node("replica")
         .connect_admin()
@@ -2576,6 +2583,143 @@ mod edges {
         let status = herd.replication();
         assert_eq!(status[0].errors, 0, "{status:?}");
         assert_eq!(status[0].last_error, None, "{status:?}");
+        herd.shutdown().await;
+    }
+
+    async fn count_text(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+        client.query_one(sql, &[]).await.ok().map(|row| row.get(0))
+    }
+
+    /// `step_timeout` bounds how long a step may go without moving, not how long it takes:
+    /// with a step timeout of one second, a batch that takes longer on a slow target (a
+    /// trigger there sleeps for each row) is applied chunk by chunk, and not cut and tried
+    /// again forever.
+    #[actix_rt::test]
+    async fn a_batch_longer_than_the_step_timeout_goes_through_while_it_moves() {
+        let topology = start(Topology::builder().replica("replica")).await;
+        for node in [topology.primary(), topology.node("replica")] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY, v int)")
+                .await
+                .expect("schema");
+        }
+        let replica = topology.node("replica").connect().await.expect("connect");
+        replica
+            .batch_execute(
+                "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN PERFORM pg_sleep(0.0005); RETURN NEW; END $$;
+                 CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON notes
+                   FOR EACH ROW EXECUTE FUNCTION slow();",
+            )
+            .await
+            .expect("a slow target");
+        let primary = topology.primary().connect().await.expect("connect");
+        let mut settings = topology.settings();
+        settings.replicator.mode = CaptureMode::Trigger;
+        settings.replicator.tables = vec!["notes".to_owned()];
+        settings.replicator.step_timeout = Duration::from_secs(1);
+        settings.replicator.batch_rows = 200;
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        let herd = Herd::start(settings).expect("start");
+        let sum = "SELECT count(*)::text || ' ' || coalesce(sum(v), 0)::text FROM notes";
+        let equal = || async { count_text(&primary, sum).await == count_text(&replica, sum).await };
+        super::streaming(&herd).await;
+        // Inserted rows, then updated ones: each batch takes two seconds or more.
+        for sql in [
+            "INSERT INTO notes SELECT g, 0 FROM generate_series(1, 4000) g",
+            "UPDATE notes SET v = 1",
+        ] {
+            primary
+                .batch_execute(sql)
+                .await
+                .expect("a batch of 4000 rows");
+            let started = std::time::Instant::now();
+            eventually(sql, Duration::from_secs(30), equal).await;
+            assert!(
+                started.elapsed() > Duration::from_secs(1),
+                "the batch took less than the step timeout: the test shows nothing"
+            );
+        }
+        let status = herd.replication();
+        assert_eq!(status[0].errors, 0, "{status:?}");
+        herd.shutdown().await;
+    }
+
+    /// A trigger-mode replicator over a primary that nothing writes to writes nothing either:
+    /// no acknowledgement on the primary, no record on the target, no WAL record (two targets,
+    /// neither of which takes the other's WAL for a commit to pass).
+    #[actix_rt::test]
+    async fn trigger_mode_leaves_an_idle_primary_idle() {
+        let topology = start(Topology::builder().replica("replica").replica("replica_b")).await;
+        for node in [
+            topology.primary(),
+            topology.node("replica"),
+            topology.node("replica_b"),
+        ] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY)")
+                .await
+                .expect("schema");
+        }
+        let mut settings = topology.settings();
+        settings.replicator.mode = CaptureMode::Trigger;
+        settings.replicator.tables = vec!["notes".to_owned()];
+        let herd = Herd::start(settings).expect("start");
+        herd.wait_ready(Duration::from_secs(15))
+            .await
+            .expect("ready");
+        let written = herd
+            .send(Write::new("INSERT INTO notes VALUES (1)"))
+            .await
+            .expect("insert");
+        herd.send(
+            Read::new("SELECT 1 FROM notes")
+                .target("replica")
+                .after(written.position.expect("position")),
+        )
+        .await
+        .expect("the write on the replica");
+        let primary = topology.primary().connect().await.expect("connect");
+        let replica = topology.node("replica").connect().await.expect("connect");
+        let state = || async {
+            let acknowledged: String = primary
+                .query_one(
+                    "SELECT string_agg(target || ' ' || updated_at, ', ' ORDER BY target) FROM pgherd.consumers",
+                    &[],
+                )
+                .await
+                .expect("acknowledgements")
+                .get(0);
+            let recorded: String = replica
+                .query_one(
+                    "SELECT string_agg(batch || ' ' || applied_at, ', ') FROM pgherd.progress",
+                    &[],
+                )
+                .await
+                .expect("progress")
+                .get(0);
+            let position: String = primary
+                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                .await
+                .expect("position")
+                .get(0);
+            (acknowledged, recorded, position)
+        };
+        // The write's acknowledgement (at most a second later) and its record on the target.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let quiet = state().await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            state().await,
+            quiet,
+            "(acknowledgements, progress, position)"
+        );
+        let status = herd.replication();
+        assert!(status.iter().all(|s| s.errors == 0), "{status:?}");
         herd.shutdown().await;
     }
 }

@@ -393,7 +393,13 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
     let schema = quote_ident(&settings.schema);
     // The truncated table's oid: a table renamed away and back is still the same one.
     let truncated_oid = add_column(&format!("{schema}.truncations"), "relid", "oid");
-    let begin = format!("BEGIN;\nSET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}';\n");
+    // One install at a time (the targets of a herd start together, and so do herds): `IF NOT
+    // EXISTS` does not keep two concurrent `CREATE`s of one object from failing.
+    let begin = format!(
+        "BEGIN;\nSET LOCAL lock_timeout = '{INSTALL_LOCK_TIMEOUT}';\n\
+         SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext({}));\n",
+        quote_literal(&format!("{} install", settings.schema))
+    );
     let mut sql = format!(
         "{begin}\
          CREATE SCHEMA IF NOT EXISTS {schema};\n\
@@ -727,8 +733,11 @@ pub(crate) async fn install_publication(
 /// The SQL that creates the progress table on a target.
 pub(crate) fn progress_sql(schema: &str) -> String {
     let schema = quote_ident(schema);
+    // One at a time (herds start together): see `trigger_sql`. A batch of statements is one
+    // transaction, to whose end the lock is held.
     format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};\n\
+        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext({lock}));\n\
+         CREATE SCHEMA IF NOT EXISTS {schema};\n\
          CREATE TABLE IF NOT EXISTS {schema}.progress (\n\
            source text PRIMARY KEY,\n\
            mode text NOT NULL,\n\
@@ -741,7 +750,8 @@ pub(crate) fn progress_sql(schema: &str) -> String {
            timeline integer,\n\
            tables text[] NOT NULL DEFAULT '{{}}',\n\
            source_time timestamptz,\n\
-           applied_at timestamptz NOT NULL DEFAULT now());"
+           applied_at timestamptz NOT NULL DEFAULT now());",
+        lock = quote_literal(&format!("{schema} install")),
     )
 }
 
@@ -822,9 +832,14 @@ mod tests {
             sql.contains("ALTER COLUMN \"id\" SET STORAGE EXTERNAL"),
             "{sql}"
         );
-        // Each table's objects in a transaction of their own that locks the table first.
+        // Each table's objects in a transaction of their own that locks the table first (after
+        // the lock that keeps installs one at a time).
         assert!(
-            sql.contains("BEGIN;\nSET LOCAL lock_timeout = '5s';\nLOCK TABLE \"shop\".\"Or\"\"ders\" IN SHARE ROW EXCLUSIVE MODE;"),
+            sql.contains(
+                "BEGIN;\nSET LOCAL lock_timeout = '5s';\n\
+                 SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgherd install'));\n\
+                 LOCK TABLE \"shop\".\"Or\"\"ders\" IN SHARE ROW EXCLUSIVE MODE;"
+            ),
             "{sql}"
         );
         assert!(sql.contains("AFTER TRUNCATE ON \"shop\".\"Or\"\"ders\""));

@@ -884,6 +884,7 @@ async fn apply_all(s: &Session, changes: Vec<TableChanges>) -> Result<u64, Error
                 s.shared.note_apply_error(&s.spec.target, &changes, &error);
                 target_error(error)
             })?;
+            s.shared.moved();
         }
     }
     Ok(rows)
@@ -1163,7 +1164,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         status.applied = Some(reached);
         status.lag_bytes = Some(flushed.bytes_after(reached));
     });
-    s.spec.routing_feed(reached);
+    s.spec.routing_feed(&s.source_name, reached);
     Ok(if applied {
         Step::Applied {
             rows,
@@ -1312,7 +1313,7 @@ async fn copy(
     claim(&s.target, &schema, &s.spec.cluster, s.progress.batch).await?;
     let mut rows = 0;
     for (table, plan) in s.tables.iter().zip(&s.plans) {
-        rows += copy_table(&transaction, &s.target, table, plan).await?;
+        rows += copy_table(&transaction, &s.target, table, plan, &s.shared).await?;
     }
     let progress = Progress {
         batch: s.progress.batch + 1,

@@ -7,7 +7,7 @@
 //! committed batch ended.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -73,9 +73,17 @@ impl std::fmt::Debug for TargetSpec {
 }
 
 impl TargetSpec {
-    /// Tells the router how far the target got, for reads sent after a position.
-    pub(crate) fn routing_feed(&self, applied: Position) {
-        self.routing.replicated(&self.target, applied);
+    /// Tells the router how far the target got from `source`, for reads sent after a position.
+    pub(crate) fn routing_feed(&self, source: &Arc<str>, applied: Position) {
+        self.routing.replicated(&self.target, source, applied);
+    }
+
+    /// Takes back what the router was told: the session ended, and the target may come back
+    /// older (restored, recopied) or fed from another source. Until a new session applies
+    /// again, reads after a position wait for it, or go elsewhere.
+    fn forget_applied(&self, shared: &Shared) {
+        self.routing.forget_replicated(&self.target);
+        shared.update(|status| status.applied = None);
     }
 }
 
@@ -179,9 +187,15 @@ pub(crate) struct Session {
     /// Not `source`, which may be streaming a peek while a chunk is applied.
     /// (A lock held only to take it out or put it back, never across an await.)
     fill_source: std::sync::Mutex<Option<Client>>,
-    /// `trigger` mode: the source's position after the record the last idle step wrote so that
-    /// the target's applied position can pass the last commit (see `trigger::step`).
-    pub(crate) nudged: Option<Position>,
+    /// `trigger` mode: the snapshot at which the last idle step wrote a record so that the
+    /// target's applied position can pass the last commit (see `trigger::step`): once per
+    /// snapshot, which only a commit moves.
+    pub(crate) nudged: Option<super::snapshot::Snapshot>,
+    /// `trigger` mode: a window with changes for the target (or a copy) was applied since the
+    /// last acknowledgement.
+    pub(crate) unacknowledged: bool,
+    /// `trigger` mode: acknowledged since the last cleanup of the change tables.
+    pub(crate) uncleaned: bool,
 }
 
 impl Session {
@@ -373,6 +387,9 @@ pub(crate) struct Shared {
     /// Fault injection for tests: the loop panics before its next commit on the target.
     #[cfg(feature = "testkit")]
     pub(crate) panic_before_commit: AtomicBool,
+    /// When the running step last moved (see [`Shared::moved`]), in milliseconds since `born`.
+    moved_at: AtomicU64,
+    born: Instant,
 }
 
 impl Shared {
@@ -381,9 +398,24 @@ impl Shared {
             status: Mutex::new(status),
             reflects: Mutex::new(None),
             always_upsert: AtomicBool::new(false),
+            moved_at: AtomicU64::new(0),
+            born: Instant::now(),
             #[cfg(feature = "testkit")]
             panic_before_commit: AtomicBool::new(false),
         }
+    }
+
+    /// The running step moved: a chunk was applied, a copied row sent. A step that keeps
+    /// moving is not hung, however long it takes (see [`watched`]).
+    pub(crate) fn moved(&self) {
+        let at = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.moved_at.store(at, Ordering::Relaxed);
+    }
+
+    /// How long since the running step last moved.
+    fn still_for(&self) -> Duration {
+        let moved = Duration::from_millis(self.moved_at.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(moved)
     }
 
     /// Called where a batch (or a copy) is about to commit on the target: panics there once
@@ -458,6 +490,7 @@ pub(crate) async fn run(spec: TargetSpec, shared: Arc<Shared>) {
     let wake = Arc::new(Notify::new());
     loop {
         let outcome = session(&spec, &shared, &wake).await;
+        spec.forget_applied(&shared);
         match outcome {
             Ok(Ended::Stopped(reason)) => {
                 tracing::error!(target = %spec.target, %reason, "replication to this target stopped");
@@ -544,13 +577,14 @@ async fn session(
                 CaptureMode::Logical => logical::step(&mut session).await,
             }
         };
-        let step = tokio::time::timeout(settings.step_timeout, step)
+        let step = watched(settings.step_timeout, shared, step)
             .await
-            .map_err(|_| {
+            .ok_or_else(|| {
                 Error::timeout(
                     settings.step_timeout,
-                    "a replication step ran (raise replicator.step_timeout if an initial copy \
-                     needs longer)",
+                    "a replication step waited for one statement on the primary or the target \
+                     (replicator.step_timeout: how long a step may go without applying or \
+                     copying anything)",
                 )
             })?;
         // On an error the session ends: a new one re-reads the progress row (another replicator
@@ -769,6 +803,8 @@ async fn open(
         source_connector: Arc::clone(connector),
         fill_source: std::sync::Mutex::new(None),
         nudged: None,
+        unacknowledged: false,
+        uncleaned: false,
         wake: Arc::clone(wake),
         stream: None,
     };
@@ -822,11 +858,34 @@ pub(crate) fn target_error(error: tokio_postgres::Error) -> Error {
 
 /// `COPY`s every row of `table` from the source transaction into the target transaction (after
 /// emptying it there).
+/// Runs `step` to its end, or until it has not moved (see [`Shared::moved`]) for `limit`
+/// (`None`): a hung server is given up on, a long copy or backlog is not.
+async fn watched<F: std::future::Future>(
+    limit: Duration,
+    shared: &Shared,
+    step: F,
+) -> Option<F::Output> {
+    shared.moved();
+    tokio::pin!(step);
+    loop {
+        let left = limit.saturating_sub(shared.still_for());
+        if left.is_zero() {
+            return None;
+        }
+        if let Ok(output) = tokio::time::timeout(left, step.as_mut()).await {
+            return Some(output);
+        }
+    }
+}
+
+/// Copies `table` from the source's transaction to the target, emptied first; every row sent
+/// is a move of the step (see [`Shared::moved`]).
 pub(crate) async fn copy_table(
     source: &Transaction<'_>,
     target: &Client,
     table: &TableInfo,
     plan: &TableSql,
+    shared: &Shared,
 ) -> Result<u64, Error> {
     use futures_util::{SinkExt as _, StreamExt as _};
     let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
@@ -854,6 +913,7 @@ pub(crate) async fn copy_table(
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(Error::from_postgres)?;
         sink.send(chunk).await.map_err(target_error)?;
+        shared.moved();
     }
     sink.as_mut().finish().await.map_err(target_error)
 }

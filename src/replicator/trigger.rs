@@ -27,7 +27,8 @@ use crate::{
     sql::{quote_ident, quote_literal},
 };
 
-/// How often a target tells the primary how far it got (what cleanup may delete).
+/// How often a target tells the primary how far it got (what cleanup may delete) after windows
+/// with changes for it; after windows without, every `replicator.idle_ack_interval`.
 const ACK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a target deletes change rows every target has applied.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
@@ -447,9 +448,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         // `caught_up`): on a quiet primary whose last commit ends there, a read waiting for
         // that commit would wait until something else writes WAL. A record is written after
         // it (a logical message: no privilege, any `wal_level`, nothing to flush), and the
-        // next step, at once, claims past it. Once per position: not again while quiet. Only
-        // a help: where it fails (the function revoked), reads wait for the next write.
-        if position.is_some() && position != s.nudged {
+        // next step, at once, claims past it. Once per snapshot, which only a commit moves:
+        // not again while quiet, nor for WAL that others write (another target's record, a
+        // long index build). Only a help: where it fails (the function revoked), reads wait
+        // for the next write.
+        if position.is_some() && s.nudged.as_ref() != Some(&current) {
             let nudged = s
                 .source
                 .execute(
@@ -457,17 +460,11 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                     &[],
                 )
                 .await;
+            s.nudged = Some(current);
             if let Err(error) = nudged {
                 tracing::debug!(target = %s.spec.target, %error, "could not write a WAL record");
-                s.nudged = position;
                 return Ok(Step::Idle);
             }
-            let after = s
-                .source
-                .query_one(POSITION_SQL, &[])
-                .await
-                .map_err(source_error)?;
-            s.nudged = position_of(&after);
             return Ok(Step::Again);
         }
         return Ok(Step::Idle);
@@ -512,7 +509,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                 claim(&s.target, &schema, &s.spec.cluster, expected).await?;
                 claimed = true;
             }
-            rows += copy_table(&transaction, &s.target, table, plan).await?;
+            rows += copy_table(&transaction, &s.target, table, plan, &s.shared).await?;
             continue;
         }
         let Some(previous) = &previous else { continue };
@@ -568,6 +565,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                     .note_apply_error(&s.spec.target, &chunk.changes, &error);
                 target_error(error)
             })?;
+            s.shared.moved();
             match next {
                 Some(next) => chunk = next.map_err(source_error)?,
                 None => break,
@@ -593,6 +591,7 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     // Nothing changed in the window: the target already equals the source at the new snapshot.
     s.progress = progress;
     s.unrecorded = !claimed;
+    s.unacknowledged |= claimed;
     caught_up(s, position);
     acknowledge(s, &source_time).await?;
     Ok(if claimed {
@@ -705,7 +704,7 @@ fn caught_up(s: &Session, position: Option<Position>) {
             status.lag_bytes = Some(0);
             status.lag_rows = Some(0);
         });
-        s.spec.routing_feed(applied);
+        s.spec.routing_feed(&s.source_name, applied);
     }
 }
 
@@ -761,39 +760,48 @@ async fn acknowledge(s: &mut Session, source_time: &str) -> Result<(), Error> {
     let Some(snapshot) = s.progress.snapshot.as_ref().map(Snapshot::to_string) else {
         return Ok(());
     };
-    if s.last_ack.is_some_and(|at| at.elapsed() < ACK_INTERVAL) {
-        return Ok(());
-    }
+    let interval = if s.unacknowledged {
+        ACK_INTERVAL
+    } else {
+        s.spec.settings.idle_ack_interval
+    };
     let schema = s.schema();
-    if s.unrecorded {
-        claim(&s.target, &schema, &s.spec.cluster, s.progress.batch).await?;
-        s.progress.batch += 1;
-        Session::commit(
-            &schema,
-            &s.spec.cluster,
-            &s.target,
-            &s.progress,
-            source_time,
-        )
-        .await?;
-        s.unrecorded = false;
-    }
     let source_name = s.source_name.clone();
     let source_error =
         |e: tokio_postgres::Error| Error::from_postgres(e).with_endpoint(&source_name);
-    s.source
-        .execute(
-            &format!(
-                "INSERT INTO {schema}.consumers (target, snapshot) VALUES ($1, $2::text::pg_snapshot) \
-                 ON CONFLICT (target) DO UPDATE SET snapshot = EXCLUDED.snapshot, updated_at = now()"
-            ),
-            &[&s.spec.target.as_ref(), &snapshot],
-        )
-        .await
-        .map_err(source_error)?;
-    s.last_ack = Some(Instant::now());
-    if s.last_cleanup
-        .is_some_and(|at| at.elapsed() < CLEANUP_INTERVAL)
+    if s.last_ack.is_none_or(|at| at.elapsed() >= interval) {
+        if s.unrecorded {
+            claim(&s.target, &schema, &s.spec.cluster, s.progress.batch).await?;
+            s.progress.batch += 1;
+            Session::commit(
+                &schema,
+                &s.spec.cluster,
+                &s.target,
+                &s.progress,
+                source_time,
+            )
+            .await?;
+            s.unrecorded = false;
+        }
+        s.source
+            .execute(
+                &format!(
+                    "INSERT INTO {schema}.consumers (target, snapshot) \
+                     VALUES ($1, $2::text::pg_snapshot) ON CONFLICT (target) \
+                     DO UPDATE SET snapshot = EXCLUDED.snapshot, updated_at = now()"
+                ),
+                &[&s.spec.target.as_ref(), &snapshot],
+            )
+            .await
+            .map_err(source_error)?;
+        s.last_ack = Some(Instant::now());
+        s.unacknowledged = false;
+        s.uncleaned = true;
+    }
+    // After an acknowledgement, once cleanup is due (deleting nothing writes nothing).
+    if !s.uncleaned
+        || s.last_cleanup
+            .is_some_and(|at| at.elapsed() < CLEANUP_INTERVAL)
     {
         return Ok(());
     }
@@ -808,6 +816,7 @@ async fn acknowledge(s: &mut Session, source_time: &str) -> Result<(), Error> {
     }
     s.source.batch_execute(&sql).await.map_err(source_error)?;
     s.last_cleanup = Some(Instant::now());
+    s.uncleaned = false;
     Ok(())
 }
 

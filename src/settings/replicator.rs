@@ -148,14 +148,23 @@ pub struct ReplicatorSettings {
     /// Default: `"1s"`.
     #[serde(deserialize_with = "duration::required")]
     pub retry_interval: Duration,
-    /// The longest one step may take: one batch, or the copy of every table for a new target.
-    /// A step that takes longer (a connection that stopped answering, a network cut) ends the
-    /// session, which starts again after `retry_interval`. Raise it for initial copies of very
-    /// large tables.
+    /// The longest a step (one batch, or the copy of every table for a new target) may go
+    /// without moving: without a chunk of changes applied or a row copied. A step that keeps
+    /// moving is not cut, however long its batch or copy. One that stalls longer (a connection
+    /// that stopped answering, a network cut, one statement that runs longer) ends the
+    /// session, which starts again after `retry_interval`.
     ///
     /// Default: `"60s"`.
     #[serde(deserialize_with = "duration::required")]
     pub step_timeout: Duration,
+    /// `trigger` mode: how often a target whose batches found no changes for it tells the
+    /// primary how far it got (after changes, once a second). Telling it then frees no change
+    /// row, and each time is a write on the primary and one on the target: an idle primary
+    /// stays idle between them (as PgQ's idle tick).
+    ///
+    /// Default: `"60s"`.
+    #[serde(deserialize_with = "duration::required")]
+    pub idle_ack_interval: Duration,
     /// What a target does when its source changed (another system or timeline) or its slot is
     /// lost: `"resync"` or `"stop"`.
     ///
@@ -178,6 +187,7 @@ impl Default for ReplicatorSettings {
             logical_stream: true,
             retry_interval: Duration::from_secs(1),
             step_timeout: Duration::from_secs(60),
+            idle_ack_interval: Duration::from_secs(60),
             on_source_change: ResyncPolicy::Resync,
         }
     }

@@ -195,6 +195,12 @@ fn check_replicator(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
         replicator.retry_interval,
         problems,
     );
+    // 0 is allowed: every step acknowledges.
+    check_longest(
+        "replicator.idle_ack_interval",
+        replicator.idle_ack_interval,
+        problems,
+    );
     if replicator.enabled() && settings.replication_targets().is_empty() {
         problems.push(SettingsProblem::new(
             "replicator.tables",
