@@ -288,11 +288,13 @@ pub async fn survey(
         (spec, result)
     });
     let results = futures_util::future::join_all(probes).await;
-    // Each cluster's writable endpoint on the newest timeline, to measure lag against.
+    // Each cluster's writable endpoint on the newest timeline, to measure lag against: its
+    // primary, or a standby promoted. Not a replica or a backup, which are other systems
+    // whose positions say nothing of the standbys'.
     let mut primaries: BTreeMap<&str, (Option<u32>, Option<Position>)> = BTreeMap::new();
     for (spec, result) in &results {
         if let Ok(report) = result {
-            if !report.in_recovery {
+            if !report.in_recovery && matches!(spec.settings.role, Role::Primary | Role::Standby) {
                 let entry = primaries
                     .entry(spec.settings.cluster.as_str())
                     .or_insert((None, None));

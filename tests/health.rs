@@ -340,3 +340,47 @@ async fn a_server_that_stays_down_is_probed_with_backoff_and_readmitted_when_bac
     );
     herd.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn standby_lag_is_measured_against_the_primary_not_a_replica() {
+    // A logical replica (another system, its WAL far ahead of the primary's) whose name sorts
+    // after the primary's: the standby's lag is still the primary's position less its own.
+    let topology = start(Topology::builder().standbys(1).replica("reporting")).await;
+    let reporting = topology.node("reporting");
+    let config = reporting.config();
+    let dbname = config.get_dbname().expect("a database");
+    for _ in 0..3 {
+        reporting
+            .admin_execute(
+                dbname,
+                "CREATE TABLE IF NOT EXISTS pad (v int); INSERT INTO pad VALUES (1); \
+                 SELECT pg_switch_wal()",
+            )
+            .await
+            .expect("the replica's WAL moved on");
+    }
+    topology
+        .standby(0)
+        .wait_streaming_from(topology.primary())
+        .await
+        .expect("streaming");
+    let health = pgherd::health::survey(&topology.settings(), Duration::from_secs(5))
+        .await
+        .expect("survey");
+    let replica = health
+        .iter()
+        .find(|h| &*h.name == "reporting")
+        .expect("the replica");
+    let standby = health
+        .iter()
+        .find(|h| &*h.name == topology.standby(0).name())
+        .expect("the standby");
+    assert!(
+        replica.position > standby.position,
+        "the test needs the replica's WAL ahead: {health:?}"
+    );
+    assert!(
+        standby.lag_bytes.is_some_and(|lag| lag < 1 << 20),
+        "{health:?}"
+    );
+}

@@ -2647,6 +2647,55 @@ mod edges {
         herd.shutdown().await;
     }
 
+    /// A table whose row-level security policies hide rows from the replicator's role (here its
+    /// owner, with `FORCE ROW LEVEL SECURITY`) is not copied without them: the copy fails with
+    /// PostgreSQL's error, shown in the status.
+    #[actix_rt::test]
+    async fn a_table_whose_policies_hide_rows_is_refused_not_copied_in_part() {
+        let topology = start(Topology::builder().replica("replica")).await;
+        for node in [topology.primary(), topology.node("replica")] {
+            node.connect()
+                .await
+                .expect("connect")
+                .batch_execute("CREATE TABLE secrets (id int PRIMARY KEY, v int)")
+                .await
+                .expect("schema");
+        }
+        let primary = topology.primary().connect().await.expect("connect");
+        primary
+            .batch_execute(
+                "INSERT INTO secrets VALUES (1, 1), (2, -1);
+                 ALTER TABLE secrets ENABLE ROW LEVEL SECURITY;
+                 ALTER TABLE secrets FORCE ROW LEVEL SECURITY;
+                 CREATE POLICY visible ON secrets USING (v >= 0);",
+            )
+            .await
+            .expect("a policy that hides a row");
+        let mut settings = topology.settings();
+        settings.replicator.mode = CaptureMode::Trigger;
+        settings.replicator.tables = vec!["secrets".to_owned()];
+        settings.replicator.retry_interval = Duration::from_millis(200);
+        let herd = Herd::start(settings).expect("start");
+        eventually("the refusal in the status", Duration::from_secs(20), || {
+            let status = herd.replication();
+            async move {
+                status[0]
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("row-level security"))
+            }
+        })
+        .await;
+        let replica = topology.node("replica").connect().await.expect("connect");
+        let rows: i64 = replica
+            .query_one("SELECT count(*) FROM secrets", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(rows, 0, "part of the table was copied");
+        herd.shutdown().await;
+    }
+
     /// A trigger-mode replicator over a primary that nothing writes to writes nothing either:
     /// no acknowledgement on the primary, no record on the target, no WAL record (two targets,
     /// neither of which takes the other's WAL for a commit to pass).

@@ -400,8 +400,10 @@ pub(crate) fn trigger_sql(settings: &ReplicatorSettings, tables: &[TableInfo]) -
          SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext({}));\n",
         quote_literal(&format!("{} install", settings.schema))
     );
+    // Literals are written for `standard_conforming_strings = on` (the default since 9.1).
     let mut sql = format!(
-        "{begin}\
+        "SET standard_conforming_strings = on;\n\
+         {begin}\
          CREATE SCHEMA IF NOT EXISTS {schema};\n\
          CREATE TABLE IF NOT EXISTS {schema}.truncations (tbl text NOT NULL, \
            txid xid8 NOT NULL DEFAULT pg_current_xact_id());\n\

@@ -35,10 +35,14 @@ use crate::{
 /// defaults (a `DateStyle` of `SQL, DMY` on one side would turn 04/03 into 3 April on the other,
 /// an `lc_monetary` of `de_DE` would read `$1,234.56` as 1.23, an `xmloption` of `document`
 /// would refuse an XML fragment the other side stored).
+///
+/// Row-level security off (as `pg_dump` does): a table whose policies hide rows from the
+/// replicator's role makes its reads and writes fail, with PostgreSQL's error naming the table,
+/// instead of copying and applying only the rows the policies let through.
 pub(crate) const SESSION_SETTINGS: &str =
     "SET DateStyle = ISO, YMD; SET IntervalStyle = postgres; \
      SET extra_float_digits = 3; SET bytea_output = hex; SET lc_monetary = 'C'; \
-     SET xmloption = content; SET standard_conforming_strings = on";
+     SET xmloption = content; SET standard_conforming_strings = on; SET row_security = off";
 
 /// The source's history is released once the target's commit returns (the slot moves, change
 /// rows are deleted), so that commit must survive a crash of the target. A target whose

@@ -154,6 +154,9 @@ pub struct TargetLag {
 /// A [`Config`](ErrorKind::Config) error when the replicator is off. An unreachable endpoint is
 /// not an error: its line says why in `problem`.
 pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
+    /// How long one target's measure may take: a server that stopped answering (tokio-postgres'
+    /// connect timeout covers only the connection) must not hang `pgherd status`.
+    const SURVEY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
     let replicator = &settings.replicator;
     if !replicator.enabled() {
         return Err(Error::new(ErrorKind::Config).with_detail("the replicator is off"));
@@ -181,8 +184,20 @@ pub async fn survey(settings: &Settings) -> Result<Vec<TargetLag>, Error> {
             lag: None,
             problem: None,
         };
-        if let Err(problem) = measure(settings, name, endpoint, &sources, &mut lag).await {
-            lag.problem = Some(problem.to_string());
+        let measured = tokio::time::timeout(
+            SURVEY_TIMEOUT,
+            measure(settings, name, endpoint, &sources, &mut lag),
+        );
+        match measured.await {
+            Ok(Ok(())) => {}
+            Ok(Err(problem)) => lag.problem = Some(problem.to_string()),
+            Err(_) => {
+                lag.problem = Some(format!(
+                    "no answer within {} s from the target or its cluster's endpoints (a server \
+                     that stopped answering, a network cut)",
+                    SURVEY_TIMEOUT.as_secs()
+                ));
+            }
         }
         lags.push(lag);
     }

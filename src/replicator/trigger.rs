@@ -498,6 +498,15 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
         }
         None => Vec::new(),
     };
+    // This window's rows are counted from nothing (a failed attempt's are not counted twice),
+    // and the bytes from where the target's last window ended.
+    let behind = position
+        .zip(s.progress.lsn)
+        .map(|(position, applied)| position.bytes_after(applied));
+    s.shared.update(|status| {
+        status.lag_rows = Some(0);
+        status.lag_bytes = behind.or(status.lag_bytes);
+    });
     let mut scanning = false;
     let mut claimed = false;
     let mut rows = 0;

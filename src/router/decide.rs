@@ -227,9 +227,19 @@ pub(crate) fn decide(
                         candidates[index].position.is_none_or(|p| p < after)
                     }) =>
             {
-                Decision::Wait(format!(
-                    "replica `{name}` has not applied the position asked for yet"
-                ))
+                Decision::Wait(match candidates[index].position {
+                    Some(applied) => format!(
+                        "replica `{name}` has applied its cluster's writes up to {applied}, not \
+                         yet the position asked for"
+                    ),
+                    None => format!(
+                        "replica `{name}` has no applied position from its cluster's primary: \
+                         this herd's replicator has applied no batch to it since it started, \
+                         since the last failover or since its last session ended (a replica \
+                         it does not replicate to, or whose lock another herd holds, never has \
+                         one)"
+                    ),
+                })
             }
             Some(index) if candidates[index].serving && !tried(&candidates[index]) => {
                 match ask.after {
@@ -513,13 +523,21 @@ mod tests {
         read.after = Some(Position::new(101));
         assert!(matches!(
             decide(read, &candidates, &mut balancer),
-            Decision::Wait(_)
+            Decision::Wait(why) if why.contains("up to 0/64")
         ));
         read.after = None;
         assert_eq!(
             decide(read, &candidates, &mut balancer),
             Decision::Use(index)
         );
+        // Nothing applied from the accepted primary: the wait says why there is no position.
+        nodes.last_mut().expect("the replica").position = None;
+        let candidates = super::tests::candidates(&nodes);
+        read.after = Some(Position::new(1));
+        assert!(matches!(
+            decide(read, &candidates, &mut balancer),
+            Decision::Wait(why) if why.contains("no applied position")
+        ));
     }
 
     #[test]
