@@ -97,8 +97,9 @@ pub struct ReplicationStatus {
     /// How many bytes of the source's WAL the target was behind at the last step.
     pub lag_bytes: Option<u64>,
     /// Changed rows read from the source and not yet committed on the target (those of the
-    /// batch being applied; 0 when caught up). `pgherd status` (and
-    /// [`survey`]) also counts, in `trigger` mode, what a target that is down has not read.
+    /// batch being applied; 0 when caught up). `pgherd status` (and [`survey`]) also counts,
+    /// in `trigger` mode, what a target that answers has not read yet; one that does not
+    /// answer shows its error there instead.
     pub lag_rows: Option<u64>,
     /// How long ago the target last reflected the source completely (0 to `poll_interval`
     /// when it keeps up; growing while it is down or behind).

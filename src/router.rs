@@ -611,7 +611,15 @@ impl<J: Job> Attempts<'_, J> {
                             Failure::new(withdrawn_while_committing(&endpoint), Stage::Committing)
                         }
                         Ok((output, position)) => {
-                            let on_primary = self.routing.is_accepted(&endpoint);
+                            // Routed by the cluster: it ran on the accepted primary (checked
+                            // above). By name: on the cluster's own history if the endpoint is
+                            // its primary or a standby (promoted), even one withdrawn while
+                            // the write ran; a replica or a backup is another database.
+                            let on_primary = !explicit
+                                || matches!(
+                                    endpoint.role(),
+                                    crate::settings::Role::Primary | crate::settings::Role::Standby
+                                );
                             return Ok((output, position, on_primary));
                         }
                         Err(failure) => failure,

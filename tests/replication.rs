@@ -2626,6 +2626,9 @@ mod edges {
         let sum = "SELECT count(*)::text || ' ' || coalesce(sum(v), 0)::text FROM notes";
         let equal = || async { count_text(&primary, sum).await == count_text(&replica, sum).await };
         super::streaming(&herd).await;
+        // Opening a session is bounded by the step timeout too: on a busy machine a first one
+        // may be cut; the batches must not be.
+        let errors = herd.replication()[0].errors;
         // Inserted rows, then updated ones: each batch takes two seconds or more.
         for sql in [
             "INSERT INTO notes SELECT g, 0 FROM generate_series(1, 4000) g",
@@ -2643,7 +2646,7 @@ mod edges {
             );
         }
         let status = herd.replication();
-        assert_eq!(status[0].errors, 0, "{status:?}");
+        assert_eq!(status[0].errors, errors, "{status:?}");
         herd.shutdown().await;
     }
 
@@ -2725,13 +2728,21 @@ mod edges {
             .send(Write::new("INSERT INTO notes VALUES (1)"))
             .await
             .expect("insert");
-        herd.send(
-            Read::new("SELECT 1 FROM notes")
-                .target("replica")
-                .after(written.position.expect("position")),
+        let position = written.position.expect("position");
+        eventually(
+            "both targets past the write",
+            Duration::from_secs(20),
+            || {
+                let status = herd.replication();
+                async move {
+                    status.len() == 2
+                        && status
+                            .iter()
+                            .all(|s| s.applied.is_some_and(|a| a >= position))
+                }
+            },
         )
-        .await
-        .expect("the write on the replica");
+        .await;
         let primary = topology.primary().connect().await.expect("connect");
         let replica = topology.node("replica").connect().await.expect("connect");
         let state = || async {
@@ -2758,15 +2769,21 @@ mod edges {
                 .get(0);
             (acknowledged, recorded, position)
         };
-        // The write's acknowledgement (at most a second later) and its record on the target.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let quiet = state().await;
+        // The write's acknowledgements (at most a second after its batch) and records.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (acknowledged, recorded, position) = state().await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(
-            state().await,
-            quiet,
-            "(acknowledgements, progress, position)"
-        );
+        let (acknowledged_after, recorded_after, position_after) = state().await;
+        assert_eq!(acknowledged_after, acknowledged, "acknowledgements");
+        assert_eq!(recorded_after, recorded, "progress");
+        // The server's own records may come meanwhile (the background writer logs the running
+        // transactions within 15 s of other WAL; a timed checkpoint): a few hundred bytes. Two
+        // targets that answered each other's records wrote several KB in 3 s.
+        let moved = position_after
+            .parse::<pgherd::Position>()
+            .expect("position")
+            .bytes_after(position.parse().expect("position"));
+        assert!(moved < 1024, "{moved} bytes of WAL written while idle");
         let status = herd.replication();
         assert!(status.iter().all(|s| s.errors == 0), "{status:?}");
         herd.shutdown().await;

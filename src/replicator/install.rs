@@ -734,6 +734,7 @@ pub(crate) async fn install_publication(
 
 /// The SQL that creates the progress table on a target.
 pub(crate) fn progress_sql(schema: &str) -> String {
+    let lock = quote_literal(&format!("{schema} install"));
     let schema = quote_ident(schema);
     // One at a time (herds start together): see `trigger_sql`. A batch of statements is one
     // transaction, to whose end the lock is held.
@@ -752,8 +753,7 @@ pub(crate) fn progress_sql(schema: &str) -> String {
            timeline integer,\n\
            tables text[] NOT NULL DEFAULT '{{}}',\n\
            source_time timestamptz,\n\
-           applied_at timestamptz NOT NULL DEFAULT now());",
-        lock = quote_literal(&format!("{schema} install")),
+           applied_at timestamptz NOT NULL DEFAULT now());"
     )
 }
 

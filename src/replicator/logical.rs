@@ -672,10 +672,13 @@ enum ChunkEnd {
 
 /// Reads and folds the peek's messages until the folded changes fill a chunk, the peek ends,
 /// or a key change must be applied on its own.
+/// Each message read is a move of the step (see `Shared::moved`): replaying a long stretch the
+/// target already has applies nothing, and is not a hang.
 async fn fold_chunk<S>(
     changes: &mut Changes<'_, S>,
     folder: &mut Folder<'_>,
     reading: &mut Reading,
+    shared: &super::run::Shared,
     source_error: impl Fn(tokio_postgres::Error) -> Error,
 ) -> Result<ChunkEnd, Error>
 where
@@ -683,6 +686,7 @@ where
 {
     let (max_rows, max_bytes) = reading.limits;
     while let Some(data) = changes.next(reading, &source_error).await? {
+        shared.moved();
         reading.changes += 1;
         let message = pgoutput::parse(&data).map_err(|e| Error::mapping(e.to_string()))?;
         match &message {
@@ -1044,7 +1048,14 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
     let mut rows = 0;
     let schema = s.schema();
     let expected = s.progress.batch;
-    let mut end = fold_chunk(&mut stream, &mut folder, &mut reading, source_error).await?;
+    let mut end = fold_chunk(
+        &mut stream,
+        &mut folder,
+        &mut reading,
+        &s.shared,
+        source_error,
+    )
+    .await?;
     loop {
         let chunk = folder.take();
         let moved = matches!(end, ChunkEnd::Move(_));
@@ -1059,7 +1070,13 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
             ChunkEnd::Full => {
                 let (applied, next) = futures_util::join!(
                     apply_all(s, chunk),
-                    fold_chunk(&mut stream, &mut folder, &mut reading, source_error)
+                    fold_chunk(
+                        &mut stream,
+                        &mut folder,
+                        &mut reading,
+                        &s.shared,
+                        source_error
+                    )
                 );
                 rows += applied?;
                 end = next?;
@@ -1099,7 +1116,14 @@ pub(crate) async fn step(s: &mut Session) -> Result<Step, Error> {
                             .map_err(target_error)?;
                     }
                 }
-                end = fold_chunk(&mut stream, &mut folder, &mut reading, source_error).await?;
+                end = fold_chunk(
+                    &mut stream,
+                    &mut folder,
+                    &mut reading,
+                    &s.shared,
+                    source_error,
+                )
+                .await?;
             }
             ChunkEnd::Drained => {
                 rows += apply_all(s, chunk).await?;

@@ -860,8 +860,6 @@ pub(crate) fn target_error(error: tokio_postgres::Error) -> Error {
     Error::from_postgres(error)
 }
 
-/// `COPY`s every row of `table` from the source transaction into the target transaction (after
-/// emptying it there).
 /// Runs `step` to its end, or until it has not moved (see [`Shared::moved`]) for `limit`
 /// (`None`): a hung server is given up on, a long copy or backlog is not.
 async fn watched<F: std::future::Future>(
@@ -882,8 +880,8 @@ async fn watched<F: std::future::Future>(
     }
 }
 
-/// Copies `table` from the source's transaction to the target, emptied first; every row sent
-/// is a move of the step (see [`Shared::moved`]).
+/// `COPY`s every row of `table` from the source transaction into the target transaction (after
+/// emptying it there); every row sent is a move of the step (see [`Shared::moved`]).
 pub(crate) async fn copy_table(
     source: &Transaction<'_>,
     target: &Client,

@@ -195,6 +195,7 @@ fn check_replicator(settings: &Settings, problems: &mut Vec<SettingsProblem>) {
         replicator.retry_interval,
         problems,
     );
+    check_timeout("replicator.step_timeout", replicator.step_timeout, problems);
     // 0 is allowed: every step acknowledges.
     check_longest(
         "replicator.idle_ack_interval",
